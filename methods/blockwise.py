@@ -1,0 +1,224 @@
+"""Block-wise calibration engine, shared by every calibrated method.
+
+    inputs = capture_block_inputs(model, spec, calib)      # X_0 for each sample + kwargs per block
+    for i, block in blocks:                                 # only block i on the compute device
+        on_block(i, block, inputs)                          # stats / Hessians, then quantize
+        inputs.advance(block)                               # X_{i+1} = quantized block_i(X_i)
+
+Capture runs the model once per sample with every decoder block replaced by a recorder
+that keeps the block's keyword arguments (masks and rotary embeddings differ per block
+type in e.g. Gemma-3) and passes hidden states through; the last recorder stops the
+forward before the final norm and lm_head.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from methods.arch import ModelSpec, get_module
+from methods.base import LinearStats
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Recorder(nn.Module):
+    def __init__(self, index: int, last: bool, sink: BlockInputs):
+        super().__init__()
+        self.index, self.last, self.sink = index, last, sink
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if args:
+            raise RuntimeError("decoder blocks are expected to take keyword arguments only")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value",
+                                                               "use_cache")}
+        if self.index == 0:
+            self.sink.hidden.append(hidden_states.to(self.sink.store_device))
+        self.sink.kwargs[self.index].append(kwargs)
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
+@dataclass
+class BlockInputs:
+    """X_i for each calibration sample ([1, T, H] each) and each block's kwargs."""
+
+    hidden: list[Tensor] = field(default_factory=list)
+    kwargs: list[list[dict[str, Any]]] = field(default_factory=list)
+    block_index: int = 0
+    compute_device: torch.device = torch.device("cpu")
+    store_device: torch.device = torch.device("cpu")
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    def samples(self) -> Iterable[tuple[Tensor, dict[str, Any]]]:
+        for x, kw in zip(self.hidden, self.kwargs[self.block_index]):
+            yield x.to(self.compute_device), _to_device(kw, self.compute_device)
+
+    @torch.no_grad()
+    def run(self, block: nn.Module) -> list[Tensor]:
+        """block(X_i) for every sample, kept on the store device."""
+        return [_block_output(block(x, **kw)).to(self.store_device) for x, kw in self.samples()]
+
+    @torch.no_grad()
+    def advance(self, block: nn.Module) -> None:
+        self.hidden = self.run(block)
+        self.block_index += 1
+
+
+def _block_output(out: Any) -> Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+def _non_block_modules(model: nn.Module, spec: ModelSpec) -> list[nn.Module]:
+    """Modules outside the decoder blocks that the capture forward runs (embeddings, rotary)."""
+    parent_path, _, blocks_attr = spec.table.blocks.rpartition(".")
+    parent = get_module(model, parent_path)
+    return [m for name, m in parent.named_children() if name != blocks_attr]
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, spec: ModelSpec, calib: Sequence[Tensor],
+                         device: torch.device | None = None,
+                         store_device: torch.device | None = None) -> BlockInputs:
+    device = device or next(model.parameters()).device
+    sink = BlockInputs(compute_device=device, store_device=store_device or device)
+    blocks = spec.blocks(model)
+    sink.kwargs = [[] for _ in blocks]
+    originals = list(blocks)
+    moved = [(m, next(m.parameters(), torch.empty(0)).device) for m in _non_block_modules(model, spec)]
+    try:
+        for m, _ in moved:
+            m.to(device)
+        for i in range(len(blocks)):
+            blocks[i] = _Recorder(i, i == len(blocks) - 1, sink)
+        for ids in tqdm(calib, desc="capture block inputs", leave=False):
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for i, orig in enumerate(originals):
+            blocks[i] = orig
+        for m, dev in moved:
+            if dev.type != "meta":
+                m.to(dev)
+    return sink
+
+
+BlockFn = Callable[[int, nn.Module, BlockInputs], None]
+
+
+@torch.no_grad()
+def walk_blocks(model: nn.Module, spec: ModelSpec, calib: Sequence[Tensor], on_block: BlockFn,
+                device: torch.device | None = None, desc: str = "quantize blocks") -> None:
+    """Call on_block(i, block, inputs) for each block in order on quantized predecessors'
+    outputs. Each block is moved to `device` for its turn and back afterwards."""
+    device = device or next(model.parameters()).device
+    inputs = capture_block_inputs(model, spec, calib, device)
+    blocks = spec.blocks(model)
+    for i in tqdm(range(len(blocks)), desc=desc):
+        block = blocks[i]
+        home = next(block.parameters()).device
+        block.to(device)
+        on_block(i, block, inputs)
+        if i + 1 < len(blocks):
+            inputs.advance(block)
+        block.to(home)
+    log.info("walked %d blocks on %s with %d calibration samples", len(blocks), device, len(inputs))
+
+
+@contextmanager
+def input_hooks(modules: dict[str, nn.Module], fn: Callable[[str, Tensor], None]):
+    """Call fn(name, X) with each module's input X [..., K] during forwards in the block."""
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: fn(n, args[0]))
+               for n, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class StatsAccumulator:
+    """Per-linear input statistics: per-channel max|X_j|, v = max|X|, optional percentiles
+    of |X| (mean over samples of each sample's percentile; a cheap, stable estimate)."""
+
+    def __init__(self, percentiles: Sequence[float] = ()):
+        self.percentiles = tuple(percentiles)
+        self.channel_max: dict[str, Tensor] = {}
+        self.n_tokens: dict[str, int] = {}
+        self.pct_sum: dict[str, dict[str, float]] = {}
+        self.n_batches: dict[str, int] = {}
+
+    def __call__(self, name: str, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        cmax = x.abs().amax(dim=0)
+        prev = self.channel_max.get(name)
+        self.channel_max[name] = cmax if prev is None else torch.maximum(prev, cmax)
+        self.n_tokens[name] = self.n_tokens.get(name, 0) + x.shape[0]
+        self.n_batches[name] = self.n_batches.get(name, 0) + 1
+        if self.percentiles:
+            flat = x.abs().flatten()
+            if flat.numel() > 1 << 22:
+                flat = flat[torch.randperm(flat.numel(), device=flat.device)[: 1 << 22]]
+            q = torch.quantile(flat, torch.tensor([p / 100 for p in self.percentiles],
+                                                  device=flat.device))
+            acc = self.pct_sum.setdefault(name, {})
+            for p, v in zip(self.percentiles, q.tolist()):
+                acc[f"p{p:g}"] = acc.get(f"p{p:g}", 0.0) + v
+
+    def result(self) -> dict[str, LinearStats]:
+        out = {}
+        for name, cmax in self.channel_max.items():
+            pct = {k: v / self.n_batches[name] for k, v in self.pct_sum.get(name, {}).items()}
+            out[name] = LinearStats(cmax.cpu(), float(cmax.max()), self.n_tokens[name], pct)
+        return out
+
+
+@torch.no_grad()
+def collect_block_stats(block: nn.Module, inputs: BlockInputs, linear_names: Sequence[str],
+                        percentiles: Sequence[float] = ()) -> dict[str, LinearStats]:
+    """Run the block on every sample with input hooks on the named linears."""
+    acc = StatsAccumulator(percentiles)
+    modules = {n: block.get_submodule(n) for n in linear_names}
+    with input_hooks(modules, acc):
+        for x, kw in inputs.samples():
+            block(x, **kw)
+    stats = acc.result()
+    for name, s in stats.items():
+        if not torch.isfinite(s.channel_max).all():
+            raise FloatingPointError(f"non-finite calibration statistics at {name} "
+                                     f"(block {inputs.block_index})")
+    return stats
+
+
+def stats_table(stats: dict[str, dict[str, LinearStats]]) -> list[dict[str, Any]]:
+    """Flatten {full name: LinearStats} into JSON-able rows for the run record."""
+    return [{"linear": name, "max_abs": s.tensor_max, "n_tokens": s.n_tokens,
+             "channel_max_mean": float(s.channel_max.mean()),
+             "channel_max_median": float(s.channel_max.median()), **s.percentiles}
+            for name, s in stats.items()]

@@ -1,0 +1,75 @@
+"""Module swaps for simulated quantization.
+
+`FakeQuantLinear` holds W_hat (weights already on the integer grid, dequantized) with
+the grid's scales / zero points, so the runtime path can recover the exact integer
+codes, plus an input quantizer: optional per-channel pre-scale X / s (used only where
+s could not be folded into the producer), then int fake-quant of X, static per-tensor
+or dynamic per-token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from methods.arch import ModelSpec, set_module
+from methods.primitives import QParams, fake_quantize_activation, qrange
+
+
+class FakeQuantLinear(nn.Module):
+    def __init__(self, linear: nn.Linear, *, w_bits: int = 16, group_size: int | None = None,
+                 w_qparams: QParams | None = None, a_bits: int = 16,
+                 act_mode: str = "dynamic_token", act_scale: float | None = None,
+                 smooth_inv: Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
+        self.bias = (nn.Parameter(linear.bias.detach(), requires_grad=False)
+                     if linear.bias is not None else None)
+        self.w_bits, self.group_size, self.a_bits, self.act_mode = (
+            w_bits, group_size, a_bits, act_mode)
+        self.w_symmetric = w_qparams is None or w_qparams.zero is None
+        dev = self.weight.device
+        self.register_buffer("w_scale", None if w_qparams is None else
+                             w_qparams.scale.reshape(self.out_features, -1).to(dev))
+        self.register_buffer("w_zero", None if w_qparams is None or w_qparams.zero is None
+                             else w_qparams.zero.reshape(self.out_features, -1).to(dev))
+        self.register_buffer("act_scale", None if act_scale is None else
+                             torch.tensor(float(act_scale), dtype=torch.float32, device=dev))
+        self.register_buffer("smooth_inv", None if smooth_inv is None else
+                             smooth_inv.detach().float().to(dev))
+        if a_bits < 16 and act_mode == "static_tensor" and act_scale is None:
+            raise ValueError("static per-tensor activation quantization needs act_scale")
+
+    @staticmethod
+    def static_scale_from_max(v: float, a_bits: int) -> float:
+        """Per-tensor scale s = v / (2^(b-1) - 1) for a calibrated range v = max|X|."""
+        return max(float(v), 1e-8) / qrange(a_bits, True)[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.smooth_inv is not None:
+            x = x * self.smooth_inv.to(x.dtype)
+        if self.a_bits < 16:
+            x = fake_quantize_activation(x, self.a_bits, self.act_mode, self.act_scale)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        g = f", g{self.group_size}" if self.group_size else ""
+        return (f"{self.in_features}->{self.out_features}, w{self.w_bits}{g}, a{self.a_bits} "
+                f"{self.act_mode if self.a_bits < 16 else ''}"
+                f"{', smooth' if self.smooth_inv is not None else ''}")
+
+
+def iter_block_linears(model: nn.Module, spec: ModelSpec
+                       ) -> Iterator[tuple[int, str, str, nn.Module]]:
+    """(block index, block-relative name, full name, module) for every quantizable linear."""
+    for i, block in enumerate(spec.blocks(model)):
+        for rel in spec.table.linear_names():
+            yield i, rel, f"{spec.table.blocks}.{i}.{rel}", block.get_submodule(rel)
+
+
+def replace_linear(model: nn.Module, full_name: str, new: nn.Module) -> None:
+    set_module(model, full_name, new)

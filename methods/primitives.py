@@ -1,0 +1,142 @@
+"""Pure tensor primitives: integer quantize / dequantize and int4 packing.
+
+Conventions (b = bits):
+  symmetric:  q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1),  x_hat = q * s,
+              s = max|x| / (2^(b-1) - 1)
+  asymmetric: q = clamp(round(x / s) + z, 0, 2^b - 1),          x_hat = (q - z) * s,
+              s = (max - min) / (2^b - 1), z = round(-min / s)
+Granularities, for a weight W [N, K] (out x in) or an activation X [T, K]:
+  per_tensor: one s;  per_channel: one s per row (output channel of W);
+  per_group:  one s per row and per `group_size` consecutive columns (along K);
+  per_token:  one s per row of X (same arithmetic as per_channel).
+Rounding is torch.round (half to even).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from kernels.reference import pack_int4, unpack_int4
+
+Granularity = Literal["per_tensor", "per_channel", "per_group", "per_token"]
+EPS = 1e-8
+
+__all__ = [
+    "QParams", "qrange", "compute_qparams", "quantize", "dequantize", "fake_quantize",
+    "pack_int4", "unpack_int4", "quantize_weight",
+]
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Scale s and zero point z, shaped to broadcast against the grouped tensor."""
+    scale: Tensor
+    zero: Tensor | None     # None: symmetric
+    bits: int
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    if not 2 <= bits <= 16:
+        raise ValueError(f"bits must be in [2, 16], got {bits}")
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2 ** bits - 1
+
+
+def _grouped(x: Tensor, granularity: Granularity, group_size: int | None) -> Tensor:
+    """View x so that the reduction for one scale runs over the last dim."""
+    if granularity == "per_tensor":
+        return x.reshape(1, -1)
+    if granularity in ("per_channel", "per_token"):
+        return x.reshape(-1, x.shape[-1])
+    if granularity == "per_group":
+        k = x.shape[-1]
+        if not group_size or k % group_size:
+            raise ValueError(f"group_size {group_size} does not divide the input size {k}; "
+                             f"choose a divisor of {k} (e.g. 64) or per-channel (-1)")
+        return x.reshape(-1, k // group_size, group_size)
+    raise ValueError(f"unknown granularity {granularity!r}")
+
+
+def compute_qparams(x: Tensor, bits: int, symmetric: bool = True,
+                    granularity: Granularity = "per_channel", group_size: int | None = None,
+                    clip_ratio: float = 1.0) -> QParams:
+    """Min-max (optionally clipped) scale per granularity. Shapes broadcast against
+    `_grouped(x)`: [1, 1] / [rows, 1] / [rows, groups, 1]."""
+    g = _grouped(x.detach().float(), granularity, group_size)
+    lo, hi = qrange(bits, symmetric)
+    if symmetric:
+        amax = g.abs().amax(dim=-1, keepdim=True) * clip_ratio
+        return QParams((amax / hi).clamp_min(EPS), None, bits)
+    xmin = g.amin(dim=-1, keepdim=True).clamp(max=0) * clip_ratio
+    xmax = g.amax(dim=-1, keepdim=True).clamp(min=0) * clip_ratio
+    scale = ((xmax - xmin) / hi).clamp_min(EPS)
+    zero = torch.round(-xmin / scale).clamp(lo, hi)
+    return QParams(scale, zero, bits)
+
+
+def quantize(x: Tensor, qp: QParams, granularity: Granularity = "per_channel",
+             group_size: int | None = None) -> Tensor:
+    """Integer codes (int32), shaped like x."""
+    g = _grouped(x.float(), granularity, group_size)
+    lo, hi = qrange(qp.bits, qp.zero is None)
+    q = torch.round(g / qp.scale)
+    if qp.zero is not None:
+        q = q + qp.zero
+    return q.clamp(lo, hi).to(torch.int32).reshape(x.shape)
+
+
+def dequantize(q: Tensor, qp: QParams, granularity: Granularity = "per_channel",
+               group_size: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    g = _grouped(q.float(), granularity, group_size)
+    if qp.zero is not None:
+        g = g - qp.zero
+    return (g * qp.scale).reshape(q.shape).to(dtype)
+
+
+def fake_quantize(x: Tensor, bits: int, symmetric: bool = True,
+                  granularity: Granularity = "per_channel", group_size: int | None = None,
+                  qp: QParams | None = None) -> Tensor:
+    """Quantize-dequantize x; same shape and dtype. qp given: use it (static scales)."""
+    qp = qp or compute_qparams(x, bits, symmetric, granularity, group_size)
+    return dequantize(quantize(x, qp, granularity, group_size), qp, granularity, group_size,
+                      x.dtype)
+
+
+def weight_granularity(group_size: int | None) -> Granularity:
+    return "per_group" if group_size and group_size > 0 else "per_channel"
+
+
+def quantize_weight(W: Tensor, bits: int, group_size: int | None, symmetric: bool = True,
+                    clip_ratio: float = 1.0) -> tuple[Tensor, QParams]:
+    """W [N, K] -> (integer codes [N, K] int32, qparams). group_size None/-1: per channel."""
+    gran = weight_granularity(group_size)
+    qp = compute_qparams(W, bits, symmetric, gran, group_size, clip_ratio)
+    return quantize(W, qp, gran, group_size), qp
+
+
+def fake_quantize_weight(W: Tensor, bits: int, group_size: int | None,
+                         symmetric: bool = True, clip_ratio: float = 1.0) -> Tensor:
+    gran = weight_granularity(group_size)
+    q, qp = quantize_weight(W, bits, group_size, symmetric, clip_ratio)
+    return dequantize(q, qp, gran, group_size, W.dtype)
+
+
+def fake_quantize_activation(x: Tensor, bits: int, mode: str,
+                             static_scale: Tensor | None = None) -> Tensor:
+    """Symmetric activation fake-quant. mode: 'static_tensor' (calibrated s) or
+    'dynamic_token' (s per row of x [..., K])."""
+    lo, hi = qrange(bits, True)
+    if mode == "static_tensor":
+        if static_scale is None:
+            raise ValueError("static per-tensor activation quantization needs a calibrated scale")
+        s = static_scale.to(x.dtype)
+    elif mode == "dynamic_token":
+        s = (x.abs().amax(dim=-1, keepdim=True) / hi).clamp_min(EPS)
+    else:
+        raise ValueError(f"unknown activation mode {mode!r}")
+    return torch.clamp(torch.round(x / s), lo, hi) * s
