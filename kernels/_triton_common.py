@@ -31,7 +31,7 @@ def use_autotune(device: torch.device) -> bool:
     return device.type == "cuda" and not INTERPRETED
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def num_sms(device_index: int | None) -> int:
     if INTERPRETED or not torch.cuda.is_available():
         return 4  # small, so the interpreter tests also exercise split-K

@@ -41,7 +41,6 @@ import triton
 import triton.language as tl
 
 from kernels._triton_common import (
-    INTERPRETED,
     check_bias,
     check_out_dtype,
     check_tensor,
@@ -154,7 +153,7 @@ DECODE_BLOCK_N = 64
 INTERP_BLOCK_N = 32
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tuned_kernel(mode: str, group_size: int):
     """Autotuned wrapper of `_w4a8_kernel` restricted to BLOCK_K values dividing group_size."""
     configs = _DECODE_TUNE if mode == "decode" else _PREFILL_TUNE

@@ -106,7 +106,7 @@ _PREFILL_TUNE = [
 _INTERP_CONFIG = {"BLOCK_K": 64, "GROUP_M": 4}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tuned_kernel(mode: str):
     key = ["N", "K", "PER_TOKEN", "HAS_BIAS"]
     if mode == "decode":
