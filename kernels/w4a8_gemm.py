@@ -131,7 +131,7 @@ _DECODE_TUNE = [
     triton.Config({"BLOCK_K": bk, "GROUP_M": 1}, num_warps=w, num_stages=s)
     for bk in (64, 128, 256)
     for w in (2, 4)
-    for s in (3, 4, 5)
+    for s in (3, 4)
 ]
 # prefill: whole tile shape (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages)
 _PREFILL_TUNE = [

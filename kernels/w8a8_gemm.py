@@ -89,7 +89,7 @@ _DECODE_TUNE = [
     triton.Config({"BLOCK_K": bk, "GROUP_M": 1}, num_warps=w, num_stages=s)
     for bk in (64, 128, 256)
     for w in (2, 4)
-    for s in (3, 4, 5)
+    for s in (3, 4)
 ]
 _PREFILL_TUNE = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
