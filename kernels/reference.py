@@ -31,3 +31,214 @@ def unpack_int4(packed: Tensor) -> Tensor:
     hi = (packed >> 4).to(torch.int8)
     both = torch.stack((lo, hi), dim=-1).flatten(-2)
     return torch.where(both >= 8, both - 16, both)
+
+
+# --------------------------------------------------------------------------------------
+# Activation quantization references
+# --------------------------------------------------------------------------------------
+
+ACT_SCALE_EPS = 1e-8
+"""Lower clamp on dynamic per-token scales: an all-zero row gets scale 1e-8 (not 0), so
+`x / scale` is finite and quantizes to 0. The Triton kernel uses the same constant."""
+
+INT8_MAX = 127.0
+
+
+def _smoothed(x: Tensor, smooth_inv: Tensor | None) -> Tensor:
+    """x' = float32(x) * float32(smooth_inv): one fp32 rounding, as in the kernels."""
+    xs = x.to(torch.float32)
+    if smooth_inv is not None:
+        if smooth_inv.shape != (x.shape[-1],):
+            raise ValueError(f"smooth_inv must have shape [{x.shape[-1]}], got {tuple(smooth_inv.shape)}")
+        xs = xs * smooth_inv.to(device=x.device, dtype=torch.float32)
+    return xs
+
+
+def _round_clamp_int8(v: Tensor) -> Tensor:
+    """round-half-to-even then clamp to [-128, 127]; equal to clamp-then-round (integer bounds)."""
+    return torch.round(v).clamp_(-128, 127).to(torch.int8)
+
+
+def quant_per_token_ref(
+    x: Tensor, smooth_inv: Tensor | None = None, eps: float = ACT_SCALE_EPS
+) -> tuple[Tensor, Tensor]:
+    """Dynamic symmetric per-token int8 quantization.
+
+    x [M, K] float, smooth_inv [K] (LAE / SmoothQuant inverse smoothing factors) or None.
+    x' = x * smooth_inv;  scale[m] = max(max_k |x'[m, k]| / 127, eps)  (fp32)
+    xq = clamp(round_half_even(x' / scale), -128, 127).  Returns (xq int8 [M, K], scale fp32 [M]).
+    All steps are single correctly-rounded fp32 ops, so the Triton kernel matches bit for bit.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"quant_per_token_ref expects x [M, K], got shape {tuple(x.shape)}")
+    xs = _smoothed(x, smooth_inv)
+    amax = xs.abs().amax(dim=1) if xs.shape[1] else xs.new_zeros(xs.shape[0])
+    scale = (amax / INT8_MAX).clamp_min(eps)
+    return _round_clamp_int8(xs / scale[:, None]), scale
+
+
+def quant_per_tensor_ref(
+    x: Tensor, scale: float | Tensor, smooth_inv: Tensor | None = None
+) -> Tensor:
+    """Static symmetric per-tensor int8 quantization: clamp(round(x * smooth_inv / scale)).
+
+    `scale` (python float or 0-d tensor) is rounded to fp32 first, as the kernel receives it.
+    """
+    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    if s.numel() != 1:
+        raise ValueError(f"per-tensor scale must be a scalar, got shape {tuple(s.shape)}")
+    return _round_clamp_int8(_smoothed(x, smooth_inv) / s.reshape(()))
+
+
+# --------------------------------------------------------------------------------------
+# Exact integer matmul
+# --------------------------------------------------------------------------------------
+
+_FLOAT64_EXACT = 2**53
+
+
+def _int_mm_ok(a: Tensor, b: Tensor) -> bool:
+    if not hasattr(torch, "_int_mm"):
+        return False
+    m, k = a.shape
+    if a.is_cuda:  # cuBLASLt int8 constraints
+        return m > 16 and k % 8 == 0 and b.shape[0] % 8 == 0
+    return a.device.type == "cpu" and m <= 8  # CPU _int_mm is slow past GEMV-like sizes
+
+
+def int_matmul(a: Tensor, b: Tensor, backend: str = "auto") -> Tensor:
+    """Exact a @ b.T for int8 a [M, K], b [N, K] -> int32 [M, N].
+
+    backends: "int_mm" (torch._int_mm, int32 accumulate), "int64" (CPU integer matmul),
+    "float64" (exact: every product and partial sum is an integer of magnitude
+    <= 2**14 * K < 2**53, and fp64 matmul has no TF32/bf16 reduced-precision mode),
+    "auto" picks _int_mm where cuBLASLt/oneDNN constraints hold and it is fast, else
+    float64. Raises if the int32 result could overflow (K > 131071).
+    """
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise TypeError(f"int_matmul expects int8 operands, got {a.dtype} and {b.dtype}")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"int_matmul shapes mismatch: {tuple(a.shape)} @ {tuple(b.shape)}.T")
+    k = a.shape[1]
+    if 128 * 128 * k >= 2**31:
+        raise ValueError(f"K={k} may overflow the int32 accumulator (max 131071)")
+    if backend == "auto":
+        backend = "int_mm" if _int_mm_ok(a, b) else "float64"
+    if backend == "int_mm":
+        return torch._int_mm(a.contiguous(), b.contiguous().t())
+    if backend == "int64":
+        return (a.to(torch.int64) @ b.to(torch.int64).t()).to(torch.int32)
+    if backend == "float64":
+        return (a.to(torch.float64) @ b.to(torch.float64).t()).to(torch.int32)
+    raise ValueError(f"unknown int_matmul backend {backend!r}")
+
+
+def _grouped_int_matmul(a: Tensor, b: Tensor, group_size: int, backend: str) -> Tensor:
+    """Per-group exact products: a [M, Gc*g] int8, b [N, Gc*g] int8 -> int32 [Gc, M, N]."""
+    m, k = a.shape
+    n, gc = b.shape[0], k // group_size
+    if backend == "auto" and not _int_mm_ok(a, b):
+        backend = "float64"
+    if backend == "float64":  # one batched matmul; exact as in `int_matmul`
+        ag = a.to(torch.float64).view(m, gc, group_size).transpose(0, 1)
+        bg = b.to(torch.float64).view(n, gc, group_size).permute(1, 2, 0)
+        return torch.bmm(ag, bg).to(torch.int32)
+    return torch.stack(
+        [
+            int_matmul(a[:, s : s + group_size], b[:, s : s + group_size], backend)
+            for s in range(0, k, group_size)
+        ]
+    )
+
+
+# --------------------------------------------------------------------------------------
+# GEMM references
+# --------------------------------------------------------------------------------------
+
+_OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_x_scale(x_scale: Tensor, m: int) -> Tensor:
+    """[M] per-token or [] / [1] per-tensor -> fp32 tensor broadcastable to [M, N]."""
+    if x_scale.dim() == 0 or x_scale.shape == (1,):
+        return x_scale.to(torch.float32).reshape(())
+    if x_scale.shape != (m,):
+        raise ValueError(f"x_scale must have shape [{m}] or [], got {tuple(x_scale.shape)}")
+    return x_scale.to(torch.float32)[:, None]
+
+
+def _epilogue(y: Tensor, x_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """y [M, N] fp32 -> (y * x_scale + bias).to(out_dtype), in that order (as the kernels)."""
+    y = y * _check_x_scale(x_scale, y.shape[0])
+    if bias is not None:
+        if bias.shape != (y.shape[1],):
+            raise ValueError(f"bias must have shape [{y.shape[1]}], got {tuple(bias.shape)}")
+        y = y + bias.to(torch.float32)
+    return y.to(out_dtype)
+
+
+def w4a8_gemm_ref(
+    xq: Tensor,
+    x_scale: Tensor,
+    w_packed: Tensor,
+    w_scale: Tensor,
+    group_size: int,
+    bias: Tensor | None = None,
+    out_dtype: torch.dtype = torch.float16,
+    backend: str = "auto",
+) -> Tensor:
+    """W4A8 GEMM reference: xq int8 [M, K] x int4 weights (packed uint8 [N, K//2]) -> [M, N].
+
+    acc_g[m, n] = sum_{k in group g} xq[m, k] * w[n, k]   (exact int32)
+    y = sum_g float32(acc_g) * float32(w_scale[n, g])     (fp32, groups in order)
+    y = y * x_scale (per-row [M] or scalar []) + bias, cast to out_dtype.
+    """
+    if xq.dtype != torch.int8:
+        raise TypeError(f"xq must be int8, got {xq.dtype}")
+    m, k = xq.shape
+    n = w_packed.shape[0]
+    if w_packed.shape != (n, k // 2) or k % group_size:
+        raise ValueError(
+            f"w_packed {tuple(w_packed.shape)} / group_size {group_size} do not fit K={k}"
+        )
+    n_groups = k // group_size
+    if w_scale.shape != (n, n_groups):
+        raise ValueError(f"w_scale must have shape [{n}, {n_groups}], got {tuple(w_scale.shape)}")
+    if out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    w = unpack_int4(w_packed)
+    ws = w_scale.to(torch.float32)
+    y = torch.zeros(m, n, dtype=torch.float32, device=xq.device)
+    # chunk groups so the [Gc, M, N] int32 partials stay under ~64M elements
+    chunk = max(1, min(n_groups, (64 * 2**20) // max(1, m * n)))
+    for g0 in range(0, n_groups, chunk):
+        g1 = min(n_groups, g0 + chunk)
+        sl = slice(g0 * group_size, g1 * group_size)
+        acc = _grouped_int_matmul(xq[:, sl], w[:, sl], group_size, backend)
+        for j in range(g1 - g0):
+            y = y + acc[j].to(torch.float32) * ws[:, g0 + j]
+    return _epilogue(y, x_scale, bias, out_dtype)
+
+
+def w8a8_gemm_ref(
+    xq: Tensor,
+    x_scale: Tensor,
+    wq: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None = None,
+    out_dtype: torch.dtype = torch.float16,
+    backend: str = "auto",
+) -> Tensor:
+    """W8A8 GEMM reference: y = float32(xq @ wq.T (exact int32)) * w_scale[n] * x_scale + bias.
+
+    xq int8 [M, K], x_scale fp32 [M] or [], wq int8 [N, K], w_scale fp32 [N] (per channel).
+    """
+    if xq.dtype != torch.int8 or wq.dtype != torch.int8:
+        raise TypeError(f"xq and wq must be int8, got {xq.dtype} and {wq.dtype}")
+    if w_scale.shape != (wq.shape[0],):
+        raise ValueError(f"w_scale must have shape [{wq.shape[0]}], got {tuple(w_scale.shape)}")
+    if out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    acc = int_matmul(xq, wq, backend)
+    y = acc.to(torch.float32) * w_scale.to(torch.float32)
+    return _epilogue(y, x_scale, bias, out_dtype)

@@ -1,0 +1,119 @@
+"""Shared Triton pieces: interpreter detection, int8 rounding, split-K reduction, checks.
+
+Imports triton at top; the rest of the package only imports this module lazily.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+RINT_MAGIC = 12582912.0  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 to nearest-even in fp32
+
+
+@triton.jit
+def _marker():
+    pass
+
+
+INTERPRETED = type(_marker).__name__ == "InterpretedFunction"
+"""True when kernels were decorated under TRITON_INTERPRET=1 (decided at import time)."""
+
+
+def use_autotune(device: torch.device) -> bool:
+    """Autotune only compiled kernels on a real GPU: it fails under the interpreter."""
+    return device.type == "cuda" and not INTERPRETED
+
+
+@functools.cache
+def num_sms(device_index: int | None) -> int:
+    if INTERPRETED or not torch.cuda.is_available():
+        return 4  # small, so the interpreter tests also exercise split-K
+    return torch.cuda.get_device_properties(device_index or 0).multi_processor_count
+
+
+@triton.jit
+def round_clamp_int8(v, USE_RINT: tl.constexpr):
+    """fp32 -> int8: clamp to [-128, 127], then round half to even.
+
+    libdevice.rint (cvt.rni) when compiled; the interpreter has no libdevice, so there the
+    1.5 * 2**23 add/sub trick (exact RNE for |v| < 2**22, always true after the clamp).
+    """
+    v = tl.minimum(tl.maximum(v, -128.0), 127.0)
+    if USE_RINT:
+        r = libdevice.rint(v)
+    else:
+        r = (v + 12582912.0) - 12582912.0
+    return r.to(tl.int8)
+
+
+@triton.jit
+def _splitk_reduce_kernel(ws_ptr, out_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    # ws [SPLIT_K, M*N] fp32 partials -> out [M*N], summed in split order (deterministic)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def splitk_reduce(ws: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """ws [S, M, N] fp32 -> out [M, N] (preallocated, any OUT_DTYPES)."""
+    mn = out.numel()
+    block = 1024
+    _splitk_reduce_kernel[(triton.cdiv(mn, block),)](ws, out, mn, SPLIT_K=ws.shape[0], BLOCK=block)
+    return out
+
+
+def require(cond: bool, msg: str, exc: type[Exception] = ValueError) -> None:
+    if not cond:
+        raise exc(msg)
+
+
+def check_tensor(
+    t: torch.Tensor, name: str, dtype: torch.dtype | tuple, device: torch.device, ndim: int
+) -> None:
+    """Type, device, rank and contiguity checks with messages naming the argument."""
+    require(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t)}", TypeError)
+    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+    require(t.dtype in dtypes, f"{name} must have dtype {' or '.join(map(str, dtypes))}, got {t.dtype}", TypeError)
+    require(t.device == device, f"{name} is on {t.device}, expected {device}")
+    require(t.dim() == ndim, f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    require(t.is_contiguous(), f"{name} must be contiguous (call .contiguous())")
+
+
+def check_x_scale(x_scale: torch.Tensor, m: int, device: torch.device) -> bool:
+    """Validate x_scale fp32 [M] (per token) or [] / [1] (per tensor); returns per_token."""
+    require(isinstance(x_scale, torch.Tensor), "x_scale must be a torch.Tensor", TypeError)
+    require(x_scale.dtype == torch.float32, f"x_scale must be float32, got {x_scale.dtype}", TypeError)
+    require(x_scale.device == device, f"x_scale is on {x_scale.device}, expected {device}")
+    if x_scale.numel() == 1 and x_scale.dim() <= 1:
+        return False
+    require(x_scale.shape == (m,), f"x_scale must have shape [{m}] or [], got {tuple(x_scale.shape)}")
+    require(x_scale.is_contiguous(), "x_scale must be contiguous")
+    return True
+
+
+def check_bias(bias: torch.Tensor | None, n: int, device: torch.device) -> None:
+    if bias is None:
+        return
+    require(isinstance(bias, torch.Tensor), "bias must be a torch.Tensor or None", TypeError)
+    require(bias.dtype in OUT_DTYPES, f"bias must be a float tensor, got {bias.dtype}", TypeError)
+    require(bias.device == device, f"bias is on {bias.device}, expected {device}")
+    require(bias.shape == (n,), f"bias must have shape [{n}], got {tuple(bias.shape)}")
+    require(bias.is_contiguous(), "bias must be contiguous")
+
+
+def check_out_dtype(out_dtype: torch.dtype) -> None:
+    require(out_dtype in OUT_DTYPES, f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}", TypeError)
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())

@@ -1,0 +1,254 @@
+"""W4A8 GEMM in Triton: int8 activations x packed int4 weights, int32 tensor-core dots.
+
+    out[M, N] = x_scale[m] * sum_g ( float32( sum_{k in g} xq[m, k] * w[n, k] ) * w_scale[n, g] ) + bias[n]
+
+Inputs use the public storage format (see `kernels.reference`): xq int8 [M, K] row-major,
+w_packed uint8 [N, K//2] (nn.Linear orientation, byte j = w[2j] | w[2j+1] << 4),
+w_scale [N, K // group_size], x_scale fp32 [M] (dynamic per token) or [] (static per tensor).
+
+Blocked algorithm (one program per BLOCK_M x BLOCK_N output tile, grouped ordering for L2):
+  for each weight group g of this program's K range:                  (runtime loop)
+      acc_i = 0 (int32 [BLOCK_M, BLOCK_N])
+      for each BLOCK_K slice of the group:                            (unrolled)
+          x  = load xq[rm, k:k+BLOCK_K]          int8  [BLOCK_M, BLOCK_K]   contiguous
+          b  = load w_packed[rn, k/2:(k+BLOCK_K)/2]  uint8 [BLOCK_K/2, BLOCK_N] (K-major)
+          lo = sign-extended low nibbles  = w[n, k + 2j]     int8 [BLOCK_K/2, BLOCK_N]
+          hi = sign-extended high nibbles = w[n, k + 2j + 1]
+          xe, xo = even / odd columns of x (reshape [BLOCK_M, BLOCK_K/2, 2] + split)
+          acc_i += dot(xe, lo) + dot(xo, hi)     exact int32 (|acc| <= 1024 * group_size)
+      acc += float32(acc_i) * float32(w_scale[rn, g])                 per-group rescale
+  epilogue: acc *= x_scale (row vector or scalar); + bias; cast; store (masked).
+The nibbles are unpacked in registers ((b << 4) as int8 >> 4 and b as int8 >> 4, arithmetic
+shifts), so the weight stream stays 4 bits per value in global and shared memory; instead of
+interleaving lo/hi back into K order, the activation tile is de-interleaved (cheaper: it is
+the smaller operand in decode and needs no sign handling).
+
+Configs: decode (M <= 64) uses BLOCK_M = 16..64 and splits the weight groups over a second
+grid axis (split-K) until ~2 waves of programs exist; fp32 partials [SPLIT_K, M, N] are summed
+in a fixed order by a small reduction kernel (deterministic, no atomics). Prefill (M > 64)
+uses large tiles and no split. Autotuning (BLOCK_K, warps, stages, and the tile shape for
+prefill) runs only for compiled kernels on a GPU; under TRITON_INTERPRET=1 one small fixed
+config is used. BLOCK_K must divide group_size, and an int8 dot needs K >= 32, so
+group_size must be a multiple of 64 (64, 128, 256, ...).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._triton_common import (
+    check_bias,
+    check_out_dtype,
+    check_tensor,
+    check_x_scale,
+    next_pow2,
+    num_sms,
+    require,
+    splitk_reduce,
+    use_autotune,
+)
+
+MIN_GROUP = 64
+DECODE_MAX_M = 64
+MAX_SPLIT_K = 16
+
+
+@triton.jit
+def _w4a8_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_wn, stride_sn, stride_os, stride_om,
+    GROUPS_PER_SPLIT, M_BUCKET,
+    GROUP_SIZE: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # -- tile coordinates: grouped ordering of (pid_m, pid_n) for L2 reuse; axis 1 = split-K
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_m)
+    pid_n = (pid % num_pid_in_group) // group_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = rm < M
+    mask_n = rn < N
+    rk = tl.arange(0, BLOCK_K)
+    rk2 = tl.arange(0, BLOCK_K // 2)
+    # K is a multiple of GROUP_SIZE, hence of BLOCK_K: only M / N edges need masks
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + rn[None, :] * stride_wn + rk2[:, None]  # [BLOCK_K/2, BLOCK_N] bytes
+    x_mask = mask_m[:, None]
+    w_mask = mask_n[None, :]
+
+    n_groups = K // GROUP_SIZE
+    g_start = pid_k * GROUPS_PER_SPLIT
+    g_end = min(g_start + GROUPS_PER_SPLIT, n_groups)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(g_start, g_end):
+        acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for kk in tl.static_range(0, GROUP_SIZE, BLOCK_K):
+            k0 = g * GROUP_SIZE + kk
+            x = tl.load(x_ptrs + k0, mask=x_mask, other=0)
+            b = tl.load(w_ptrs + k0 // 2, mask=w_mask, other=0)
+            lo = (b << 4).to(tl.int8) >> 4  # w[n, k0 + 2j]
+            hi = b.to(tl.int8) >> 4  # w[n, k0 + 2j + 1]
+            xe, xo = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
+            acc_i = tl.dot(xe, lo, acc_i, out_dtype=tl.int32)
+            acc_i = tl.dot(xo, hi, acc_i, out_dtype=tl.int32)
+        s = tl.load(ws_ptr + rn * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
+        acc += acc_i.to(tl.float32) * s[None, :]
+
+    # -- epilogue: activation scale, bias (added by split 0 only), cast, masked store
+    if PER_TOKEN:
+        xs = tl.load(xs_ptr + rm, mask=mask_m, other=0.0)
+        acc = acc * xs[:, None]
+    else:
+        acc = acc * tl.load(xs_ptr)
+    if HAS_BIAS:
+        # (rn * 0 + pid_k): a tensor, since the interpreter rejects `mask & scalar-bool`
+        first_split = (rn * 0 + pid_k) == 0
+        bias = tl.load(bias_ptr + rn, mask=mask_n & first_split, other=0.0)
+        acc = acc + bias.to(tl.float32)[None, :]
+    out_ptrs = out_ptr + pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# ----------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------
+
+# decode: BLOCK_M / BLOCK_N / split-K picked by the wrapper; tune the K pipeline only
+_DECODE_TUNE = [
+    triton.Config({"BLOCK_K": bk, "GROUP_M": 1}, num_warps=w, num_stages=s)
+    for bk in (64, 128, 256)
+    for w in (2, 4)
+    for s in (3, 4)
+]
+# prefill: whole tile shape (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages)
+_PREFILL_TUNE = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in (
+        (128, 128, 128, 8, 3),
+        (128, 128, 64, 4, 4),
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (64, 128, 128, 4, 4),
+        (128, 64, 128, 4, 4),
+        (64, 64, 128, 4, 5),
+        (128, 128, 256, 8, 2),
+    )
+]
+# interpreter / CPU: one small fixed config (dots still >= 16 x 16 x 32, as the GPU needs)
+_INTERP_CONFIG = {"BLOCK_K": 64, "GROUP_M": 4}
+DECODE_BLOCK_N = 64
+INTERP_BLOCK_N = 32
+
+
+@functools.cache
+def _tuned_kernel(mode: str, group_size: int):
+    """Autotuned wrapper of `_w4a8_kernel` restricted to BLOCK_K values dividing group_size."""
+    configs = _DECODE_TUNE if mode == "decode" else _PREFILL_TUNE
+    configs = [c for c in configs if group_size % c.kwargs["BLOCK_K"] == 0]
+    key = ["N", "K", "GROUP_SIZE", "PER_TOKEN", "HAS_BIAS"]
+    key += ["BLOCK_M", "BLOCK_N", "GROUPS_PER_SPLIT"] if mode == "decode" else ["M_BUCKET"]
+    return triton.autotune(configs=configs, key=key)(_w4a8_kernel)
+
+
+def pick_split_k(tiles: int, n_chunks: int, device: torch.device, split_k: int | None) -> tuple[int, int]:
+    """-> (split, chunks_per_split): enough programs for ~2 waves, whole chunks per split."""
+    if split_k is None:
+        target = 2 * num_sms(device.index)
+        split_k = 1 if tiles >= target else min(MAX_SPLIT_K, triton.cdiv(target, tiles))
+    split_k = max(1, min(int(split_k), n_chunks))
+    per_split = triton.cdiv(n_chunks, split_k)
+    return triton.cdiv(n_chunks, per_split), per_split
+
+
+def check_w4a8_weight(w_packed: torch.Tensor, w_scale: torch.Tensor, group_size: int, device: torch.device) -> tuple[int, int]:
+    """Validate packed weight + scales; returns (N, K)."""
+    check_tensor(w_packed, "w_packed", torch.uint8, device, 2)
+    n, k = w_packed.shape[0], 2 * w_packed.shape[1]
+    require(isinstance(group_size, int) and group_size >= MIN_GROUP and group_size % MIN_GROUP == 0,
+            f"group_size must be a positive multiple of {MIN_GROUP} for the Triton kernel, got {group_size}")  # fmt: skip
+    require(k % group_size == 0, f"K={k} is not a multiple of group_size={group_size}")
+    check_tensor(w_scale, "w_scale", (torch.float16, torch.bfloat16, torch.float32), device, 2)
+    require(w_scale.shape == (n, k // group_size),
+            f"w_scale must have shape [{n}, {k // group_size}] (N, K // group_size), got {tuple(w_scale.shape)}")  # fmt: skip
+    return n, k
+
+
+def w4a8_gemm(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float16,
+    *,
+    split_k: int | None = None,
+) -> torch.Tensor:
+    """out [M, N] = (xq [M, K] int8 @ int4 weights) with group, activation scales and bias.
+
+    x_scale fp32 [M] (per token) or [] (per tensor); w_packed uint8 [N, K//2]; w_scale
+    fp16/bf16/fp32 [N, K // group_size]; bias [N] or None; out_dtype fp16 / bf16 / fp32.
+    split_k: force the number of K splits (None: heuristic; only used for M <= 64).
+    """
+    check_tensor(xq, "xq", torch.int8, xq.device, 2)
+    device = xq.device
+    m, kx = xq.shape
+    n, k = check_w4a8_weight(w_packed, w_scale, group_size, device)
+    require(kx == k, f"xq has K={kx} but w_packed [N, K//2] implies K={k}")
+    per_token = check_x_scale(x_scale, m, device)
+    check_bias(bias, n, device)
+    check_out_dtype(out_dtype)
+
+    out = torch.empty((m, n), dtype=out_dtype, device=device)
+    if m == 0 or n == 0:
+        return out
+    n_groups = k // group_size
+    decode = m <= DECODE_MAX_M
+    tuned = use_autotune(device)
+    if decode:
+        block_m = max(16, next_pow2(m))
+        block_n = DECODE_BLOCK_N if tuned else INTERP_BLOCK_N
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        split, per_split = pick_split_k(tiles, n_groups, device, split_k)
+    else:
+        block_m, block_n = (None, None) if tuned else (32, INTERP_BLOCK_N)
+        split, per_split = pick_split_k(1, n_groups, device, split_k or 1)
+    dest = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=device)
+    args = (
+        xq, x_scale, w_packed, w_scale, bias if bias is not None else x_scale, dest,
+        m, n, k,
+        xq.stride(0), w_packed.stride(0), w_scale.stride(0), m * n, n,
+        per_split, next_pow2(m),
+    )  # fmt: skip
+    meta = {"GROUP_SIZE": group_size, "PER_TOKEN": per_token, "HAS_BIAS": bias is not None}
+
+    if tuned and decode:
+        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split)
+        _tuned_kernel("decode", group_size)[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
+    elif tuned:
+
+        def grid(meta_):
+            return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]), split)
+
+        _tuned_kernel("prefill", group_size)[grid](*args, **meta)
+    else:
+        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split)
+        _w4a8_kernel[grid](
+            *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, **_INTERP_CONFIG, num_warps=4
+        )
+    if split > 1:
+        splitk_reduce(dest, out)
+    return out

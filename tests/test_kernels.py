@@ -1,0 +1,366 @@
+"""Tests for kernels/: packing layout, exact references, Triton kernels vs references.
+
+Triton kernels run on CPU under TRITON_INTERPRET=1 (marker `interpret`), which must be set
+before triton decorates the kernels: this module sets it (when no CUDA device exists) before
+importing any kernels.* Triton module. With a GPU, the same grid runs compiled (`gpu`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+from torch.testing import assert_close  # noqa: E402
+
+from kernels import ops  # noqa: E402
+from kernels.reference import (  # noqa: E402
+    ACT_SCALE_EPS,
+    int_matmul,
+    pack_int4,
+    quant_per_tensor_ref,
+    quant_per_token_ref,
+    unpack_int4,
+    w4a8_gemm_ref,
+    w8a8_gemm_ref,
+)
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA = torch.cuda.is_available()
+INTERPRETED = False
+if HAS_TRITON:
+    from kernels._triton_common import INTERPRETED  # noqa: E402
+    from kernels.quant_per_token import quant_per_tensor, quant_per_token  # noqa: E402
+    from kernels.w4a8_gemm import w4a8_gemm  # noqa: E402
+    from kernels.w8a8_gemm import w8a8_gemm  # noqa: E402
+
+DEVICES = [
+    pytest.param(
+        "cpu",
+        marks=[
+            pytest.mark.interpret,
+            pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1 set before import"),
+        ],
+    ),
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton"),
+        ],
+    ),
+]
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randint(lo: int, hi: int, shape, seed: int) -> torch.Tensor:
+    return torch.randint(lo, hi, shape, generator=_gen(seed), dtype=torch.int8)
+
+
+def _close(y: torch.Tensor, r: torch.Tensor) -> None:
+    """fp comparison scaled to the output magnitude (accumulation-order rounding only)."""
+    assert y.dtype == r.dtype and y.shape == r.shape
+    tol = TOL[r.dtype]
+    atol = tol * max(1.0, float(r.float().abs().max()))
+    assert_close(y.float().cpu(), r.float().cpu(), rtol=tol, atol=atol)
+
+
+def _w4_problem(m: int, n: int, k: int, g: int, seed: int, device="cpu"):
+    xq = _randint(-128, 128, (m, k), seed)
+    w = _randint(-8, 8, (n, k), seed + 1)
+    ws = (torch.rand(n, k // g, generator=_gen(seed + 2)) * 0.02 + 0.001).half()
+    xs = torch.rand(m, generator=_gen(seed + 3)) * 0.05 + 0.001
+    bias = torch.randn(n, generator=_gen(seed + 4)).half()
+    return [t.to(device) for t in (xq, w, pack_int4(w), ws, xs, bias)]
+
+
+# ---------------------------------------------------------------------------------------
+# packing layout
+# ---------------------------------------------------------------------------------------
+
+
+def test_pack_layout_hand_computed():
+    w = torch.tensor([[1, -1, -8, 7], [0, 3, -2, -5]], dtype=torch.int8)
+    expected = torch.tensor([[0xF1, 0x78], [0x30, 0xBE]], dtype=torch.uint8)
+    assert torch.equal(pack_int4(w), expected)
+    assert torch.equal(unpack_int4(expected), w)
+
+
+def test_pack_round_trip_all_values():
+    w = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 4)[:, torch.randperm(64, generator=_gen(0))]
+    p = pack_int4(w)
+    assert p.shape == (3, 32) and p.dtype == torch.uint8
+    assert torch.equal(unpack_int4(p), w)
+
+
+def test_pack_rejects_bad_input():
+    with pytest.raises(ValueError):
+        pack_int4(torch.zeros(2, 3, dtype=torch.int8))
+    with pytest.raises(ValueError):
+        pack_int4(torch.full((2, 4), 8, dtype=torch.int8))
+    with pytest.raises(TypeError):
+        unpack_int4(torch.zeros(2, 2, dtype=torch.int8))
+
+
+def test_prepare_w4a8_weight_is_identity_layout():
+    _, w, p, ws, _, _ = _w4_problem(1, 8, 128, 64, 0)
+    p2, ws2 = ops.prepare_w4a8_weight(p, ws.float(), 64)
+    assert torch.equal(unpack_int4(p2), w) and ws2.dtype == torch.float16
+    with pytest.raises(ValueError):
+        ops.prepare_w4a8_weight(p, ws, 96)
+
+
+# ---------------------------------------------------------------------------------------
+# references
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["int_mm", "int64", "float64", "auto"])
+@pytest.mark.parametrize("m", [1, 9])
+def test_int_matmul_exact(backend, m):
+    if backend == "int_mm" and not hasattr(torch, "_int_mm"):
+        pytest.skip("torch._int_mm missing")
+    a, b = _randint(-128, 128, (m, 512), 1), _randint(-128, 128, (24, 512), 2)
+    exact = a.long() @ b.long().t()
+    assert torch.equal(int_matmul(a, b, backend).long(), exact)
+    worst = int_matmul(torch.full((m, 4096), -128, dtype=torch.int8),
+                       torch.full((8, 4096), -128, dtype=torch.int8), backend)  # fmt: skip
+    assert worst.dtype == torch.int32 and int(worst.min()) == int(worst.max()) == 128 * 128 * 4096
+
+
+@pytest.mark.parametrize("m,n,k,g", [(1, 40, 128, 64), (7, 72, 256, 128), (33, 40, 256, 32)])
+@pytest.mark.parametrize("per_token", [True, False])
+def test_w4a8_ref_vs_dequant_float64(m, n, k, g, per_token):
+    xq, w, p, ws, xs, bias = _w4_problem(m, n, k, g, seed=m + n)
+    xs = xs if per_token else xs[0].clone().reshape(())
+    y = w4a8_gemm_ref(xq, xs, p, ws, g, bias=bias, out_dtype=torch.float32)
+    w_deq = w.double() * ws.double().repeat_interleave(g, dim=1)
+    xs64 = xs.double()[:, None] if per_token else xs.double()
+    naive = (xq.double() @ w_deq.t()) * xs64 + bias.double()
+    assert_close(y.double(), naive, rtol=1e-5, atol=1e-5 * float(naive.abs().max()))
+
+
+def test_w4a8_ref_exact_integer_part_worst_case():
+    m, n, k, g = 3, 5, 256, 128
+    xq = torch.full((m, k), -128, dtype=torch.int8)
+    p = pack_int4(torch.full((n, k), -8, dtype=torch.int8))
+    ones = torch.ones(n, k // g, dtype=torch.float16)
+    y = w4a8_gemm_ref(xq, torch.tensor(1.0), p, ones, g, out_dtype=torch.float32)
+    assert torch.equal(y, torch.full((m, n), 1024.0 * k))
+
+
+def test_w8a8_ref_vs_float64():
+    m, n, k = 5, 24, 320
+    xq, wq = _randint(-128, 128, (m, k), 3), _randint(-128, 128, (n, k), 4)
+    ws, xs = torch.rand(n, generator=_gen(5)) * 0.01, torch.rand(m, generator=_gen(6))
+    y = w8a8_gemm_ref(xq, xs, wq, ws, out_dtype=torch.float32)
+    naive = (xq.double() @ wq.double().t()) * ws.double() * xs.double()[:, None]
+    assert_close(y.double(), naive, rtol=1e-5, atol=1e-6)
+
+
+def test_quant_per_token_ref_semantics():
+    x = torch.tensor([[0.5, 1.5, 2.5, -2.5, 127.0], [0.0] * 5, [-1.0, 0.25, 0.0, 0.0, 0.0]])
+    xq, s = quant_per_token_ref(x)
+    assert torch.equal(s, torch.tensor([1.0, ACT_SCALE_EPS, 1.0 / 127.0], dtype=torch.float32))
+    assert xq[0].tolist() == [0, 2, 2, -2, 127]  # ties to even
+    assert xq[1].tolist() == [0] * 5 and xq[2, 0] == -127
+    sm = torch.tensor([2.0, 1.0, 1.0, 1.0, 0.5])
+    xq2, s2 = quant_per_token_ref(x, sm)
+    assert float(s2[0]) == pytest.approx(63.5 / 127.0) and xq2[0, 4] == 127
+    q = quant_per_tensor_ref(x, 0.5)
+    assert q[0].tolist() == [1, 3, 5, -5, 127] and q.dtype == torch.int8
+
+
+# ---------------------------------------------------------------------------------------
+# Triton kernels (interpreter on CPU, compiled on CUDA)
+# ---------------------------------------------------------------------------------------
+
+W4_GRID = [(1, 40, 128, 64), (2, 72, 256, 128), (7, 40, 256, 64), (16, 72, 128, 64),
+           (33, 40, 256, 128), (70, 72, 256, 64)]  # fmt: skip
+OUT_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("idx", range(len(W4_GRID)))
+def test_w4a8_kernel_vs_ref(device, idx):
+    m, n, k, g = W4_GRID[idx]
+    xq, _, p, ws, xs, bias = _w4_problem(m, n, k, g, seed=idx, device=device)
+    for j, (per_token, use_bias) in enumerate([(True, True), (False, False), (True, False)]):
+        x_scale = xs if per_token else xs[:1].clone().reshape(())
+        b = bias if use_bias else None
+        out_dtype = OUT_DTYPES[(idx + j) % 3]
+        y = w4a8_gemm(xq, x_scale, p, ws, g, bias=b, out_dtype=out_dtype)
+        r = w4a8_gemm_ref(xq.cpu(), x_scale.cpu(), p.cpu(), ws.cpu(), g,
+                          bias=None if b is None else b.cpu(), out_dtype=out_dtype)  # fmt: skip
+        _close(y, r)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("split_k", [1, 2, 3])
+def test_w4a8_kernel_exact_int32(device, split_k):
+    """Unit scales + fp32 output expose the integer accumulation: must be exact."""
+    m, n, k, g = 7, 40, 256, 64
+    xq, w, p, _, _, _ = _w4_problem(m, n, k, g, seed=11, device=device)
+    ones = torch.ones(n, k // g, dtype=torch.float16, device=device)
+    one = torch.tensor(1.0, device=device)
+    y = w4a8_gemm(xq, one, p, ones, g, out_dtype=torch.float32, split_k=split_k)
+    exact = (xq.cpu().long() @ w.cpu().long().t()).float()
+    assert torch.equal(y.cpu(), exact)
+    # worst case: xq = -128, w = -8 everywhere
+    xq = torch.full((m, k), -128, dtype=torch.int8, device=device)
+    p = pack_int4(torch.full((n, k), -8, dtype=torch.int8)).to(device)
+    y = w4a8_gemm(xq, one, p, ones, g, out_dtype=torch.float32, split_k=split_k)
+    assert torch.equal(y.cpu(), torch.full((m, n), 1024.0 * k))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,n,k", [(1, 40, 128), (7, 72, 300), (33, 40, 256), (70, 24, 520)])
+def test_w8a8_kernel_vs_ref(device, m, n, k):
+    xq, wq = _randint(-128, 128, (m, k), m), _randint(-128, 128, (n, k), n)
+    ws = torch.rand(n, generator=_gen(1)) * 0.01 + 1e-4
+    xs = torch.rand(m, generator=_gen(2)) * 0.05 + 1e-3
+    bias = torch.randn(n, generator=_gen(3)).half()
+    dev = [t.to(device) for t in (xq, wq, ws, xs, bias)]
+    for j, (per_token, use_bias) in enumerate([(True, True), (False, False)]):
+        x_scale = dev[3] if per_token else dev[3][:1].clone().reshape(())
+        out_dtype = OUT_DTYPES[(m + j) % 3]
+        y = w8a8_gemm(dev[0], x_scale, dev[1], dev[2], dev[4] if use_bias else None, out_dtype)
+        r = w8a8_gemm_ref(xq, x_scale.cpu(), wq, ws, bias if use_bias else None, out_dtype)
+        _close(y, r)
+    one = torch.tensor(1.0, device=device)
+    for split_k in (1, 2):
+        y = w8a8_gemm(dev[0], one, dev[1], torch.ones(n, device=device),
+                      out_dtype=torch.float32, split_k=split_k)  # fmt: skip
+        assert torch.equal(y.cpu(), (xq.long() @ wq.long().t()).float())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_quant_kernels_match_ref_bitwise(device, dtype):
+    for m, k in [(1, 64), (7, 300), (3, 1000)]:
+        x = (torch.randn(m, k, generator=_gen(m * k)) * 3).to(dtype)
+        x[0, :6] = torch.tensor([0.5, 1.5, 2.5, -2.5, -0.5, 127.0 / 2])  # exact ties
+        if m > 2:
+            x[2] = 0.0  # all-zero row -> eps scale
+        smooth = torch.rand(k, generator=_gen(k)) + 0.5
+        for s in (None, smooth):
+            xq, sc = quant_per_token(x.to(device), None if s is None else s.to(device))
+            xq_r, sc_r = quant_per_token_ref(x, s)
+            assert torch.equal(xq.cpu(), xq_r) and torch.equal(sc.cpu(), sc_r)
+            q = quant_per_tensor(x.to(device), 0.03, None if s is None else s.to(device))
+            assert torch.equal(q.cpu(), quant_per_tensor_ref(x, 0.03, s))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ops_linear_triton_vs_reference(device):
+    n, k, g = 40, 256, 128
+    _, _, p, ws, _, bias = _w4_problem(1, n, k, g, seed=5, device=device)
+    x = torch.randn(2, 3, k, generator=_gen(9)).half().to(device)
+    smooth = (torch.rand(k, generator=_gen(8)) + 0.5).to(device)
+    for mode, scale in (("dynamic_token", None), ("static_tensor", 0.02)):
+        kw = dict(act_mode=mode, act_scale=scale, smooth_inv=smooth, bias=bias)
+        y = ops.w4a8_linear(x, p, ws, g, backend="triton", **kw)
+        r = ops.w4a8_linear(x.cpu(), p.cpu(), ws.cpu(), g, backend="reference",
+                            **{**kw, "smooth_inv": smooth.cpu(), "bias": bias.cpu()})  # fmt: skip
+        assert y.shape == (2, 3, n) and y.dtype == torch.float16
+        _close(y, r)
+    wq = _randint(-128, 128, (n, k), 4).to(device)
+    wsc = (torch.rand(n, generator=_gen(4)) * 0.01).to(device)
+    y = ops.w8a8_linear(x, wq, wsc, backend="triton", out_dtype=torch.float32)
+    r = ops.w8a8_linear(x.cpu(), wq.cpu(), wsc.cpu(), backend="reference", out_dtype=torch.float32)
+    _close(y, r)
+
+
+# ---------------------------------------------------------------------------------------
+# input validation (checks run before any launch)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_w4a8_bad_inputs():
+    xq, _, p, ws, xs, bias = _w4_problem(4, 40, 256, 128, seed=0)
+    with pytest.raises(TypeError, match="xq"):
+        w4a8_gemm(xq.float(), xs, p, ws, 128)
+    with pytest.raises(TypeError, match="w_packed"):
+        w4a8_gemm(xq, xs, p.to(torch.int8), ws, 128)
+    with pytest.raises(ValueError, match="contiguous"):
+        w4a8_gemm(xq.t().contiguous().t(), xs, p, ws, 128)
+    with pytest.raises(ValueError, match="group_size"):
+        w4a8_gemm(xq, xs, p, ws, 96)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        w4a8_gemm(xq, xs, p, ws, 32)
+    with pytest.raises(ValueError, match="not a multiple"):
+        w4a8_gemm(xq[:, :192].contiguous(), xs, p[:, :96].contiguous(), ws[:, :1].contiguous(), 128)
+    with pytest.raises(ValueError, match="K="):
+        w4a8_gemm(xq[:, :128].contiguous(), xs, p, ws, 128)
+    with pytest.raises(ValueError, match="w_scale"):
+        w4a8_gemm(xq, xs, p, ws[:, :1].contiguous(), 128)
+    with pytest.raises(ValueError, match="x_scale"):
+        w4a8_gemm(xq, xs[:3].contiguous(), p, ws, 128)
+    with pytest.raises(TypeError, match="x_scale"):
+        w4a8_gemm(xq, xs.half(), p, ws, 128)
+    with pytest.raises(ValueError, match="bias"):
+        w4a8_gemm(xq, xs, p, ws, 128, bias=bias[:5].contiguous())
+    with pytest.raises(TypeError, match="out_dtype"):
+        w4a8_gemm(xq, xs, p, ws, 128, out_dtype=torch.int32)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_w8a8_and_quant_bad_inputs():
+    xq, wq = _randint(-128, 128, (4, 64), 0), _randint(-128, 128, (8, 64), 1)
+    ws, xs = torch.ones(8), torch.ones(4)
+    with pytest.raises(ValueError, match="disagree on K"):
+        w8a8_gemm(xq, xs, wq[:, :32].contiguous(), ws)
+    with pytest.raises(TypeError, match="w_scale"):
+        w8a8_gemm(xq, xs, wq, ws.half())
+    with pytest.raises(ValueError, match="contiguous"):
+        w8a8_gemm(xq, xs, wq.t().contiguous().t(), ws)
+    with pytest.raises(TypeError, match="x"):
+        quant_per_token(xq)
+    with pytest.raises(ValueError, match="smooth_inv"):
+        quant_per_token(torch.randn(4, 64), torch.ones(63))
+    with pytest.raises(ValueError, match="scalar"):
+        quant_per_tensor(torch.randn(4, 64), torch.ones(2))
+
+
+def test_ops_bad_inputs():
+    _, _, p, ws, _, _ = _w4_problem(1, 8, 128, 64, 0)
+    x = torch.randn(3, 128)
+    with pytest.raises(ValueError, match="act_scale"):
+        ops.w4a8_linear(x, p, ws, 64, act_mode="static_tensor")
+    with pytest.raises(ValueError, match="act_mode"):
+        ops.w4a8_linear(x, p, ws, 64, act_mode="per_channel")
+    with pytest.raises(ValueError, match="last dim"):
+        ops.w4a8_linear(torch.randn(3, 64), p, ws, 64)
+    with pytest.raises(ValueError, match="backend"):
+        ops.w4a8_linear(x, p, ws, 64, backend="cuda")
+
+
+def test_reference_modules_import_without_triton():
+    code = (
+        "import sys, builtins\n"
+        "real = builtins.__import__\n"
+        "def block(name, *a, **k):\n"
+        "    if name.split('.')[0] == 'triton':\n"
+        "        raise ImportError('blocked')\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = block\n"
+        "import kernels, kernels.reference, kernels.ops\n"
+        "assert not kernels.ops.triton_available()\n"
+        "assert not hasattr(kernels, 'get_kernel')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], cwd=root, env=env, check=True, timeout=120)
