@@ -49,6 +49,7 @@ class FamilyTable:
     groups: tuple[LinearGroup, ...]
     needs_bos: bool = False        # evaluation windows must start with BOS
     model_types: tuple[str, ...] = field(default=())
+    kv_linears: tuple[str, ...] = ("self_attn.k_proj", "self_attn.v_proj")  # cached K, V
 
     def linear_names(self) -> tuple[str, ...]:
         return tuple(n for g in self.groups for n in g.linears)

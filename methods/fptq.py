@@ -1,0 +1,404 @@
+"""FPTQ: fine-grained post-training quantization (Li et al., 2023, arXiv 2308.15987).
+
+W4A8: group-wise int4 weights, int8 activations with the activation strategy chosen per
+linear group from its calibration range v = max|X| (Sec. 3.2, the layer-wise policy):
+
+    v <= v0          static per-tensor int8 (cheapest: one calibrated scale)
+    v0 < v <= v1     logarithmic activation equalization (LAE, Sec. 3.3)
+                         s_j = max|X_j| / log2(2 + max|X_j|)
+                     X / s folded into the producing op, W columns * s, then static
+                     per-tensor int8 with the scale of the equalized range max_j(max|X_j| / s_j)
+    v > v1           dynamic per-token int8 (outliers too large to equalize)
+
+v0 = 15, v1 = 150 as in the paper. Linears reading one input (q/k/v; gate/up) share one
+decision. A middle-bucket group whose s cannot be folded (no producer in the family
+table, or fold_linear_feeders=false for o/down) falls back to dynamic per-token and the
+report says why: an unfolded s would cost a per-channel multiply at runtime.
+
+Weights: RTN on the (equalized) W by default, or GPTQ (methods.gptq.GPTQSolver) after
+LAE, solved group by group inside a block so that later groups see the quantized earlier
+ones (true-sequential). Optional int8 KV cache fake-quant (see `KVQuantizer`).
+
+Ablations: middle=smoothquant (SmoothQuant's s with sq_alpha instead of LAE in the middle
+bucket), policy=all_static / all_dynamic (one strategy everywhere, no equalization).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from methods.arch import LinearGroup, ModelSpec
+from methods.base import Calib, ConfigError, LinearStats, Method, QuantConfig, register
+from methods.blockwise import BlockInputs, collect_block_stats, input_hooks, walk_blocks
+from methods.layers import replace_linear
+from methods.smoothing import (
+    S_MIN,
+    fold_group_scale,
+    fold_reason,
+    group_weight_channel_max,
+    needs_kv_sharing,
+    share_across_kv_repeat,
+)
+from methods.smoothquant import (
+    group_input_max,
+    rtn_fake_quant_linear,
+    scale_summary,
+    smoothquant_scale,
+    wrap_linear,
+)
+
+log = logging.getLogger(__name__)
+
+Bucket = Literal["static", "lae", "dynamic"]
+WEIGHT_METHODS = ("rtn", "gptq")
+MIDDLES = ("lae", "smoothquant")
+POLICIES = ("layerwise", "all_static", "all_dynamic")
+KV_MODES = ("per_head_static", "per_token")
+
+
+@dataclass(frozen=True)
+class FPTQConfig(QuantConfig):
+    w_bits: int = 4
+    a_bits: int = 8
+    group_size: int | None = 128
+    v0: float = 15.0                    # static / middle threshold on v = max|X|
+    v1: float = 150.0                   # middle / dynamic threshold
+    weight_method: str = "rtn"          # rtn | gptq (GPTQ runs after LAE)
+    middle: str = "lae"                 # lae | smoothquant (ablation)
+    sq_alpha: float = 0.5               # SmoothQuant migration strength when middle=smoothquant
+    policy: str = "layerwise"           # layerwise | all_static | all_dynamic (ablations)
+    fold_linear_feeders: bool = True    # equalize o (into v_proj) and down (into up_proj)
+    kv_cache_bits: int | None = None    # None | 8: int8 fake-quant of k_proj / v_proj outputs
+    kv_mode: str = "per_head_static"    # per_head_static | per_token
+    gptq_damp: float = 0.01
+    gptq_block_size: int = 128
+    gptq_act_order: bool = False
+    gptq_static_groups: bool = True     # group scales in natural column order under act_order
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (self.v0 > 0 and self.v1 > 0 and self.v0 < self.v1):
+            raise ConfigError(f"FPTQ thresholds need 0 < v0 < v1, got v0={self.v0}, "
+                              f"v1={self.v1} (the paper uses v0=15, v1=150)")
+        for field_name, value, allowed in (("weight_method", self.weight_method, WEIGHT_METHODS),
+                                           ("middle", self.middle, MIDDLES),
+                                           ("policy", self.policy, POLICIES),
+                                           ("kv_mode", self.kv_mode, KV_MODES)):
+            if value not in allowed:
+                raise ConfigError(f"{field_name}={value!r}; use one of {allowed}")
+        if not 0.0 <= float(self.sq_alpha) <= 1.0:
+            raise ConfigError(f"sq_alpha={self.sq_alpha} must be in [0, 1]")
+        if self.kv_cache_bits not in (None, 8):
+            raise ConfigError(f"kv_cache_bits={self.kv_cache_bits}; use null (off) or 8")
+
+
+# ------------------------------------------------------------------ pure policy functions
+
+def assign_bucket(v: float, v0: float, v1: float) -> Bucket:
+    if v <= v0:
+        return "static"
+    if v <= v1:
+        return "lae"
+    return "dynamic"
+
+
+def lae_scale(x_max: Tensor) -> Tensor:
+    """s_j = max|X_j| / log2(2 + max|X_j|) [K]; X_j / s_j then spans log2(2 + max|X_j|)."""
+    x = x_max.float().clamp_min(S_MIN)
+    return (x / torch.log2(2.0 + x)).clamp_min(S_MIN)
+
+
+@dataclass
+class GroupDecision:
+    """What FPTQ does to one linear group of one block."""
+    block: int
+    group: LinearGroup
+    v: float
+    bucket: Bucket
+    act_mode: str                       # static_tensor | dynamic_token
+    strategy: str                       # static | lae+static | smoothquant+static | dynamic
+    act_range: float | None = None      # max|X| after equalization (static modes)
+    s: Tensor | None = None
+    fallback: str | None = None
+
+    def rows(self, prefix: str, keeps) -> list[dict[str, Any]]:
+        out = []
+        for name in self.group.linears:
+            full = f"{prefix}.{self.block}.{name}"
+            kept = keeps(full)
+            out.append({"block": self.block, "linear": full, "role": self.group.role,
+                        "v": self.v, "bucket": self.bucket,
+                        "strategy": "fp (keep_fp)" if kept else self.strategy,
+                        "fallback_reason": self.fallback, "range_after": self.act_range,
+                        **scale_summary(self.s)})
+        return out
+
+
+def policy_counts(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    by_role: dict[str, dict[str, int]] = {}
+    for r in rows:
+        by_role.setdefault(r["role"], Counter())[r["bucket"]] += 1
+    return {"bucket": dict(Counter(r["bucket"] for r in rows)),
+            "strategy": dict(Counter(r["strategy"] for r in rows)),
+            "by_role": {k: dict(v) for k, v in by_role.items()},
+            "fallbacks": sum(r["fallback_reason"] is not None for r in rows)}
+
+
+# Okabe-Ito: distinguishable under the common colour-vision deficiencies.
+STRATEGY_COLOURS = {"static": "#0072B2", "lae+static": "#009E73",
+                    "smoothquant+static": "#CC79A7", "dynamic": "#D55E00",
+                    "fp (keep_fp)": "#999999"}
+ROLE_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def plot_policy(rows: list[dict[str, Any]], path: str | Path, v0: float, v1: float,
+                title: str = "FPTQ layer-wise activation policy") -> Path:
+    """Activation range v per block (log y), thresholds as lines, points coloured by the
+    strategy used and shaped by role. Written atomically (tmp file + rename)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    roles = list(dict.fromkeys(r["role"] for r in rows))
+    offsets = {role: (k - (len(roles) - 1) / 2) * 0.15 for k, role in enumerate(roles)}
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    try:
+        seen = set()
+        for r in rows:
+            role, strat = r["role"], r["strategy"]
+            key = (role, strat)
+            ax.scatter(r["block"] + offsets[role], max(r["v"], 1e-3),
+                       c=STRATEGY_COLOURS.get(strat, "#000000"),
+                       marker=ROLE_MARKERS[roles.index(role) % len(ROLE_MARKERS)],
+                       s=28, edgecolors="black", linewidths=0.3,
+                       label=f"{role}: {strat}" if key not in seen else None)
+            seen.add(key)
+        ax.axhline(v0, color="black", linestyle="--", linewidth=1, label=f"v0 = {v0:g}")
+        ax.axhline(v1, color="black", linestyle=":", linewidth=1, label=f"v1 = {v1:g}")
+        ax.set_yscale("log")
+        ax.set_xlabel("decoder block")
+        ax.set_ylabel("activation range v = max|X| (log scale)")
+        ax.set_title(title)
+        ax.grid(True, which="major", axis="y", alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+        fig.tight_layout()
+        tmp = path.with_name(path.name + ".partial")
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------ KV cache fake-quant
+
+class KVQuantizer(nn.Module):
+    """Symmetric int8 fake-quant of a k_proj / v_proj output [B, T, H_kv * d], i.e. the
+    keys (before RoPE, which is a per-position rotation within each head) and values that
+    the KV cache stores. per_head_static: one calibrated scale per KV head;
+    per_token: one scale per (token, head), computed on the fly."""
+
+    def __init__(self, num_heads: int, head_dim: int, bits: int, mode: str,
+                 head_max: Tensor | None = None):
+        super().__init__()
+        self.num_heads, self.head_dim, self.bits, self.mode = num_heads, head_dim, bits, mode
+        self.qmax = 2 ** (bits - 1) - 1
+        scale = None if head_max is None else (head_max.float() / self.qmax).clamp_min(1e-8)
+        self.register_buffer("scale", scale)
+        if mode == "per_head_static" and scale is None:
+            raise ValueError("per_head_static KV quantization needs calibrated head ranges")
+
+    def forward(self, y: Tensor) -> Tensor:
+        shape = y.shape
+        y = y.reshape(*shape[:-1], self.num_heads, self.head_dim)
+        if self.mode == "per_head_static":
+            s = self.scale.to(y.dtype)[:, None]
+        else:
+            s = (y.abs().amax(dim=-1, keepdim=True) / self.qmax).clamp_min(1e-8)
+        y = torch.clamp(torch.round(y / s), -self.qmax - 1, self.qmax) * s
+        return y.reshape(shape)
+
+    def extra_repr(self) -> str:
+        return f"int{self.bits} {self.mode}, {self.num_heads} heads x {self.head_dim}"
+
+
+def attach_kv_quantizer(proj: nn.Module, quantizer: nn.Module) -> None:
+    """Register quantizer as a child of proj and quantize proj's output with it."""
+    proj.add_module("kv_quant", quantizer)
+    proj.register_forward_hook(lambda mod, args, out: mod.kv_quant(out))
+
+
+# ------------------------------------------------------------------ the method
+
+@register(FPTQConfig)
+class FPTQ(Method[FPTQConfig]):
+    name = "fptq"
+    supported_bits = frozenset({(4, 8)})
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+    def check(self, spec: ModelSpec) -> str | None:
+        reason = super().check(spec)
+        if reason:
+            return reason
+        if self.config.weight_method == "gptq":
+            try:
+                from methods.gptq import GPTQSolver  # noqa: F401
+            except ImportError:
+                return ("fptq weight_method=gptq needs methods.gptq.GPTQSolver, which this "
+                        "build lacks; use method.weight_method=rtn")
+        if self.config.kv_cache_bits and not kv_linears(spec):
+            return (f"kv_cache_bits is set but the {spec.table.family} table names no "
+                    "k_proj / v_proj linears")
+        return None
+
+    # -------------------------------------------------------------- per-group decision
+
+    def decide(self, i: int, block: nn.Module, group: LinearGroup,
+               stats: dict[str, LinearStats], spec: ModelSpec) -> GroupDecision:
+        """Bucket from v, then fold s for the middle bucket (or fall back); mutates block."""
+        cfg = self.config
+        x_max = group_input_max(stats, group)
+        v = float(x_max.max())
+        bucket = assign_bucket(v, cfg.v0, cfg.v1)
+        if cfg.policy == "all_static" or (cfg.policy == "layerwise" and bucket == "static"):
+            return GroupDecision(i, group, v, bucket, "static_tensor", "static", act_range=v)
+        if cfg.policy == "all_dynamic" or bucket == "dynamic":
+            return GroupDecision(i, group, v, bucket, "dynamic_token", "dynamic")
+        reason = fold_reason(group, spec, cfg.fold_linear_feeders)
+        if reason:
+            return GroupDecision(i, group, v, bucket, "dynamic_token", "dynamic",
+                                 fallback=f"no fold possible, per-token dynamic: {reason}")
+        shared = needs_kv_sharing(block, group)
+        if shared:
+            x_max = share_across_kv_repeat(x_max, spec)
+        if cfg.middle == "lae":
+            s, strategy = lae_scale(x_max), "lae+static"
+        else:
+            w_max = group_weight_channel_max(block, group)
+            if shared:
+                w_max = share_across_kv_repeat(w_max, spec)
+            s, strategy = smoothquant_scale(x_max, w_max, cfg.sq_alpha), "smoothquant+static"
+        result = fold_group_scale(block, group, s, spec, cfg.fold_linear_feeders)
+        if not result:
+            return GroupDecision(i, group, v, bucket, "dynamic_token", "dynamic",
+                                 fallback=f"no fold possible, per-token dynamic: {result.reason}")
+        return GroupDecision(i, group, v, bucket, "static_tensor", strategy,
+                             act_range=float((x_max / s).max()), s=s)
+
+    # -------------------------------------------------------------- weights
+
+    def _quantize_rtn(self, block: nn.Module, d: GroupDecision, prefix: str) -> None:
+        for name in d.group.linears:
+            if not self.config.keeps(f"{prefix}.{d.block}.{name}"):
+                lin = block.get_submodule(name)
+                replace_linear(block, name,
+                               rtn_fake_quant_linear(lin, self.config, d.act_mode, d.act_range))
+
+    def _quantize_gptq(self, block: nn.Module, d: GroupDecision, inputs: BlockInputs,
+                       prefix: str) -> None:
+        """Hessians from the (equalized) inputs of this group with earlier groups of the
+        block already quantized; solve; free."""
+        from methods.gptq import GPTQSolver
+
+        cfg = self.config
+        names = [n for n in d.group.linears if not cfg.keeps(f"{prefix}.{d.block}.{n}")]
+        if not names:
+            return
+        solvers = {n: GPTQSolver(block.get_submodule(n).weight.data) for n in names}
+        with input_hooks({n: block.get_submodule(n) for n in names},
+                         lambda n, x: solvers[n].add_batch(x)):
+            for x, kw in inputs.samples():
+                block(x, **kw)
+        for n in names:
+            lin = block.get_submodule(n)
+            W_hat, qp, _info = solvers[n].solve(
+                bits=cfg.w_bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
+                act_order=cfg.gptq_act_order, static_groups=cfg.gptq_static_groups,
+                block_size=cfg.gptq_block_size, damp=cfg.gptq_damp)
+            solvers[n].free()
+            lin.weight.data = W_hat.to(lin.weight.dtype).reshape(lin.weight.shape)
+            replace_linear(block, n, wrap_linear(lin, cfg, qp, d.act_mode, d.act_range))
+
+    # -------------------------------------------------------------- KV cache
+
+    @torch.no_grad()
+    def _quantize_kv(self, block: nn.Module, inputs: BlockInputs, spec: ModelSpec) -> None:
+        cfg = self.config
+        names = kv_linears(spec)
+        head_max: dict[str, Tensor] = {}
+        if cfg.kv_mode == "per_head_static":
+            def record(name: str, y: Tensor) -> None:
+                m = y.detach().reshape(-1, spec.num_kv_heads, spec.head_dim).abs().float()
+                m = m.amax(dim=(0, 2))
+                head_max[name] = m if name not in head_max else torch.maximum(head_max[name], m)
+            handles = [block.get_submodule(n).register_forward_hook(
+                lambda mod, a, out, n=n: record(n, out)) for n in names]
+            try:
+                for x, kw in inputs.samples():
+                    block(x, **kw)
+            finally:
+                for h in handles:
+                    h.remove()
+        for n in names:
+            q = KVQuantizer(spec.num_kv_heads, spec.head_dim, cfg.kv_cache_bits, cfg.kv_mode,
+                            head_max.get(n))
+            attach_kv_quantizer(block.get_submodule(n), q.to(next(block.parameters()).device))
+
+    # -------------------------------------------------------------- driver
+
+    def quantize(self, model: nn.Module, spec: ModelSpec, calib: Calib | None) -> nn.Module:
+        if not calib:
+            raise ValueError("fptq needs calibration data (set calib=...)")
+        cfg = self.config
+        prefix = spec.table.blocks
+        rows: list[dict[str, Any]] = []
+
+        def on_block(i: int, block: nn.Module, inputs: BlockInputs) -> None:
+            stats = collect_block_stats(block, inputs, spec.table.linear_names())
+            decisions = [self.decide(i, block, g, stats, spec) for g in spec.table.groups]
+            for d in decisions:
+                if cfg.weight_method == "gptq":
+                    self._quantize_gptq(block, d, inputs, prefix)
+                else:
+                    self._quantize_rtn(block, d, prefix)
+                rows.extend(d.rows(prefix, cfg.keeps))
+            if cfg.kv_cache_bits:
+                self._quantize_kv(block, inputs, spec)
+
+        walk_blocks(model, spec, calib, on_block, desc="fptq blocks")
+        counts = policy_counts(rows)
+        log.info("fptq policy (v0=%g, v1=%g, %s): %s", cfg.v0, cfg.v1, cfg.policy, counts)
+        self.artifacts["fptq_policy"] = {
+            "v0": cfg.v0, "v1": cfg.v1, "policy": cfg.policy, "middle": cfg.middle,
+            "weight_method": cfg.weight_method, "counts": counts, "rows": rows,
+            "kv_cache": None if not cfg.kv_cache_bits else
+            {"bits": cfg.kv_cache_bits, "mode": cfg.kv_mode, "linears": list(kv_linears(spec))},
+        }
+        return model
+
+    def write_artifacts(self, run_dir: str | Path) -> dict[str, str]:
+        """Plots the policy report into run_dir; returns {artifact name: path}."""
+        policy = self.artifacts.get("fptq_policy")
+        if not policy:
+            return {}
+        path = plot_policy(policy["rows"], Path(run_dir) / "fptq_policy.png",
+                           policy["v0"], policy["v1"])
+        return {"fptq_policy_plot": str(path)}
+
+
+def kv_linears(spec: ModelSpec) -> tuple[str, ...]:
+    """The linears whose outputs are the cached keys and values, from the family table."""
+    return spec.table.kv_linears
