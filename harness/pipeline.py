@@ -165,6 +165,8 @@ def _execute(cfg: DictConfig, record: RunRecord, timer: Timer) -> None:
     record.provenance["model_repr"] = _linear_summary(model, lm.spec)
 
     run_dir = Path(cfg.paths.artifacts_dir) / record.run_id
+    if hasattr(method, "write_artifacts"):  # plots / tables a method writes (path -> record)
+        record.artifacts.update(method.write_artifacts(run_dir))
     ctx = EvalContext(model=model, tokenizer=lm.tokenizer, spec=lm.spec, data_dir=data_dir,
                       run_dir=run_dir, device=device, method_name=method.name,
                       extra={"method": method, "cfg": cfg})
