@@ -7,9 +7,9 @@ Per linear group reading X [tokens, K] (q/k/v; gate/up; optionally o and down):
 max|W_j| over the columns j of all the group's linears. X / s is folded into the
 producing norm (and, with fold_linear_feeders, into v_proj / up_proj for o / down), the
 columns of W by s (methods/smoothing.py), so the smoothed model computes the same function.
-Weights: round-to-nearest, per output channel (the paper's W8A8) or per group (W4A8).
-Activations: static per-tensor from the smoothed calibration range (the paper's O3
-setting) or dynamic per-token (O1/O2). The smoothed range needs no second calibration
+Weights: round-to-nearest, per output channel (W8A8; the paper quantizes weights per
+tensor, per channel is finer) or per group (W4A8). Activations: static per-tensor from the
+smoothed calibration range (the paper's O3 setting) or dynamic per-token (O1). The smoothed range needs no second calibration
 pass: max|X_j / s_j| = max|X_j| / s_j exactly.
 """
 
