@@ -168,11 +168,13 @@ def test_policy_buckets_on_known_outliers(fptq_run):
     assert down.act_mode == "dynamic_token" and down.smooth_inv is None
 
 
-def test_fallback_recorded_when_no_fold(outlier_model, calib):
+def test_fallback_recorded_when_no_fold_asymmetric_weights(outlier_model, calib):
     model, spec = outlier_model
     m = copy.deepcopy(model)
-    method = build(FPTQConfig(group_size=G, fold_linear_feeders=False))
+    method = build(FPTQConfig(group_size=G, fold_linear_feeders=False, symmetric=False))
     method.quantize(m, spec, calib)
+    q = m.model.layers[0].self_attn.q_proj
+    assert not q.w_symmetric and q.w_zero.shape == q.w_scale.shape
     row = next(r for r in method.artifacts["fptq_policy"]["rows"]
                if r["linear"] == "model.layers.0.self_attn.o_proj")
     assert row["bucket"] == "lae" and row["strategy"] == "dynamic"
