@@ -110,32 +110,40 @@ class SmoothQuant(Method[SmoothQuantConfig]):
         def on_block(i: int, block: nn.Module, inputs: BlockInputs) -> None:
             stats = collect_block_stats(block, inputs, spec.table.linear_names())
             all_stats.update({f"{prefix}.{i}.{n}": st for n, st in stats.items()})
-            for group in spec.table.groups:
-                rows.extend(self._smooth_and_quantize(i, block, group, stats, spec))
+            # every fold first: o / down fold into v_proj / up_proj, which must still be
+            # full precision when their rows are rescaled
+            plans = [self._smooth(block, g, stats, spec) for g in spec.table.groups]
+            for group, (v, v_after, s, reason) in zip(spec.table.groups, plans, strict=True):
+                rows.extend(self._quantize_group(i, block, group, v, v_after, s, reason, spec))
 
         walk_blocks(model, spec, calib, on_block, desc="smoothquant blocks")
         self.artifacts["smoothquant"] = {"alpha": cfg.alpha, "rows": rows}
         self.artifacts["activation_stats"] = stats_table(all_stats)
         return model
 
-    def _smooth_and_quantize(self, i: int, block: nn.Module, group: LinearGroup,
-                             stats: dict[str, LinearStats], spec: ModelSpec
-                             ) -> list[dict[str, Any]]:
+    def _smooth(self, block: nn.Module, group: LinearGroup, stats: dict[str, LinearStats],
+                spec: ModelSpec) -> tuple[float, float, Tensor | None, str | None]:
+        """Fold s into the group if possible: (v, range after smoothing, s, why not)."""
         cfg = self.config
         x_max = group_input_max(stats, group)
-        s = None
-        reason = fold_reason(group, spec, cfg.fold_linear_feeders)
-        if reason is None:
-            w_max = group_weight_channel_max(block, group)
-            if needs_kv_sharing(block, group):
-                x_max = share_across_kv_repeat(x_max, spec)
-                w_max = share_across_kv_repeat(w_max, spec)
-            s = smoothquant_scale(x_max, w_max, cfg.alpha)
-            result = fold_group_scale(block, group, s, spec, cfg.fold_linear_feeders)
-            if not result:
-                s, reason = None, result.reason
         v = float(x_max.max())
-        v_after = v if s is None else float((x_max / s).max())
+        reason = fold_reason(group, spec, cfg.fold_linear_feeders)
+        if reason:
+            return v, v, None, reason
+        w_max = group_weight_channel_max(block, group)
+        if needs_kv_sharing(block, group):
+            x_max = share_across_kv_repeat(x_max, spec)
+            w_max = share_across_kv_repeat(w_max, spec)
+        s = smoothquant_scale(x_max, w_max, cfg.alpha)
+        result = fold_group_scale(block, group, s, spec, cfg.fold_linear_feeders)
+        if not result:
+            return v, v, None, result.reason
+        return v, float((x_max / s).max()), s, None
+
+    def _quantize_group(self, i: int, block: nn.Module, group: LinearGroup, v: float,
+                        v_after: float, s: Tensor | None, reason: str | None, spec: ModelSpec
+                        ) -> list[dict[str, Any]]:
+        cfg = self.config
         out = []
         for name in group.linears:
             full = f"{spec.table.blocks}.{i}.{name}"

@@ -195,11 +195,17 @@ def test_smoothquant_w8a8_beats_rtn_w8a8_static(outlier_model, calib, held_out):
     model, spec = outlier_model
     ref = _logits(model, held_out)
     errs = {}
-    for cfg in (RTNConfig(w_bits=8, a_bits=8), SmoothQuantConfig(w_bits=8, a_bits=8)):
+    for cfg in (RTNConfig(w_bits=8, a_bits=8), SmoothQuantConfig(w_bits=8, a_bits=8),
+                SmoothQuantConfig(w_bits=8, a_bits=8, fold_linear_feeders=True)):
         m = copy.deepcopy(model)
         build(cfg).quantize(m, spec, calib)
-        errs[type(cfg).__name__] = _rel_err(m, ref, held_out)
-    assert errs["SmoothQuantConfig"] < 0.5 * errs["RTNConfig"]
+        errs[cfg] = _rel_err(m, ref, held_out)
+    rtn, sq, sq_all = errs.values()
+    assert sq < 0.5 * rtn and sq_all < 0.5 * rtn
+    # feeders (v_proj, up_proj) were rescaled before being rounded: still on their grid
+    for lin in (m.model.layers[0].self_attn.v_proj, m.model.layers[1].mlp.up_proj):
+        codes = lin.weight / lin.w_scale
+        torch.testing.assert_close(codes, codes.round(), atol=1e-3, rtol=0)
 
 
 def test_kv_cache_quantization_modes(outlier_model, calib, held_out):
