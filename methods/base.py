@@ -93,6 +93,8 @@ class Method(ABC, Generic[C]):
 
     def check(self, spec: ModelSpec) -> str | None:
         c = self.config
+        if not (c.quantizes_weights or c.quantizes_activations) and self.name != "fp16":
+            return f"{self.name} at w16a16 quantizes nothing: that is the fp16 baseline"
         if self.supported_bits is not None and (c.w_bits, c.a_bits) not in self.supported_bits:
             pairs = ", ".join(f"w{w}a{a}" for w, a in sorted(self.supported_bits, reverse=True))
             return f"{self.name} does not support w{c.w_bits}a{c.a_bits} (supported: {pairs})"
