@@ -29,6 +29,7 @@ from harness.report import (  # noqa: E402
     latest_per_config,
     method_key,
     ppl_datasets,
+    with_commonsense_avg,
 )
 
 log = logging.getLogger(__name__)
@@ -121,10 +122,10 @@ def _latency_metric(df: pd.DataFrame) -> str | None:
 
 def plot_accuracy_vs_latency(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
     """Average zero-shot accuracy vs prefill latency per method x bits; Pareto front dashed."""
-    ok = _ok(df)
+    ok = with_commonsense_avg(_ok(df))
     lat = _latency_metric(ok) if not ok.empty else None
-    acc_col = "acc_commonsense_avg" if "acc_commonsense_avg" in ok.columns else None
-    if lat is None or acc_col is None:
+    acc_col = "acc_commonsense_avg"
+    if lat is None or not ok[acc_col].notna().any():
         return []
     merged = ok.groupby(["model", "method", "bits"]).agg({lat: "last", acc_col: "last"})
     merged = merged.dropna().reset_index()

@@ -371,22 +371,34 @@ def perplexity_wide_table(df: pd.DataFrame) -> Table:
     return table
 
 
+def accuracy_tasks(df: pd.DataFrame) -> list[str]:
+    return sorted({c[4:] for c in df.columns if c.startswith("acc_")
+                   and not c.startswith("acc_norm_") and not c.endswith("_stderr")
+                   and c != "acc_commonsense_avg" and not c.startswith("acc_mmlu")})
+
+
+def with_commonsense_avg(df: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.DataFrame:
+    """`acc_commonsense_avg` as recorded, else the mean over the task columns (NaN if any task
+    is missing: an average over fewer tasks is not comparable)."""
+    metrics = list(metrics) if metrics is not None else [f"acc_{t}" for t in accuracy_tasks(df)]
+    df = df.copy()
+    if "acc_commonsense_avg" not in df.columns:
+        df["acc_commonsense_avg"] = float("nan")
+    if metrics:
+        df["acc_commonsense_avg"] = df["acc_commonsense_avg"].fillna(
+            df[metrics].mean(axis=1, skipna=False))
+    return df
+
+
 def accuracy_table(df: pd.DataFrame, prefer_norm: bool = False) -> Table:
     """Zero-shot accuracy: rows method x bits (per model); columns tasks + average (%)."""
-    tasks = sorted({c[4:] for c in df.columns if c.startswith("acc_")
-                    and not c.startswith("acc_norm_") and not c.endswith("_stderr")
-                    and c != "acc_commonsense_avg" and not c.startswith("acc_mmlu")})
+    tasks = accuracy_tasks(df)
     def metric(t: str) -> str:
         return f"acc_norm_{t}" if prefer_norm and f"acc_norm_{t}" in df.columns else f"acc_{t}"
     cols = [Column(t, metric(t), lower_is_better=False, scale=ACC_SCALE) for t in tasks]
     if not cols:
         return Table("accuracy", "Zero-shot accuracy (%)", [], [], 0)
-    df = df.copy()
-    if "acc_commonsense_avg" not in df.columns:
-        df["acc_commonsense_avg"] = float("nan")
-    task_vals = df[[c.metric for c in cols]]
-    computed = task_vals.mean(axis=1, skipna=False)
-    df["acc_commonsense_avg"] = df["acc_commonsense_avg"].fillna(computed)
+    df = with_commonsense_avg(df, [c.metric for c in cols])
     cols.append(Column("Avg.", "acc_commonsense_avg", lower_is_better=False, scale=ACC_SCALE))
     merged = merge_rows(_rows_for(df, "lm_eval", [c.metric for c in cols]),
                         ("model", "method", "bits"), [c.metric for c in cols])
@@ -541,8 +553,11 @@ def reproduction_table(df: pd.DataFrame, refs: pd.DataFrame) -> Table:
         hit = ours[(ours["model"] == ref["model"]) & (ours["method"] == ref["method"])
                    & (ours["bits"] == ref["bits"]) & ours[metric].notna()
                    & ours["seqlen"].map(lambda s, r=ref: pd.isna(r["seqlen"]) or s == r["seqlen"])]
-        if ref["bits"] != "w16a16":
-            hit = hit[hit["group_size"].map(lambda g, gs=gs: (None if pd.isna(g) else int(g)) == gs)]
+        if ref["bits"] != "w16a16" and not hit.empty:
+            same_g = hit["group_size"].map(lambda g, gs=gs: (None if pd.isna(g) else int(g)) == gs)
+            hit = hit[same_g.astype(bool)]
+        if hit.empty:
+            continue
         for _, r in hit.sort_values("finished_at").tail(1).iterrows():
             ours_v, pub = float(r[metric]), float(ref["value"])
             src = f"{ref['paper']} {ref['table']}"
