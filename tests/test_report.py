@@ -302,3 +302,36 @@ def test_cli_ppl_only_store(tmp_path):
     md = (tmp_path / "rep" / "smollm2-135m" / "report.md").read_text()
     assert "| smollm2-135m | rtn | w4a8 | **25.30** | +5.20 |" in md
     assert "_Zero-shot accuracy (%): no runs._" in md
+
+
+def test_wandb_offline_run_stays_in_run_dir_and_never_writes_the_key(compose_cfg, tmp_path,
+                                                                     monkeypatch):
+    pytest.importorskip("wandb")
+    from conftest import TINY_QUICK
+
+    from harness.pipeline import run_one
+
+    marker = "ptqbench-test-key-" + "7" * 22
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("WANDB_API_KEY", marker)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR",
+                "WANDB_DIR"):
+        monkeypatch.setenv(var, "unset")  # recorded, so the tracker's setdefault is undone
+        monkeypatch.delenv(var)
+    cfg = compose_cfg(*TINY_QUICK, "method=fp16", "bits=w16a16", "tracking=wandb")
+    rec = run_one(cfg)
+    assert rec.status == "ok", rec.error
+    results = tmp_path / "results"
+    run_dir = results / "artifacts" / rec.run_id
+    assert list(run_dir.rglob("*.wandb")), "no offline W&B run file"
+    outside = [p for p in tmp_path.rglob("*") if p.is_file()
+               and run_dir not in p.parents and p.parent != results / "runs"
+               and results / "cache" not in p.parents]
+    assert outside == []
+    for p in tmp_path.rglob("*"):
+        if p.is_file():
+            assert marker.encode() not in p.read_bytes(), p
