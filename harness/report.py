@@ -357,11 +357,11 @@ def perplexity_wide_table(df: pd.DataFrame) -> Table:
                 row[j] = _status_cell(st[0], st[1], notes)
     # Best per dataset across methods (excluding fp16) instead of per column.
     for row in table.rows:
+        for c in row:
+            c.bold = False
         for d in sets:
             idx = [j for j, c in enumerate(cols, start=1)
                    if c.metric.endswith(f"|{d}") and not c.metric.startswith(f"{BASELINE_METHOD}|")]
-            for j in idx:
-                row[j].bold = False
             vals = [row[j].value for j in idx if row[j].value is not None]
             for j in idx:
                 if vals and row[j].value == min(vals):

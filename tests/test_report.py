@@ -160,6 +160,8 @@ def test_wide_perplexity_layout(df):
     row = cells(t, "llama-2-7b")
     assert row["awq w4a16 WikiText-2"] == "failed[1]"
     assert row["gptq w4a16 WikiText-2"] == "5.63"
+    bold = [h for h, c in zip(t.columns, t.rows[0], strict=True) if c.bold]
+    assert bold == ["gptq w4a16 WikiText-2", "gptq w4a16 C4", "gptq w4a16 PTB"]
 
 
 def test_latex_is_balanced_and_escaped(df):
@@ -335,3 +337,13 @@ def test_wandb_offline_run_stays_in_run_dir_and_never_writes_the_key(compose_cfg
     for p in tmp_path.rglob("*"):
         if p.is_file():
             assert marker.encode() not in p.read_bytes(), p
+
+
+@pytest.mark.parametrize("name,datasets", [("qserve_llama2_wikitext", ["wikitext2"]),
+                                           ("gptq_llama_ppl", ["wikitext2", "ptb", "c4"])])
+def test_reproduction_experiments_compose(compose_cfg, name, datasets):
+    cfg = compose_cfg(f"experiment={name}", "method=fp16", "bits=w16a16")
+    assert list(cfg.eval.datasets) == datasets and cfg.eval.seqlen == 2048
+    assert cfg.eval.max_windows is None and cfg.eval.evaluators == ["ppl"]
+    assert (cfg.calib.dataset, cfg.calib.n_samples, cfg.calib.seqlen) == ("c4", 128, 2048)
+    assert cfg.sweep == name
