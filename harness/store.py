@@ -159,3 +159,13 @@ class ResultStore:
                 df[col] = pd.to_datetime(df[col], utc=True, errors="coerce")
             df = df.sort_values("finished_at", kind="stable").reset_index(drop=True)
         return df
+
+    def export_parquet(self, path: str | os.PathLike) -> Path:
+        """All records (load() layout) to one parquet file, written atomically; needs pyarrow."""
+        df = self.load()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+        return path
