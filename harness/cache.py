@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -246,6 +247,17 @@ class QuantizedModelCache:
 
     # ---- write
 
+    def remove_stale_temp(self, older_than_s: float = 86400.0) -> None:
+        """Temp and trash dirs left by writers that were killed (a day old: not in use)."""
+        now = time.time()
+        for d in self.root.glob(".*-*"):
+            if d.name.startswith((".tmp-", ".trash-")) and d.is_dir() and not d.is_symlink():
+                try:
+                    if now - d.stat().st_mtime > older_than_s:
+                        shutil.rmtree(d, ignore_errors=True)
+                except FileNotFoundError:
+                    pass
+
     def discard(self, key: str, reason: str) -> None:
         """Move a bad entry aside (atomic for readers), then delete it."""
         entry = self.entry_dir(key)
@@ -263,6 +275,7 @@ class QuantizedModelCache:
         layout = fake_quant_layout(model, spec)
         final = self.entry_dir(key)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.remove_stale_temp()
         tmp = self.root / f".tmp-{key}-{uuid.uuid4().hex}"
         tmp.mkdir()
         try:
