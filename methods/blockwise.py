@@ -75,7 +75,12 @@ class BlockInputs:
 
     @torch.no_grad()
     def advance(self, block: nn.Module) -> None:
-        self.hidden = self.run(block)
+        hidden = self.run(block)
+        for j, h in enumerate(hidden):   # a NaN here would poison every later block's stats
+            if not torch.isfinite(h).all():
+                raise FloatingPointError(f"non-finite output of block {self.block_index} on "
+                                         f"calibration sample {j}")
+        self.hidden = hidden
         self.block_index += 1
 
 
