@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 # Keys that change where or how results are written, not what is measured.
 NON_IDENTITY_KEYS = ("paths", "launcher", "tracking", "force", "rerun_failed", "sweep", "hydra",
-                     "cache")
+                     "cache", "save_checkpoint")
 
 
 def identity_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -203,6 +203,12 @@ def _execute(cfg: DictConfig, record: RunRecord, timer: Timer) -> None:
 
     run_dir = within_root(cfg.paths.artifacts_dir,
                           Path(cfg.paths.artifacts_dir) / record.run_id, "artifact dir")
+    if cfg.get("save_checkpoint", False):
+        from methods.checkpoint import save_runtime_checkpoint
+        meta = {"method": method.describe(), "run_id": record.run_id, "model": record.model,
+                "bits": record.bits, "config_hash": record.config_hash}
+        record.artifacts["checkpoint"] = str(
+            save_runtime_checkpoint(model, lm.spec, run_dir / "checkpoint", meta))
     ctx = EvalContext(model=model, tokenizer=lm.tokenizer, spec=lm.spec, data_dir=data_dir,
                       run_dir=run_dir, device=device, method_name=method.name,
                       extra={"method": method, "cfg": cfg})

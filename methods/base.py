@@ -111,7 +111,7 @@ class Method(ABC, Generic[C]):
 
     def to_runtime(self, model: nn.Module, spec: ModelSpec) -> nn.Module:
         from methods.runtime import convert_to_runtime
-        return convert_to_runtime(model, spec)
+        return convert_to_runtime(model, spec, self.artifacts.setdefault("runtime", {}))
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "class": type(self).__qualname__,
