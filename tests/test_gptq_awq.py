@@ -211,3 +211,23 @@ def test_hydra_run_gives_ok_record(compose_cfg, overrides):
                                          for r in layers)
     else:
         assert rec.artifacts["awq_scales"]
+
+
+@pytest.mark.parametrize("overrides", [("method=llmc_gptq", "bits=w4a16"),
+                                       ("method=llmc_awq", "bits=w4a16"),
+                                       ("method=llmc_smoothquant", "bits=w8a8")])
+def test_llmcompressor_baseline_runs(compose_cfg, overrides):
+    pytest.importorskip("llmcompressor", reason="baselines extra not installed")
+    cfg = compose_cfg(*TINY_QUICK, *overrides, "calib.n_samples=2", "calib.seqlen=32")
+    rec = run_one(cfg)
+    assert rec.status == "ok", rec.error
+    assert rec.provenance["model_repr"] == {"FakeQuantLinear": 14}
+    assert rec.artifacts["baseline"]["library"] == "llmcompressor"
+
+
+def test_baseline_without_library_is_skipped_with_install_hint(tiny, monkeypatch):
+    import methods.baselines as b
+    monkeypatch.setattr(b, "llmcompressor_available", lambda: False)
+    _, spec, _, _ = tiny
+    reason = build(b.LLMCompressorGPTQConfig(w_bits=4, group_size=32)).check(spec)
+    assert reason and "pip install" in reason
