@@ -56,6 +56,7 @@ class AWQConfig(QuantConfig):
     clip_n_grid: int = 20
     clip_n_tokens: int = 512                   # token subsample for the clip search
     clip_skip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
+    offload_inputs: bool = False     # keep block inputs on CPU between blocks (large models)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -185,7 +186,8 @@ class AWQ(Method[AWQConfig]):
                     replace_linear(block, rel, quantize_linear_rtn(
                         block.get_submodule(rel), self.config, st))
 
-        walk_blocks(model, spec, calib, on_block, desc="awq blocks")
+        store = torch.device("cpu") if self.config.offload_inputs else None
+        walk_blocks(model, spec, calib, on_block, desc="awq blocks", store_device=store)
         self.artifacts["activation_stats"] = stats_table(all_stats)
         self.artifacts["awq_scales"] = scales
         return model
@@ -345,3 +347,4 @@ def _share_across_repeats(v: Tensor, rep: int, head_dim: int) -> Tensor:
         return v
     kv = v.numel() // (rep * head_dim)
     return v.view(kv, rep, head_dim).mean(1, keepdim=True).expand(kv, rep, head_dim).reshape(-1)
+

@@ -55,6 +55,7 @@ class GPTQConfig(QuantConfig):
     static_groups: bool = True       # group scales from W before reordering (act_order + groups)
     true_sequential: bool = True     # q/k/v, then o, then gate/up, then down per block
     max_damp_retries: int = 4        # Cholesky failure: damp x10 up to this many times
+    offload_inputs: bool = False     # keep block inputs on CPU between blocks (large models)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -233,7 +234,8 @@ class GPTQ(Method[GPTQConfig]):
                     replace_linear(block, rel, new)
                     layers.append({"linear": f"{prefix}.{i}.{rel}", **info})
 
-        walk_blocks(model, spec, calib, on_block, desc="gptq blocks")
+        store = torch.device("cpu") if self.config.offload_inputs else None
+        walk_blocks(model, spec, calib, on_block, desc="gptq blocks", store_device=store)
         self.artifacts["activation_stats"] = stats_table(all_stats)
         self.artifacts["gptq_layers"] = layers
         retried = [r["linear"] for r in layers if r["retries"]]
@@ -255,3 +257,4 @@ class GPTQ(Method[GPTQConfig]):
             act_scale = FakeQuantLinear.static_scale_from_max(stats.tensor_max, c.a_bits)
         return FakeQuantLinear(linear, w_bits=c.w_bits, group_size=c.group_size, w_qparams=qp,
                                a_bits=c.a_bits, act_mode=c.act_mode, act_scale=act_scale), info
+
