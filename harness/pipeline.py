@@ -23,10 +23,17 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from harness import provenance
+from harness.cache import (
+    CacheEntryError,
+    QuantizedModelCache,
+    cache_key,
+    cache_key_parts,
+)
 from harness.calib import CalibSpec, load_calibration
-from harness.data import resolve_data_dir
+from harness.data import DataMissingError, resolve_data_dir
 from harness.evals import EvalContext, get_evaluator
-from harness.models import load_model
+from harness.models import LoadedModel, ModelLoadError, load_model
+from harness.security import UnsafePathError, safe_name, scrub_secrets, within_root
 from harness.store import ResultStore, RunRecord, config_hash, new_run_id
 from harness.tracking import make_tracker
 from methods.base import ConfigError, Method, QuantConfig, build
@@ -34,7 +41,8 @@ from methods.base import ConfigError, Method, QuantConfig, build
 log = logging.getLogger(__name__)
 
 # Keys that change where or how results are written, not what is measured.
-NON_IDENTITY_KEYS = ("paths", "launcher", "tracking", "force", "rerun_failed", "sweep", "hydra")
+NON_IDENTITY_KEYS = ("paths", "launcher", "tracking", "force", "rerun_failed", "sweep", "hydra",
+                     "cache", "save_checkpoint")
 
 
 def identity_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -63,6 +71,42 @@ class Skip(Exception):
     """The combination is not supported; the message is the reason."""
 
 
+class DataError(ValueError):
+    """A data file is missing or malformed (the message names the file)."""
+
+
+class EvalsFailed(RuntimeError):
+    """Every evaluation of the job failed; `category` comes from the errors' types."""
+
+    def __init__(self, errors: dict[str, str]):
+        self.errors = errors
+        kinds = " ".join(errors.values())
+        self.category = ("non-finite" if "FloatingPointError" in kinds else
+                         "data" if any(k in kinds for k in ("DataMissingError",
+                                                            "FileNotFoundError", "ValueError"))
+                         else None)
+        super().__init__(f"every evaluation failed: {errors}")
+
+
+def failure_reason(e: BaseException) -> str:
+    """`record.error` of a failed job: '<category>: <type>: <message>' where known."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        category = "out of memory"
+    elif isinstance(e, FloatingPointError):
+        category = "non-finite"
+    elif isinstance(e, ModelLoadError):
+        category = "model load"
+    elif isinstance(e, (DataError, DataMissingError)):
+        category = "data"
+    elif isinstance(e, UnsafePathError):
+        category = "config"
+    elif isinstance(e, EvalsFailed):
+        category = e.category
+    else:
+        category = None
+    return f"{category + ': ' if category else ''}{type(e).__name__}: {e}"
+
+
 def build_method(method_cfg: DictConfig) -> Method:
     node = OmegaConf.to_container(method_cfg, resolve=True)
     node.pop("name", None)  # the label; the registry picks the class by config type
@@ -86,7 +130,7 @@ def _labels(cfg: DictConfig) -> dict[str, str]:
 
 
 def run_one(cfg: DictConfig) -> RunRecord:
-    full = resolved(cfg)
+    full = scrub_secrets(resolved(cfg))   # records never hold secret-looking values
     cfg_hash = config_hash(identity_config(full))
     store = ResultStore(cfg.paths.runs_dir)
     labels = _labels(cfg)
@@ -95,9 +139,11 @@ def run_one(cfg: DictConfig) -> RunRecord:
         done = [r for r in prior if r["status"] in ("ok", "skipped")]
         if done or (prior and not cfg.get("rerun_failed", True)):
             rec = (done or prior)[-1]
-            log.info("skip %s: %s record %s exists (force=true reruns)", labels,
+            log.info("resume: skip %s, %s record %s exists (force=true reruns)", labels,
                      rec["status"], rec["run_id"])
-            return RunRecord(**{k: rec[k] for k in RunRecord.__dataclass_fields__ if k in rec})
+            prior_rec = RunRecord(**{k: rec[k] for k in RunRecord.__dataclass_fields__ if k in rec})
+            prior_rec.provenance = {**prior_rec.provenance, "resumed": True}   # not stored
+            return prior_rec
 
     record = RunRecord(run_id=new_run_id(cfg_hash), config_hash=cfg_hash, status="ok",
                        config=full, sweep=cfg.get("sweep"), **labels)
@@ -111,8 +157,7 @@ def run_one(cfg: DictConfig) -> RunRecord:
         log.warning("skipped %s: %s", labels, e)
     except Exception as e:  # noqa: BLE001 - any failure becomes a record, the sweep goes on
         record.status = "failed"
-        oom = isinstance(e, (torch.OutOfMemoryError, MemoryError))
-        record.error = f"{'out of memory: ' if oom else ''}{type(e).__name__}: {e}"
+        record.error = failure_reason(e)
         record.provenance["traceback"] = traceback.format_exc(limit=8)
         log.error("failed %s: %s", labels, record.error)
     finally:
@@ -129,6 +174,8 @@ def run_one(cfg: DictConfig) -> RunRecord:
 
 
 def _execute(cfg: DictConfig, record: RunRecord, timer: Timer) -> None:
+    for group in ("model", "method", "bits", "eval"):   # labels end up in file names
+        safe_name(cfg[group].name, f"{group}.name")
     method = build_method(cfg.method)
     record.provenance["method"] = method.describe()
     data_dir = resolve_data_dir(cfg.paths.get("data_dir"))
@@ -137,7 +184,7 @@ def _execute(cfg: DictConfig, record: RunRecord, timer: Timer) -> None:
 
     load_device = torch.device("cpu")
     with timer.phase("load", load_device):
-        lm = load_model(cfg.model, cache_dir)
+        lm = _load(cfg, cache_dir)
     device = lm.device
     record.provenance.update(device=str(device), model_info=lm.info,
                              data_dir=str(data_dir) if data_dir else None)
@@ -147,26 +194,23 @@ def _execute(cfg: DictConfig, record: RunRecord, timer: Timer) -> None:
     if reason:
         raise Skip(reason)
 
-    calib = None
-    if method.needs_calibration:
-        spec = CalibSpec(**OmegaConf.to_container(cfg.calib, resolve=True))
-        with timer.phase("calibration_data", load_device):
-            calib, calib_info = load_calibration(
-                lm.tokenizer, spec, data_dir, cache_dir, bool(cfg.calib_allow_hub),
-                lm.model.config.vocab_size)
-        record.provenance["calibration"] = calib_info
-
-    with timer.phase("quantize", device):
-        model = method.quantize(lm.model, lm.spec, calib)
+    model, lm = _quantize_cached(cfg, method, lm, record, timer, data_dir, cache_dir)
     if cfg.get("runtime", False):
         with timer.phase("to_runtime", device):
             model = method.to_runtime(model, lm.spec)
     record.artifacts.update(method.artifacts)
     record.provenance["model_repr"] = _linear_summary(model, lm.spec)
 
-    run_dir = Path(cfg.paths.artifacts_dir) / record.run_id
+    run_dir = within_root(cfg.paths.artifacts_dir,
+                          Path(cfg.paths.artifacts_dir) / record.run_id, "artifact dir")
     if hasattr(method, "write_artifacts"):  # plots / tables a method writes (path -> record)
         record.artifacts.update(method.write_artifacts(run_dir))
+    if cfg.get("save_checkpoint", False):
+        from methods.checkpoint import save_runtime_checkpoint
+        meta = {"method": method.describe(), "run_id": record.run_id, "model": record.model,
+                "bits": record.bits, "config_hash": record.config_hash}
+        record.artifacts["checkpoint"] = str(
+            save_runtime_checkpoint(model, lm.spec, run_dir / "checkpoint", meta))
     ctx = EvalContext(model=model, tokenizer=lm.tokenizer, spec=lm.spec, data_dir=data_dir,
                       run_dir=run_dir, device=device, method_name=method.name,
                       extra={"method": method, "cfg": cfg})
@@ -179,8 +223,88 @@ def _execute(cfg: DictConfig, record: RunRecord, timer: Timer) -> None:
         if result.errors:
             record.provenance.setdefault("eval_errors", {}).update(result.errors)
     if not record.metrics and record.provenance.get("eval_errors"):
-        errs = record.provenance["eval_errors"]
-        raise RuntimeError(f"every evaluation failed: {errs}")
+        raise EvalsFailed(record.provenance["eval_errors"])
+
+
+def _load(cfg: DictConfig, cache_dir: Path) -> LoadedModel:
+    """load_model; any failure other than out-of-memory becomes a ModelLoadError."""
+    try:
+        return load_model(cfg.model, cache_dir)
+    except (ModelLoadError, MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad checkpoint
+        raise ModelLoadError(f"could not load model {cfg.model.name!r}: "
+                             f"{type(e).__name__}: {e}") from e
+
+
+def _calibrate_and_quantize(cfg: DictConfig, method: Method, lm: LoadedModel,
+                            record: RunRecord, timer: Timer, data_dir: Path | None,
+                            cache_dir: Path) -> torch.nn.Module:
+    calib = None
+    if method.needs_calibration:
+        spec = CalibSpec(**OmegaConf.to_container(cfg.calib, resolve=True))
+        with timer.phase("calibration_data", torch.device("cpu")):
+            try:
+                calib, calib_info = load_calibration(
+                    lm.tokenizer, spec, data_dir, cache_dir, bool(cfg.calib_allow_hub),
+                    lm.model.config.vocab_size)
+            except (DataMissingError, MemoryError):
+                raise
+            except (ValueError, OSError) as e:
+                raise DataError(f"calibration data {spec.dataset!r}: {e}") from e
+        record.provenance["calibration"] = calib_info
+    with timer.phase("quantize", lm.device):
+        return method.quantize(lm.model, lm.spec, calib)
+
+
+def _quantize_cached(cfg: DictConfig, method: Method, lm: LoadedModel, record: RunRecord,
+                     timer: Timer, data_dir: Path | None, cache_dir: Path
+                     ) -> tuple[torch.nn.Module, LoadedModel]:
+    """method.quantize through the quantized-model cache (harness/cache.py).
+    provenance.cache: hit (quantize skipped) | miss | rebuilt (bad entry replaced) | off."""
+    qcache = QuantizedModelCache.from_config(cfg.get("cache"))
+    c = method.config
+    if qcache is None or not (c.quantizes_weights or c.quantizes_activations):
+        record.provenance["cache"] = "off"
+        return _calibrate_and_quantize(cfg, method, lm, record, timer, data_dir, cache_dir), lm
+    parts = scrub_secrets(cache_key_parts(
+        resolved(cfg.model), resolved(cfg.method),
+        resolved(cfg.calib) if method.needs_calibration else None, cfg.seed, method))
+    key = cache_key(parts)
+    record.provenance["cache_key"] = key
+    status = "miss"
+    try:
+        manifest = qcache.read_manifest(key)
+    except CacheEntryError as e:
+        qcache.discard(key, str(e))
+        manifest, status = None, "rebuilt"
+    if manifest is not None:
+        try:
+            with timer.phase("cache_load", lm.device):
+                hit = qcache.restore(key, manifest, lm.model, lm.spec)
+        except CacheEntryError as e:
+            qcache.discard(key, str(e))
+            status = "rebuilt"
+            with timer.phase("reload", torch.device("cpu")):   # the model was half-restored
+                lm = _load(cfg, cache_dir)
+        else:
+            method.artifacts.update(hit.artifacts)
+            if manifest.get("calibration") is not None:
+                record.provenance["calibration"] = manifest["calibration"]
+            record.provenance["cache"] = "hit"
+            log.info("cache hit %s: quantization skipped", key)
+            return hit.model, lm
+    model = _calibrate_and_quantize(cfg, method, lm, record, timer, data_dir, cache_dir)
+    try:
+        with timer.phase("cache_save", lm.device):
+            qcache.save(key, parts, model, lm.spec, method.artifacts,
+                        {"calibration": record.provenance.get("calibration"),
+                         "method": method.describe()})
+    except (CacheEntryError, OSError, TypeError) as e:   # the job's result does not depend on it
+        log.warning("quantized model not cached: %s", e)
+        status = "off" if isinstance(e, CacheEntryError) else status
+    record.provenance["cache"] = status
+    return model, lm
 
 
 def _linear_summary(model: torch.nn.Module, spec) -> dict[str, int]:

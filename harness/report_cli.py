@@ -1,33 +1,163 @@
-"""`ptqbench-report`: store -> tables."""
+"""`ptqbench-report`: run records -> reports/<name>/ (report.md, tables/*.csv|tex, plots/).
+
+    ptqbench-report --runs results/runs --model smollm2-135m --name smollm2-135m
+    ptqbench-report --runs results/runs --model smollm2-135m --eval ppl-quick --print
+    ptqbench-report --runs results/runs --export results.parquet
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
 
-from harness.report import comparison_table
+import pandas as pd
+
+from harness import report as R
 from harness.store import ResultStore
+
+log = logging.getLogger("ptqbench.report")
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_REFERENCES = REPO / "reports" / "reference"
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def build_tables(df: pd.DataFrame, refs: pd.DataFrame) -> list[R.Table]:
+    ok_or_bad = R.latest_per_config(df)
+    return [R.perplexity_table(ok_or_bad), R.perplexity_wide_table(ok_or_bad),
+            R.accuracy_table(ok_or_bad), R.mmlu_table(ok_or_bad), R.latency_table(ok_or_bad),
+            R.cost_table(ok_or_bad), R.fptq_policy_table(ok_or_bad),
+            R.reproduction_table(ok_or_bad, refs), R.superseded_table(df)]
+
+
+def build_plots(df: pd.DataFrame, plot_dir: Path, bench_dir: Path | None) -> dict[str, list[Path]]:
+    from harness import plots as P
+
+    out = {"ppl_vs_bits": P.plot_ppl_vs_bits(df, plot_dir / "ppl_vs_bits"),
+           "accuracy_vs_latency": P.plot_accuracy_vs_latency(df, plot_dir / "accuracy_vs_latency"),
+           "cost": P.plot_cost(df, plot_dir / "cost")}
+    if "fptq_policy" in df.columns:
+        latest = R.latest_per_config(df[df["status"] == "ok"])
+        for _, r in latest.iterrows():
+            if isinstance(r["fptq_policy"], list) and r["fptq_policy"]:
+                name = f"fptq_policy_{r['model']}_{r['bits']}"
+                out[name] = P.plot_fptq_policy(
+                    r["fptq_policy"], plot_dir / name, P._thresholds(r.get("method_cfg")),
+                    title=f"FPTQ policy: {r['model']} {r['bits']}")
+    for stem, result in P.load_bench(bench_dir) if bench_dir else []:
+        out[f"kernel_speedup_{stem}"] = P.plot_kernel_speedup(
+            result, plot_dir / f"kernel_speedup_{stem}")
+    return {k: v for k, v in out.items() if v}
+
+
+def render_report(name: str, tables: list[R.Table], plots: dict[str, list[Path]],
+                  out_dir: Path, args: argparse.Namespace, n_records: int,
+                  corrupt: list[str]) -> str:
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    filters = {k: getattr(args, k) for k in ("model", "method", "bits", "eval", "sweep", "since",
+                                             "until") if getattr(args, k)}
+    lines = [f"# ptqbench report: {name}", "",
+             f"Generated {stamp} from `{args.runs}` ({n_records} records"
+             + (f"; filters {filters}" if filters else "") + "). Latest record per config hash; "
+             "older ones are listed under *Superseded runs*. Bold: best per column among "
+             "quantized methods; Δ: difference to the fp16 row of the same model.", ""]
+    if corrupt:
+        lines += ["**Unreadable record files (skipped):**", ""]
+        lines += [f"- `{c}`" for c in corrupt] + [""]
+    plot_after = {"perplexity": ["ppl_vs_bits"], "accuracy": ["accuracy_vs_latency"],
+                  "cost": ["cost"], "fptq_policy": [k for k in plots if k.startswith("fptq_")]}
+    for t in tables:
+        lines += [f"## {t.title}", ""]
+        lines.append(R.to_markdown(t))
+        if not t.empty:
+            lines.append(f"Files: [csv](tables/{t.name}.csv), [tex](tables/{t.name}.tex)\n")
+        for key in plot_after.get(t.name, []):
+            if key in plots:
+                lines += [f"![{key}](plots/{key}.png)", ""]
+    bench = [k for k in plots if k.startswith("kernel_speedup_")]
+    if bench:
+        lines += ["## Kernel speedup vs M", ""]
+        lines += [f"![{k}](plots/{k}.png)\n" for k in bench]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="ptqbench-report", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[1:]))
+    ap.add_argument("--runs", default="results/runs", help="directory of run records")
+    for flag in ("model", "method", "bits", "eval", "sweep"):
+        ap.add_argument(f"--{flag}", action="append", help=f"keep only these {flag}s (repeatable)")
+    ap.add_argument("--since", help="keep records finished at/after this time (ISO, UTC)")
+    ap.add_argument("--until", help="keep records finished at/before this time (ISO, UTC)")
+    ap.add_argument("--name", help="report name: writes reports/<name>/ (default: the models)")
+    ap.add_argument("--out-root", default="reports", help="parent directory of reports")
+    ap.add_argument("--references", default=str(DEFAULT_REFERENCES),
+                    help="directory of published-number CSVs")
+    ap.add_argument("--bench", default="results/bench", help="kernels/bench.py JSON directory")
+    ap.add_argument("--no-plots", action="store_true", help="tables only")
+    ap.add_argument("--print", action="store_true",
+                    help="print the quick markdown comparison table to stdout (writes nothing "
+                         "unless --name is given)")
+    ap.add_argument("--export", help="also write all (unfiltered) records to this parquet file")
+    return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="ptqbench-report", description=__doc__)
-    ap.add_argument("--runs", default="results/runs", help="directory of run records")
-    ap.add_argument("--model", action="append", help="keep only these models")
-    ap.add_argument("--eval", action="append", help="keep only these eval configs")
-    ap.add_argument("--print", action="store_true", help="print the comparison table")
-    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
     store = ResultStore(args.runs)
-    df = store.load()
+    if args.export:
+        try:
+            path = store.export_parquet(args.export)
+        except ImportError as e:
+            print(f"--export needs pyarrow: pip install pyarrow ({e})", file=sys.stderr)
+            return 2
+        print(f"exported {args.runs} -> {path}")
+    df = R.records_frame(store)
     if df.empty:
-        print(f"no records under {args.runs}", file=sys.stderr)
+        print(f"no records under {args.runs}: run `ptqbench ...` first or point --runs at a "
+              "results/runs directory", file=sys.stderr)
         return 1
-    for col, keep in (("model", args.model), ("eval", args.eval)):
-        if keep:
-            df = df[df[col].isin(keep)]
-    table = comparison_table(df)
-    print(table.to_markdown(index=False))
-    print(f"\n{len(df)} records in {args.runs}" +
-          (f"; {len(store.corrupt)} corrupt files skipped" if store.corrupt else ""))
+    try:
+        df = R.filter_runs(df, args.model, args.method, args.bits, args.eval, args.sweep,
+                           args.since, args.until)
+    except ValueError as e:
+        print(f"bad --since/--until: {e}", file=sys.stderr)
+        return 2
+    if df.empty:
+        print(f"no records under {args.runs} match the filters", file=sys.stderr)
+        return 1
+    if args.print:
+        print(R.comparison_table(df).to_markdown(index=False))
+        print(f"\n{len(df)} records in {args.runs}" +
+              (f"; {len(store.corrupt)} corrupt files skipped" if store.corrupt else ""))
+        if not args.name:
+            return 0
+    name = args.name or "-".join(sorted(df["model"].unique()))
+    out_dir = Path(args.out_root) / name
+    refs = R.load_references(args.references)
+    tables = build_tables(df, refs)
+    for t in tables:
+        if not t.empty:
+            write_atomic(out_dir / "tables" / f"{t.name}.csv", R.to_csv(t))
+            write_atomic(out_dir / "tables" / f"{t.name}.tex", R.to_latex(t))
+    plots = {} if args.no_plots else build_plots(df, out_dir / "plots", Path(args.bench))
+    write_atomic(out_dir / "report.md",
+                 render_report(name, tables, plots, out_dir, args, len(df), store.corrupt))
+    print(f"wrote {out_dir / 'report.md'} ({sum(not t.empty for t in tables)} tables, "
+          f"{len(plots)} plots)")
     return 0
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from harness.callbacks import require_launcher_plugin, write_job_status
 from harness.pipeline import run_one
 
 log = logging.getLogger("ptqbench")
@@ -21,15 +23,32 @@ def _sweep_label() -> str | None:
     return hc.sweep.dir.rstrip("/").rsplit("/", 1)[-1] if hc.mode.name == "MULTIRUN" else None
 
 
+def _output_dir() -> str | None:
+    try:
+        return HydraConfig.get().runtime.output_dir
+    except ValueError:
+        return None
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="run")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     if cfg.get("sweep") is None:
         with open_dict(cfg):
             cfg.sweep = _sweep_label()
     record = run_one(cfg)
+    resumed = bool(record.provenance.get("resumed"))
+    out = _output_dir()
+    if out:
+        write_job_status(out, record, resumed)
     summary = {k: round(v, 4) for k, v in record.metrics.items() if isinstance(v, float)}
-    log.info("%s %s %s %s: %s %s", record.model, record.method, record.bits, record.eval,
-             record.status, record.error or summary)
+    log.info("%s %s %s %s: %s%s %s", record.model, record.method, record.bits, record.eval,
+             record.status, " (resumed: finished before)" if resumed else "",
+             record.error or summary)
+
+
+def main() -> None:
+    require_launcher_plugin(sys.argv[1:])
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -5,15 +5,23 @@ same directory, fsynced, then renamed into place, so readers never see a partial
 and concurrent writers (Slurm array tasks on a shared file system) never collide:
 run ids carry a timestamp, the config hash and a random suffix. Records are never
 rewritten; a rerun adds a newer record and readers take the latest per config hash.
+
+Hardening: the temp file is hard-linked to its final name (fails instead of overwriting
+if the name exists) and falls back to an exclusive create where the file system has no
+hard links; the directory is fsynced so a crash after write() cannot lose the name;
+record names are checked to be plain file names and symlinks in the root are neither
+written through nor read (they could point outside it).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import math
 import os
+import re
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -26,6 +34,9 @@ log = logging.getLogger(__name__)
 
 Status = Literal["ok", "failed", "skipped"]
 SCHEMA_VERSION = 1
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+# Hard links unsupported (some network / FUSE file systems): fall back to exclusive create.
+_NO_LINK = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
 
 
 def config_hash(cfg: dict[str, Any]) -> str:
@@ -98,30 +109,82 @@ def read_record(path: Path) -> dict[str, Any]:
     return data
 
 
+def _write_new(path: Path, payload: bytes) -> None:
+    """Create `path` (never an existing file, never through a symlink), write, fsync."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        os.unlink(path)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    """Persist a new directory entry (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _parquet_safe(df: pd.DataFrame) -> pd.DataFrame:
+    """Object columns holding mixed types (e.g. a metric that is a float in one record and
+    a dict in another) become JSON text so Arrow can store them."""
+    out = df.copy()
+    for col in out.select_dtypes(include="object").columns:
+        vals = out[col].dropna()
+        if not vals.map(lambda v: isinstance(v, str)).all():
+            out[col] = out[col].map(lambda v: v if v is None or isinstance(v, str)
+                                    else json.dumps(v, default=str))
+    return out
+
+
 class ResultStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.corrupt: list[str] = []
 
     def write(self, record: RunRecord) -> Path:
+        if not _RUN_ID.match(str(record.run_id)):
+            raise ValueError(f"run_id {record.run_id!r} is not a plain file name")
         self.root.mkdir(parents=True, exist_ok=True)
         record.finished_at = record.finished_at or _utcnow()
         final = self.root / f"{record.run_id}.json"
-        if final.exists():
+        if os.path.lexists(final):
             raise FileExistsError(f"record {final} exists; records are never overwritten")
+        payload = record.to_json().encode("utf-8")
         tmp = self.root / f".{record.run_id}.{uuid.uuid4().hex}.tmp"
-        payload = record.to_json()
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        try:
+            _write_new(tmp, payload)
+            try:
+                os.link(tmp, final, follow_symlinks=False)   # atomic, never overwrites
+            except OSError as e:
+                if e.errno not in _NO_LINK:
+                    raise
+                _write_new(final, payload)   # no hard links here: exclusive create + fsync
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        _fsync_dir(self.root)
         return final
 
     def paths(self) -> list[Path]:
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.glob("*.json") if not p.name.startswith("."))
+        return sorted(p for p in self.root.glob("*.json")
+                      if not p.name.startswith(".") and not p.is_symlink())
 
     def records(self) -> list[dict[str, Any]]:
         """All readable records; corrupt files are reported in self.corrupt and left alone."""
@@ -159,3 +222,33 @@ class ResultStore:
                 df[col] = pd.to_datetime(df[col], utc=True, errors="coerce")
             df = df.sort_values("finished_at", kind="stable").reset_index(drop=True)
         return df
+
+    # ------------------------------------------------------------ consolidation
+
+    RECORD_COLUMN = "record_json"
+
+    def export_parquet(self, path: str | os.PathLike) -> Path:
+        """All records in one Parquet file: the flattened `load()` frame plus a
+        `record_json` column with each full record. Written atomically."""
+        path = Path(path)
+        by_id = {r["run_id"]: r for r in self.records()}
+        df = self.load()
+        if df.empty:
+            df = pd.DataFrame(columns=["run_id", "config_hash", "status"])
+        df[self.RECORD_COLUMN] = [json.dumps(by_id[i], sort_keys=True, default=str)
+                                  for i in df["run_id"]]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            _parquet_safe(df).to_parquet(tmp, index=False)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        log.info("exported %d records to %s", len(df), path)
+        return path
+
+    @classmethod
+    def from_parquet(cls, path: str | os.PathLike) -> pd.DataFrame:
+        """The frame `export_parquet` wrote (json.loads(row.record_json) is the record)."""
+        return pd.read_parquet(path)

@@ -93,6 +93,8 @@ class Method(ABC, Generic[C]):
 
     def check(self, spec: ModelSpec) -> str | None:
         c = self.config
+        if not (c.quantizes_weights or c.quantizes_activations) and self.name != "fp16":
+            return f"{self.name} at w16a16 quantizes nothing: that is the fp16 baseline"
         if self.supported_bits is not None and (c.w_bits, c.a_bits) not in self.supported_bits:
             pairs = ", ".join(f"w{w}a{a}" for w, a in sorted(self.supported_bits, reverse=True))
             return f"{self.name} does not support w{c.w_bits}a{c.a_bits} (supported: {pairs})"
@@ -109,7 +111,7 @@ class Method(ABC, Generic[C]):
 
     def to_runtime(self, model: nn.Module, spec: ModelSpec) -> nn.Module:
         from methods.runtime import convert_to_runtime
-        return convert_to_runtime(model, spec)
+        return convert_to_runtime(model, spec, self.artifacts.setdefault("runtime", {}))
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "class": type(self).__qualname__,
@@ -132,7 +134,7 @@ def register(config_type: type[QuantConfig]):
 def _load_builtin() -> None:
     import methods.fp16  # noqa: F401
     import methods.rtn  # noqa: F401
-    for optional in ("smoothquant", "gptq", "awq", "fptq"):
+    for optional in ("smoothquant", "gptq", "awq", "fptq", "baselines"):
         try:
             __import__(f"methods.{optional}")
         except ModuleNotFoundError as e:

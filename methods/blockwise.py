@@ -65,7 +65,7 @@ class BlockInputs:
         return len(self.hidden)
 
     def samples(self) -> Iterable[tuple[Tensor, dict[str, Any]]]:
-        for x, kw in zip(self.hidden, self.kwargs[self.block_index]):
+        for x, kw in zip(self.hidden, self.kwargs[self.block_index], strict=True):
             yield x.to(self.compute_device), _to_device(kw, self.compute_device)
 
     @torch.no_grad()
@@ -75,7 +75,12 @@ class BlockInputs:
 
     @torch.no_grad()
     def advance(self, block: nn.Module) -> None:
-        self.hidden = self.run(block)
+        hidden = self.run(block)
+        for j, h in enumerate(hidden):   # a NaN here would poison every later block's stats
+            if not torch.isfinite(h).all():
+                raise FloatingPointError(f"non-finite output of block {self.block_index} on "
+                                         f"calibration sample {j}")
+        self.hidden = hidden
         self.block_index += 1
 
 
@@ -91,6 +96,9 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, (tuple, list)):
         return type(obj)(_to_device(v, device) for v in obj)
     return obj
+
+
+to_device = _to_device
 
 
 def _non_block_modules(model: nn.Module, spec: ModelSpec) -> list[nn.Module]:
@@ -134,11 +142,14 @@ BlockFn = Callable[[int, nn.Module, BlockInputs], None]
 
 @torch.no_grad()
 def walk_blocks(model: nn.Module, spec: ModelSpec, calib: Sequence[Tensor], on_block: BlockFn,
-                device: torch.device | None = None, desc: str = "quantize blocks") -> None:
+                device: torch.device | None = None, desc: str = "quantize blocks",
+                store_device: torch.device | None = None) -> None:
     """Call on_block(i, block, inputs) for each block in order on quantized predecessors'
-    outputs. Each block is moved to `device` for its turn and back afterwards."""
+    outputs. Each block is moved to `device` for its turn and back afterwards.
+    store_device (e.g. cpu): where X_i of all samples waits between blocks, so a large
+    model calibrates with one block and one sample's activations on the accelerator."""
     device = device or next(model.parameters()).device
-    inputs = capture_block_inputs(model, spec, calib, device)
+    inputs = capture_block_inputs(model, spec, calib, device, store_device)
     blocks = spec.blocks(model)
     for i in tqdm(range(len(blocks)), desc=desc):
         block = blocks[i]
@@ -188,7 +199,7 @@ class StatsAccumulator:
             q = torch.quantile(flat, torch.tensor([p / 100 for p in self.percentiles],
                                                   device=flat.device))
             acc = self.pct_sum.setdefault(name, {})
-            for p, v in zip(self.percentiles, q.tolist()):
+            for p, v in zip(self.percentiles, q.tolist(), strict=True):
                 acc[f"p{p:g}"] = acc.get(f"p{p:g}", 0.0) + v
 
     def result(self) -> dict[str, LinearStats]:
@@ -214,6 +225,52 @@ def collect_block_stats(block: nn.Module, inputs: BlockInputs, linear_names: Seq
             raise FloatingPointError(f"non-finite calibration statistics at {name} "
                                      f"(block {inputs.block_index})")
     return stats
+
+
+@torch.no_grad()
+def run_block_hooked(block: nn.Module, inputs: BlockInputs,
+                     hooks: dict[str, Callable[[str, Tensor], None]],
+                     keep_outputs: bool = False) -> list[Tensor]:
+    """Run the block on every sample, calling hooks[name](name, X) with the input X of each
+    named submodule; the block outputs are returned (on the store device) if asked."""
+    outs = []
+    modules = {n: block.get_submodule(n) for n in hooks}
+    with input_hooks(modules, lambda n, x: hooks[n](n, x)):
+        for x, kw in inputs.samples():
+            y = _block_output(block(x, **kw))
+            if keep_outputs:
+                outs.append(y.to(inputs.store_device))
+    return outs
+
+
+class HessianAccumulator:
+    """Running H = 2/n sum_t x_t x_t^T over every token x_t [K] of each hooked linear's input;
+    lifecycle: accumulate (call as a hook) -> pop(name) hands H over and frees it."""
+
+    def __init__(self) -> None:
+        self.H: dict[str, Tensor] = {}
+        self.n: dict[str, int] = {}
+
+    def __call__(self, name: str, x: Tensor) -> None:
+        X = x.detach().reshape(-1, x.shape[-1]).float()            # [t, K]
+        n_old, t = self.n.get(name, 0), X.shape[0]
+        H = self.H.get(name)
+        if H is None:
+            H = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
+        H.mul_(n_old / (n_old + t))
+        X = X * (2.0 / (n_old + t)) ** 0.5
+        H.addmm_(X.T, X)
+        self.H[name], self.n[name] = H, n_old + t
+
+    def pop(self, name: str) -> tuple[Tensor, int]:
+        return self.H.pop(name), self.n.pop(name)
+
+
+def chain_hooks(*fns: Callable[[str, Tensor], None]) -> Callable[[str, Tensor], None]:
+    def call(name: str, x: Tensor) -> None:
+        for fn in fns:
+            fn(name, x)
+    return call
 
 
 def stats_table(stats: dict[str, dict[str, LinearStats]]) -> list[dict[str, Any]]:

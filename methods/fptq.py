@@ -80,7 +80,7 @@ class FPTQConfig(QuantConfig):
     kv_mode: str = "per_head_static"    # per_head_static | per_token
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
-    gptq_act_order: bool = False
+    gptq_act_order: bool = True
     gptq_static_groups: bool = True     # group scales in natural column order under act_order
 
     def __post_init__(self) -> None:

@@ -16,7 +16,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from methods.arch import ModelSpec, set_module
-from methods.primitives import QParams, fake_quantize_activation, qrange
+from methods.primitives import QParams, fake_quantize_activation, qrange, recover_codes
+
+# Weights of <= 4 bits run int4-packed with fp16 group scales (kernels/README.md); wider
+# ones keep fp32 scales. FakeQuantLinear snaps its scales to this dtype so the simulated
+# and runtime models use one grid (fp32 vs fp16 scales differ by up to 2^-11 relative).
+PACKED_W_BITS = 4
+PACKED_SCALE_DTYPE = torch.float16
+
+
+def runtime_scale_dtype(w_bits: int) -> torch.dtype:
+    return PACKED_SCALE_DTYPE if w_bits <= PACKED_W_BITS else torch.float32
 
 
 class FakeQuantLinear(nn.Module):
@@ -41,8 +51,31 @@ class FakeQuantLinear(nn.Module):
                              torch.tensor(float(act_scale), dtype=torch.float32, device=dev))
         self.register_buffer("smooth_inv", None if smooth_inv is None else
                              smooth_inv.detach().float().to(dev))
+        if self.w_scale is not None and runtime_scale_dtype(w_bits) != torch.float32:
+            self._snap_scales(runtime_scale_dtype(w_bits))
         if a_bits < 16 and act_mode == "static_tensor" and act_scale is None:
             raise ValueError("static per-tensor activation quantization needs act_scale")
+
+    def _snap_scales(self, dtype: torch.dtype) -> None:
+        """s -> s rounded to `dtype` (clamped to its range), W_hat = (q - z) * s re-derived
+        from the exact codes q; the grid stays the method's, up to the scale rounding."""
+        q = recover_codes(self.weight, self.w_scale, self.w_zero, self.w_bits)
+        info = torch.finfo(dtype)
+        if float(self.w_scale.max()) > info.max:
+            raise ValueError(f"weight scale {float(self.w_scale.max()):.3g} overflows {dtype}")
+        s = self.w_scale.clamp(min=info.smallest_normal * info.eps).to(dtype).float()
+        groups = s.shape[1]
+        qg = q.float().view(self.out_features, groups, -1)
+        if self.w_zero is not None:
+            qg = qg - self.w_zero.float()[..., None]
+        self.w_scale = s
+        self.weight.data = (qg * s[..., None]).view_as(q).to(self.weight.dtype)
+
+    def codes(self) -> Tensor:
+        """Integer weight codes q [N, K] int32 (asymmetric: in [0, 2^b - 1], W = (q - z) s)."""
+        if self.w_scale is None:
+            raise ValueError("this linear has fp weights (w_bits=16): no integer codes")
+        return recover_codes(self.weight, self.w_scale, self.w_zero, self.w_bits)
 
     @staticmethod
     def static_scale_from_max(v: float, a_bits: int) -> float:

@@ -27,7 +27,7 @@ EPS = 1e-8
 
 __all__ = [
     "QParams", "qrange", "compute_qparams", "quantize", "dequantize", "fake_quantize",
-    "pack_int4", "unpack_int4", "quantize_weight",
+    "pack_int4", "unpack_int4", "quantize_weight", "recover_codes",
 ]
 
 
@@ -140,3 +140,32 @@ def fake_quantize_activation(x: Tensor, bits: int, mode: str,
     else:
         raise ValueError(f"unknown activation mode {mode!r}")
     return torch.clamp(torch.round(x / s), lo, hi) * s
+
+
+def recover_codes(W_hat: Tensor, scale: Tensor, zero: Tensor | None, bits: int,
+                  tol: float | None = None) -> Tensor:
+    """Exact integer codes of a weight already on its grid: q = round(W_hat / s) (+ z).
+
+    W_hat [N, K] (any float dtype), scale / zero [N, G] with G | K (G = 1: per channel).
+    Raises ValueError when W_hat is off the grid by more than `tol` code steps (default: the
+    rounding error of W_hat's dtype at the largest code, plus 0.01) or a code leaves the range.
+    """
+    n, k = W_hat.shape
+    if scale.dim() != 2 or scale.shape[0] != n or k % scale.shape[1]:
+        raise ValueError(f"scale {tuple(scale.shape)} does not fit a weight of shape [{n}, {k}]")
+    groups = scale.shape[1]
+    v = W_hat.float().view(n, groups, k // groups) / scale.float()[..., None]
+    if zero is not None:
+        v = v + zero.float()[..., None]
+    q = torch.round(v)
+    if tol is None:
+        tol = min(0.49, 0.01 + 2 ** bits * torch.finfo(W_hat.dtype).eps / 2)
+    dev = float((v - q).abs().max()) if q.numel() else 0.0
+    if not dev <= tol:
+        raise ValueError(f"weights are off their {bits}-bit grid by up to {dev:.3g} steps "
+                         f"(tolerance {tol:.3g}): store W_hat = (q - z) * s with the given s")
+    lo, hi = qrange(bits, zero is None)
+    if q.numel() and (int(q.min()) < lo or int(q.max()) > hi):
+        raise ValueError(f"codes span [{int(q.min())}, {int(q.max())}], outside the {bits}-bit "
+                         f"range [{lo}, {hi}]")
+    return q.to(torch.int32).view(n, k)

@@ -50,6 +50,8 @@ def window_nlls(model: torch.nn.Module, windows: Tensor, batch_size: int = 1,
     for i in tqdm(range(0, len(windows), batch_size), desc=desc, leave=False):
         batch = windows[i:i + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        if not torch.isfinite(logits).all():
+            raise FloatingPointError(f"non-finite logits in {desc} windows {i}..{i + len(batch) - 1}")
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                               reduction="none").view(batch.shape[0], -1).mean(dim=1)
         out.append(nll.cpu())

@@ -1,0 +1,114 @@
+"""Hydra callbacks: the end-of-sweep summary, and the launcher-plugin check.
+
+Jobs may run in other processes or on other nodes (joblib, submitit), so nothing is
+counted in memory: each job writes `job_status.json` into its own Hydra output directory
+(`write_job_status`), and `SweepSummary.on_multirun_end` reads them back from the sweep
+directory. A job killed before it finished has no status file and counts as `missing`;
+the next run of the same sweep command reruns it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger("ptqbench.sweep")
+
+JOB_STATUS_FILE = "job_status.json"
+SUMMARY_FILE = "sweep_summary.json"
+OUTCOMES = ("ok", "failed", "skipped", "resumed", "missing")
+
+# launcher config name -> (Hydra plugin module, pip package)
+LAUNCHER_PLUGINS = {
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+    "slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "ray": ("hydra_plugins.hydra_ray_launcher", "hydra-ray-launcher"),
+}
+
+
+def job_outcome(status: str, resumed: bool) -> str:
+    return "resumed" if resumed else status
+
+
+def write_job_status(output_dir: str | os.PathLike, record: Any, resumed: bool) -> Path:
+    """Atomically write this job's outcome next to Hydra's own files for the job."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = {"outcome": job_outcome(record.status, resumed), "status": record.status,
+            "run_id": record.run_id, "config_hash": record.config_hash, "model": record.model,
+            "method": record.method, "bits": record.bits, "eval": record.eval,
+            "error": record.error}
+    tmp = out / f".{JOB_STATUS_FILE}.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(json.dumps(data), encoding="utf-8")
+    final = out / JOB_STATUS_FILE
+    os.replace(tmp, final)
+    return final
+
+
+def summarize_sweep(sweep_dir: str | os.PathLike) -> dict[str, Any]:
+    """Counts of job outcomes under a Hydra sweep directory (one numbered subdir per job)."""
+    sweep = Path(sweep_dir)
+    counts: Counter[str] = Counter({k: 0 for k in OUTCOMES})
+    failed: list[dict[str, Any]] = []
+    job_dirs = sorted((d for d in sweep.iterdir() if d.is_dir() and d.name.isdigit()),
+                      key=lambda d: int(d.name)) if sweep.is_dir() else []
+    for d in job_dirs:
+        try:
+            data = json.loads((d / JOB_STATUS_FILE).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            counts["missing"] += 1
+            continue
+        counts[data["outcome"]] += 1
+        if data["outcome"] == "failed":
+            failed.append({"job": int(d.name), "run_id": data["run_id"], "error": data["error"]})
+    return {"sweep_dir": str(sweep), "jobs": len(job_dirs), "counts": dict(counts),
+            "failed": failed}
+
+
+class SweepSummary(Callback):
+    """Logs (and writes <sweep dir>/sweep_summary.json) ok/failed/skipped/resumed counts."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        summary = summarize_sweep(config.hydra.sweep.dir)
+        c = summary["counts"]
+        log.info("sweep summary (%d jobs): %d ok, %d failed, %d skipped, %d resumed "
+                 "(finished before, not rerun), %d missing (no status; rerun the command)",
+                 summary["jobs"], c["ok"], c["failed"], c["skipped"], c["resumed"], c["missing"])
+        for f in summary["failed"]:
+            log.info("  failed job %d (%s): %s", f["job"], f["run_id"], f["error"])
+        path = Path(summary["sweep_dir"]) / SUMMARY_FILE
+        if path.parent.is_dir():
+            path.write_text(json.dumps(summary, indent=1), encoding="utf-8")
+
+
+class LauncherPluginMissing(SystemExit):
+    pass
+
+
+def require_launcher_plugin(argv: list[str]) -> None:
+    """Stop with an actionable message when `launcher=X` names a plugin that is not installed
+    (Hydra itself would only say that hydra/launcher/X is not found)."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+~") != "launcher" or value not in LAUNCHER_PLUGINS:
+            continue
+        module, package = LAUNCHER_PLUGINS[value]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            raise LauncherPluginMissing(
+                f"launcher={value} needs the Hydra plugin {package!r}, which is not installed: "
+                f"pip install {package}" +
+                ("" if value == "ray" else "  (or: pip install 'ptqbench[launchers]')"))

@@ -1,0 +1,275 @@
+"""Report plots (matplotlib Agg), each written as PNG and SVG.
+
+One fixed Okabe-Ito colour per method across every plot, labelled axes with units, legends
+outside the data. Inputs are the store DataFrame (harness.report.records_frame), FPTQ policy
+rows from run artifacts, and kernels/bench.py JSON results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from harness.report import (  # noqa: E402
+    ACC_SCALE,
+    BASELINE_METHOD,
+    DATASET_LABELS,
+    bits_key,
+    latest_per_config,
+    method_key,
+    ppl_datasets,
+    with_commonsense_avg,
+)
+
+log = logging.getLogger(__name__)
+
+# Okabe & Ito (2008) colour-blind-safe palette.
+OKABE_ITO = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00",
+             "#CC79A7")
+METHOD_COLORS = {"fp16": "#000000", "rtn": "#E69F00", "smoothquant": "#56B4E9",
+                 "gptq": "#009E73", "awq": "#D55E00", "fptq": "#0072B2"}
+STRATEGY_COLORS = {"static": "#009E73", "lae": "#E69F00", "dynamic": "#D55E00"}
+_EXTRA = ("#CC79A7", "#F0E442", "#999999")
+
+
+def method_color(method: str) -> str:
+    """Fixed colour per method; unknown methods get a stable one from the leftover hues."""
+    if method in METHOD_COLORS:
+        return METHOD_COLORS[method]
+    return _EXTRA[sum(map(ord, method)) % len(_EXTRA)]
+
+
+def save(fig, stem: str | os.PathLike) -> list[Path]:
+    """Write <stem>.png and <stem>.svg atomically (temp name, then rename)."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    out = []
+    for ext, kw in (("png", {"dpi": 150}), ("svg", {})):
+        final = stem.with_suffix(f".{ext}")
+        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+        fig.savefig(tmp, format=ext, bbox_inches="tight", **kw)
+        os.replace(tmp, final)
+        out.append(final)
+    plt.close(fig)
+    return out
+
+
+def _legend_outside(ax) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False,
+                  fontsize=8)
+
+
+def _ok(df: pd.DataFrame) -> pd.DataFrame:
+    return latest_per_config(df[df["status"] == "ok"]) if not df.empty else df
+
+
+def plot_ppl_vs_bits(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
+    """Perplexity vs bit width, one line per method, one panel per model x dataset."""
+    ok = _ok(df)
+    sets = [d for d in ppl_datasets(ok) if ok[f"ppl_{d}"].notna().any()]
+    models = sorted(ok["model"].unique()) if not ok.empty else []
+    if not sets or not models:
+        return []
+    panels = [(m, d) for m in models for d in sets
+              if ok.loc[ok["model"] == m, f"ppl_{d}"].notna().any()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    bits_order = sorted(ok["bits"].unique(), key=bits_key)
+    for ax, (model, d) in zip(axes[0], panels, strict=True):
+        sub = ok[(ok["model"] == model) & ok[f"ppl_{d}"].notna()]
+        for method in sorted(sub["method"].unique(), key=method_key):
+            pts = sub[sub["method"] == method].groupby("bits")[f"ppl_{d}"].last()
+            xs = [b for b in bits_order if b in pts.index]
+            ax.plot([bits_order.index(b) for b in xs], [pts[b] for b in xs], marker="o",
+                    color=method_color(method), label=method,
+                    linestyle="none" if method == BASELINE_METHOD else "-")
+        ax.set_xticks(range(len(bits_order)), bits_order, rotation=30)
+        ax.set(xlabel="bit width (weights / activations)", ylabel="perplexity (log scale)",
+               yscale="log", title=f"{model}: {DATASET_LABELS.get(d, d)}")
+        ax.grid(alpha=0.3)
+    _legend_outside(axes[0][-1])
+    return save(fig, stem)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points not dominated by another with lower-or-equal x and higher-or-equal y (x = cost,
+    y = quality), sorted by x."""
+    front, best = [], float("-inf")
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def _latency_metric(df: pd.DataFrame) -> str | None:
+    cands = sorted(c for c in df.columns if c.startswith("latency_prefill_ms_b")
+                   and not c.endswith("_stderr") and df[c].notna().any())
+    return cands[0] if cands else None
+
+
+def plot_accuracy_vs_latency(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
+    """Average zero-shot accuracy vs prefill latency per method x bits; Pareto front dashed."""
+    ok = with_commonsense_avg(_ok(df))
+    lat = _latency_metric(ok) if not ok.empty else None
+    acc_col = "acc_commonsense_avg"
+    if lat is None or not ok[acc_col].notna().any():
+        return []
+    merged = ok.groupby(["model", "method", "bits"]).agg({lat: "last", acc_col: "last"})
+    merged = merged.dropna().reset_index()
+    if merged.empty:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for _, r in merged.iterrows():
+        ax.scatter(r[lat], r[acc_col] * ACC_SCALE, color=method_color(r["method"]), s=40,
+                   label=r["method"], zorder=3)
+        ax.annotate(r["bits"], (r[lat], r[acc_col] * ACC_SCALE), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")
+    front = pareto_front(list(zip(merged[lat], merged[acc_col] * ACC_SCALE, strict=True)))
+    ax.plot(*zip(*front, strict=True), "--", color="#999999", lw=1, label="Pareto front")
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles, strict=True))
+    ax.legend(uniq.values(), uniq.keys(), loc="upper left", bbox_to_anchor=(1.02, 1.0),
+              frameon=False, fontsize=8)
+    ax.set(xlabel=f"prefill latency, {lat.removeprefix('latency_prefill_ms_')} (ms)",
+           ylabel="zero-shot accuracy, average (%)", title="Accuracy vs latency")
+    ax.grid(alpha=0.3)
+    return save(fig, stem)
+
+
+def _thresholds(method_cfg: Any) -> dict[str, float]:
+    """FPTQ activation-range thresholds from the method config (keys v0 / v1)."""
+    if not isinstance(method_cfg, dict):
+        return {}
+    return {k: float(method_cfg[k]) for k in ("v0", "v1")
+            if isinstance(method_cfg.get(k), (int, float))}
+
+
+def plot_fptq_policy(rows: Sequence[dict], stem: str | os.PathLike,
+                     thresholds: dict[str, float] | None = None, title: str = "") -> list[Path]:
+    """Per-linear activation range v (log y) in block order, coloured by strategy; the
+    thresholds v0/v1 that split the strategies as horizontal lines."""
+    if not rows:
+        return []
+    rows = sorted(rows, key=lambda r: (int(r.get("block", 0)), str(r.get("linear", ""))))
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    strategies = sorted({str(r.get("strategy")) for r in rows})
+    extra = iter(OKABE_ITO[1:] * 2)
+    colors = {s: STRATEGY_COLORS.get(s) or next(extra) for s in strategies}
+    for s in strategies:
+        pts = [(i, float(r["v"])) for i, r in enumerate(rows)
+               if str(r.get("strategy")) == s and float(r.get("v", 0)) > 0]
+        if pts:
+            ax.scatter(*zip(*pts, strict=True), s=12, color=colors[s], label=s, zorder=3)
+    for k, v in (thresholds or {}).items():
+        ax.axhline(v, color="#555555", ls="--", lw=0.8)
+        ax.annotate(f"{k} = {v:g}", (0, v), fontsize=7, xytext=(2, 2),
+                    textcoords="offset points")
+    blocks = sorted({int(r.get("block", 0)) for r in rows})
+    step = max(1, len(blocks) // 10)
+    first = {int(r.get("block", 0)): i for i, r in reversed(list(enumerate(rows)))}
+    ax.set_xticks([first[b] for b in blocks[::step]], [str(b) for b in blocks[::step]])
+    ax.set(yscale="log", xlabel="transformer block (linears in block order)",
+           ylabel="activation range max|X| (log scale)",
+           title=title or "FPTQ per-layer activation range and strategy")
+    ax.grid(alpha=0.3, which="both", axis="y")
+    _legend_outside(ax)
+    return save(fig, stem)
+
+
+def load_bench(bench_dir: str | os.PathLike) -> list[tuple[str, dict]]:
+    """kernels/bench.py JSON results (files with a `gemm` list); others are ignored."""
+    out = []
+    for f in sorted(Path(bench_dir).glob("*.json")) if Path(bench_dir).is_dir() else []:
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            log.warning("skipping unreadable bench file %s: %s", f, e)
+            continue
+        if isinstance(data, dict) and isinstance(data.get("gemm"), list):
+            out.append((f.stem, data))
+    return out
+
+
+def roofline_speedup(m: int, n: int, k: int, peaks: dict, variant: str = "w4a8+quant") -> float:
+    """Upper bound on the speedup vs fp16: each kernel at max(compute, memory) time."""
+    from kernels.bench import traffic_bytes
+
+    flops = 2.0 * m * n * k
+    t16 = max(flops / (peaks["fp16_tflops"] * 1e12), traffic_bytes("fp16", m, n, k)
+              / (peaks["hbm_gbs"] * 1e9))
+    tq = max(flops / (peaks["int8_tops"] * 1e12), traffic_bytes(variant, m, n, k)
+             / (peaks["hbm_gbs"] * 1e9))
+    return t16 / tq
+
+
+def plot_kernel_speedup(result: dict, stem: str | os.PathLike, variant: str = "w4a8+quant",
+                        title: str = "") -> list[Path]:
+    """Measured speedup vs fp16 over M per GEMM shape; dotted: the roofline bound (needs the
+    device peaks in the JSON env)."""
+    rows = [r for r in result.get("gemm", []) if variant in r.get("speedup_vs_fp16", {})]
+    if not rows:
+        return []
+    peaks = (result.get("env") or {}).get("peaks")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    shapes = sorted({(r["N"], r["K"]) for r in rows})
+    for i, (n, k) in enumerate(shapes):
+        sel = sorted((r for r in rows if (r["N"], r["K"]) == (n, k)), key=lambda r: r["M"])
+        color = OKABE_ITO[(i + 1) % len(OKABE_ITO)]
+        ms = [r["M"] for r in sel]
+        ax.plot(ms, [r["speedup_vs_fp16"][variant] for r in sel], marker="o", color=color,
+                label=f"N={n} K={k}")
+        if peaks:
+            ax.plot(ms, [roofline_speedup(m, n, k, peaks, variant) for m in ms], ":",
+                    color=color, lw=1)
+    ax.axhline(1.0, color="#999999", lw=0.8)
+    ax.set(xscale="log", xlabel="M (tokens per GEMM)", ylabel=f"speedup of {variant} vs fp16 (x)",
+           title=title or f"{variant} speedup ({(result.get('env') or {}).get('device', '?')})")
+    if peaks:
+        ax.plot([], [], ":", color="#555555", label="roofline bound")
+    ax.grid(alpha=0.3, which="both")
+    _legend_outside(ax)
+    return save(fig, stem)
+
+
+def plot_cost(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
+    """Quantization time (s) and peak memory (MB) per method x bits (fp16 left out)."""
+    if df.empty or "time_quantize" not in df.columns:
+        return []
+    ok = _ok(df)
+    ok = ok[(ok["method"] != BASELINE_METHOD) & ok["time_quantize"].notna()]
+    if ok.empty:
+        return []
+    ok = ok.groupby(["model", "method", "bits"], as_index=False).last()
+    ok = ok.sort_values(["model", "method", "bits"],
+                        key=lambda s: s.map(method_key) if s.name == "method"
+                        else s.map(bits_key) if s.name == "bits" else s)
+    labels = [f"{r.method}\n{r.bits}" + (f"\n{r.model}" if ok["model"].nunique() > 1 else "")
+              for r in ok.itertuples()]
+    colors = [method_color(m) for m in ok["method"]]
+    has_mem = "mem_peak_quantize_mb" in ok.columns and ok["mem_peak_quantize_mb"].notna().any()
+    fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(max(5, 0.8 * len(ok)) * 1.6, 3.6),
+                             squeeze=False)
+    x = range(len(ok))
+    axes[0][0].bar(x, ok["time_quantize"], color=colors)
+    axes[0][0].set(ylabel="quantization time (s)", title="Quantization time")
+    axes[0][0].set_xticks(list(x), labels, fontsize=7)
+    if has_mem:
+        axes[0][1].bar(x, ok["mem_peak_quantize_mb"].fillna(0), color=colors)
+        axes[0][1].set(ylabel="peak memory while quantizing (MB)", title="Quantization memory")
+        axes[0][1].set_xticks(list(x), labels, fontsize=7)
+    for ax in axes[0]:
+        ax.grid(alpha=0.3, axis="y")
+    return save(fig, stem)

@@ -1,0 +1,350 @@
+"""AWQ (Lin et al., 2024, "AWQ: Activation-aware Weight Quantization for LLM Compression
+and Acceleration"; reference: mit-han-lab/llm-awq awq/quantize/auto_scale.py, auto_clip.py).
+
+Per block, for each LinearGroup (linears sharing one input X [tokens, K]) in table order:
+  1. scale search: s = mean_t|X|^r (optionally duo: / mean|W_norm|^(1-r)), normalised by
+     sqrt(max s * min s), for r on a grid of n_grid values in [0, 1); the loss is the MSE of
+     the inspected module's output (the group's common parent, e.g. self_attn / mlp, or the
+     single linear for o / down) with every linear of the group at Q(W diag(s)) diag(s)^-1
+     against the full-precision output. The best s is folded into the feeder (norm weight,
+     or the rows of the feeding linear for v->o and up->down) and W <- W diag(s): the
+     full-precision function is unchanged.
+  2. clipping search: per output channel and group, max|W| shrunk by (1 - i/n_grid) for
+     i < max_shrink * n_grid, by the MSE of the group-wise partial products on a token
+     subsample (q/k skipped, as the reference does).
+  3. round-to-nearest at w_bits (group-wise, asymmetric by default) and the activation
+     quantizer a_bits asks for (static scales from the scaled inputs' max |X|).
+
+Block i is calibrated on the outputs of the already-quantized block i-1 (shared engine).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from methods.arch import LinearGroup, ModelSpec, NormKind
+from methods.base import Calib, ConfigError, LinearStats, Method, QuantConfig, register
+from methods.blockwise import (
+    BlockInputs,
+    collect_block_stats,
+    stats_table,
+    to_device,
+    walk_blocks,
+)
+from methods.layers import replace_linear
+from methods.primitives import compute_qparams, dequantize, quantize, weight_granularity
+from methods.rtn import quantize_linear_rtn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AWQConfig(QuantConfig):
+    group_size: int | None = 128
+    symmetric: bool = False                    # paper: zero point (asymmetric) INT4 g128
+    n_grid: int = 20                           # ratios r = i / n_grid, i < n_grid
+    duo_scaling: bool = False                  # llm-awq: activations only; AutoAWQ: duo
+    fold_linear: bool = True                   # v->o and up->down scales (llm-awq)
+    gqa_shared_scale: bool = False             # v->o under GQA with s shared across repeats
+    clip: bool = True
+    clip_max_shrink: float = 0.5
+    clip_n_grid: int = 20
+    clip_n_tokens: int = 512                   # token subsample for the clip search
+    clip_skip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
+    offload_inputs: bool = False     # keep block inputs on CPU between blocks (large models)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "clip_skip", tuple(self.clip_skip or ()))
+        if self.n_grid < 2:
+            raise ConfigError(f"awq n_grid={self.n_grid} must be >= 2 (paper: 20)")
+        if self.clip_n_grid < 2:
+            raise ConfigError(f"awq clip_n_grid={self.clip_n_grid} must be >= 2 (paper: 20)")
+        if not 0 <= self.clip_max_shrink < 1:
+            raise ConfigError(f"awq clip_max_shrink={self.clip_max_shrink} must be in [0, 1)")
+        if self.clip_n_tokens < 1:
+            raise ConfigError("awq clip_n_tokens must be >= 1")
+
+
+# TODO(merge): use methods.smoothing fold helpers
+def _fold_into_norm(norm: nn.Module, s: Tensor, kind: NormKind) -> None:
+    """norm(x) -> norm(x) / s for a per-channel s [K]."""
+    w = norm.weight.data
+    s = s.to(w)
+    if kind == "rmsnorm_plus_one":                 # out = x_hat * (1 + w)
+        norm.weight.data = (1 + w) / s - 1
+    else:
+        norm.weight.data = w / s
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.data = norm.bias.data / s
+
+
+# TODO(merge): use methods.smoothing fold helpers
+def _fold_into_linear_rows(linear: nn.Linear, s: Tensor) -> None:
+    """linear(x) -> linear(x) / s: output rows divided by s [N]."""
+    linear.weight.data = linear.weight.data / s.to(linear.weight).unsqueeze(1)
+    if linear.bias is not None:
+        linear.bias.data = linear.bias.data / s.to(linear.bias)
+
+
+def _scale_columns(linear: nn.Linear, s: Tensor) -> None:
+    linear.weight.data = linear.weight.data * s.to(linear.weight).unsqueeze(0)
+
+
+def _fake_quant_weight(W: Tensor, cfg: QuantConfig) -> Tensor:
+    gran = weight_granularity(cfg.group_size)
+    qp = compute_qparams(W, cfg.w_bits, cfg.symmetric, gran, cfg.group_size)
+    return dequantize(quantize(W, qp, gran, cfg.group_size), qp, gran, cfg.group_size, W.dtype)
+
+
+def inspect_path(group: LinearGroup) -> str:
+    """The module whose output scores a group's scales: the linear itself when alone,
+    else the linears' common parent ("" = the whole block)."""
+    if len(group.linears) == 1:
+        return group.linears[0]
+    parents = {n.rpartition(".")[0] for n in group.linears}
+    return parents.pop() if len(parents) == 1 else ""
+
+
+@dataclass
+class _GroupCapture:
+    """One group's calibration view: X [tokens, K] per sample, the inspected module's
+    call (kwargs without the hidden input) and its full-precision output."""
+    X: list[Tensor]
+    calls: list[tuple[bool, dict[str, Any]]]       # (hidden passed positionally, kwargs)
+    Y: list[Tensor]
+
+
+class _Capturer:
+    def __init__(self, block: nn.Module, groups: list[LinearGroup], store: torch.device):
+        self.store = store
+        self.caps = {g.role: _GroupCapture([], [], []) for g in groups}
+        self.handles = []
+        for g in groups:
+            cap = self.caps[g.role]
+            first = block.get_submodule(g.linears[0])
+            self.handles.append(first.register_forward_pre_hook(
+                lambda m, a, cap=cap: cap.X.append(a[0].detach().to(self.store))))
+            mod = block.get_submodule(inspect_path(g)) if inspect_path(g) else block
+            self.handles.append(mod.register_forward_pre_hook(
+                lambda m, a, kw, cap=cap: cap.calls.append(
+                    (bool(a), {k: v for k, v in kw.items() if k != "hidden_states"})),
+                with_kwargs=True))
+            self.handles.append(mod.register_forward_hook(
+                lambda m, a, out, cap=cap: cap.Y.append(_first(out).detach().to(self.store))))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _first(out: Any) -> Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _call(mod: nn.Module, X: Tensor, call: tuple[bool, dict[str, Any]]) -> Tensor:
+    positional, kw = call
+    return _first(mod(X, **kw) if positional else mod(hidden_states=X, **kw))
+
+
+@register(AWQConfig)
+class AWQ(Method[AWQConfig]):
+    name = "awq"
+    supported_bits = frozenset({(4, 16), (3, 16), (4, 8)})
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+    def quantize(self, model: nn.Module, spec: ModelSpec, calib: Calib | None) -> nn.Module:
+        if not calib:
+            raise ValueError("awq needs calibration data (e.g. calib=pile-128x512, AWQ's default)")
+        all_stats: dict[str, LinearStats] = {}
+        scales: list[dict[str, Any]] = []
+        prefix = spec.table.blocks
+
+        def on_block(i: int, block: nn.Module, inputs: BlockInputs) -> None:
+            caps = self._capture(block, spec, inputs)
+            for g in spec.table.groups:
+                row = self._search_and_apply_scale(block, spec, g, caps[g.role], inputs)
+                if row:
+                    scales.append({"block": i, **row})
+            if self.config.clip:
+                for g in spec.table.groups:
+                    self._clip_group(block, g, caps[g.role].X, f"{prefix}.{i}")
+            del caps
+            stats = collect_block_stats(block, inputs, spec.table.linear_names())
+            for rel, st in stats.items():
+                full = f"{prefix}.{i}.{rel}"
+                all_stats[full] = st
+                if not self.config.keeps(full):
+                    replace_linear(block, rel, quantize_linear_rtn(
+                        block.get_submodule(rel), self.config, st))
+
+        store = torch.device("cpu") if self.config.offload_inputs else None
+        walk_blocks(model, spec, calib, on_block, desc="awq blocks", store_device=store)
+        self.artifacts["activation_stats"] = stats_table(all_stats)
+        self.artifacts["awq_scales"] = scales
+        return model
+
+    @torch.no_grad()
+    def _capture(self, block: nn.Module, spec: ModelSpec, inputs: BlockInputs
+                 ) -> dict[str, _GroupCapture]:
+        cap = _Capturer(block, list(spec.table.groups), inputs.store_device)
+        try:
+            for x, kw in inputs.samples():
+                block(x, **kw)
+        finally:
+            cap.remove()
+        return cap.caps
+
+    def _foldable(self, block: nn.Module, g: LinearGroup) -> tuple[bool, str]:
+        if g.feeder is None or g.feeder_kind == "none":
+            return False, "no feeder to fold into"
+        if g.feeder_kind == "linear":
+            if not self.config.fold_linear:
+                return False, "fold_linear=false"
+            rep = _feeder_repeat(block, g)
+            if rep > 1 and not self.config.gqa_shared_scale:
+                return False, f"GQA (feeder rows repeated {rep}x); gqa_shared_scale=false"
+        return True, ""
+
+    @torch.no_grad()
+    def _search_and_apply_scale(self, block: nn.Module, spec: ModelSpec, g: LinearGroup,
+                                cap: _GroupCapture, inputs: BlockInputs
+                                ) -> dict[str, Any] | None:
+        ok, why = self._foldable(block, g)
+        if not ok:
+            log.debug("awq: no scale for %s (%s)", g.role, why)
+            return None
+        c = self.config
+        dev = inputs.compute_device
+        linears = {n: block.get_submodule(n) for n in g.linears}
+        quantized = [n for n in g.linears if not c.keeps(n)]
+        K = next(iter(linears.values())).in_features
+        x_mean = torch.zeros(K, device=dev)
+        n_tok = 0
+        for X in cap.X:
+            X = X.to(dev).reshape(-1, K).float()
+            x_mean += X.abs().sum(0)
+            n_tok += X.shape[0]
+        rep = _feeder_repeat(block, g)
+        x_mean = _share_across_repeats(x_mean / n_tok, rep, spec.head_dim)
+        w_mean = None
+        if c.duo_scaling:
+            W = torch.cat([lin.weight.float() for lin in linears.values()], 0)
+            gs = c.group_size or K
+            Wg = W.abs().view(W.shape[0], -1, gs)
+            w_mean = _share_across_repeats((Wg / Wg.amax(-1, keepdim=True).clamp_min(1e-8))
+                                           .view(W.shape[0], K).mean(0), rep, spec.head_dim)
+        mod = block.get_submodule(inspect_path(g)) if inspect_path(g) else block
+        originals = {n: lin.weight.data.clone() for n, lin in linears.items()}
+        losses, best, best_s = [], float("inf"), None
+        for r in [i / c.n_grid for i in range(c.n_grid)]:
+            s = x_mean.pow(r).clamp_min(1e-4)
+            if w_mean is not None:
+                s = s / w_mean.pow(1 - r).clamp_min(1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            for n in quantized:
+                W = originals[n]
+                linears[n].weight.data = _fake_quant_weight(W * s.to(W).unsqueeze(0), c) \
+                    / s.to(W).unsqueeze(0)
+            err, count = 0.0, 0
+            for X, call, Y in zip(cap.X, cap.calls, cap.Y, strict=True):
+                out = _call(mod, X.to(dev), _to(call, dev))
+                err += float((out.float() - Y.to(dev).float()).pow(2).sum())
+                count += out.numel()
+            loss = err / count
+            losses.append(loss)
+            if loss < best:
+                best, best_s = loss, s.clone()
+        for n, W in originals.items():
+            linears[n].weight.data = W
+        if best_s is None:
+            raise FloatingPointError(f"awq: every scale candidate of {g.role} gave a non-finite "
+                                     "loss; check the calibration inputs")
+        self._apply_scale(block, spec, g, best_s, rep)
+        cap.X[:] = [X / best_s.to(X) for X in cap.X]
+        ratio = losses.index(best) / c.n_grid
+        return {"group": g.role, "ratio": ratio, "loss": best, "loss_r0": losses[0],
+                "s_max": float(best_s.max()), "s_min": float(best_s.min())}
+
+    def _apply_scale(self, block: nn.Module, spec: ModelSpec, g: LinearGroup, s: Tensor,
+                     rep: int) -> None:
+        feeder = block.get_submodule(g.feeder)
+        if g.feeder_kind == "norm":
+            _fold_into_norm(feeder, s, spec.table.norm_kind)
+        else:       # s is equal across the repeats: fold one copy per feeder row
+            d = spec.head_dim
+            _fold_into_linear_rows(feeder, s.view(-1, rep, d)[:, 0, :].reshape(-1))
+        for n in g.linears:
+            _scale_columns(block.get_submodule(n), s)
+
+    @torch.no_grad()
+    def _clip_group(self, block: nn.Module, g: LinearGroup, Xs: list[Tensor],
+                    block_name: str) -> None:
+        c = self.config
+        todo = [n for n in g.linears if n not in c.clip_skip and not c.keeps(f"{block_name}.{n}")]
+        if not todo:
+            return
+        lin0 = block.get_submodule(todo[0])
+        K = lin0.in_features
+        X = torch.cat([x.reshape(-1, K) for x in Xs], 0)
+        X = X[:: max(1, X.shape[0] // c.clip_n_tokens)].to(lin0.weight.device).float()
+        for n in todo:
+            lin = block.get_submodule(n)
+            lin.weight.data = awq_clip(lin.weight.data, X, c).to(lin.weight.dtype)
+
+
+@torch.no_grad()
+def awq_clip(W: Tensor, X: Tensor, cfg: AWQConfig, oc_batch: int = 64) -> Tensor:
+    """W [N, K] clamped to +-max per (output channel, group) where max = max|W_group| *
+    (1 - i / n_grid) minimises the MSE of the group partial sums X_g W_g^T over X [T, K]."""
+    N, K = W.shape
+    gs = cfg.group_size or K
+    Xg = X.view(X.shape[0], K // gs, gs)                                   # [T, G, g]
+    out = torch.empty_like(W, dtype=torch.float32)
+    for o in range(0, N, oc_batch):
+        Wg = W[o:o + oc_batch].float().view(-1, K // gs, gs)               # [n, G, g]
+        ref = torch.einsum("tGg,nGg->ntG", Xg, Wg)
+        org_max = Wg.abs().amax(-1, keepdim=True)                          # [n, G, 1]
+        best_max = org_max.clone()
+        best_err = torch.full_like(org_max, float("inf"))
+        for i in range(int(cfg.clip_max_shrink * cfg.clip_n_grid)):
+            max_val = org_max * (1 - i / cfg.clip_n_grid)
+            Wc = torch.clamp(Wg, -max_val, max_val)
+            Wq = _fake_quant_weight(Wc.reshape(-1, K), cfg).view_as(Wg)
+            err = (torch.einsum("tGg,nGg->ntG", Xg, Wq) - ref).pow(2).mean(1).unsqueeze(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_max = torch.where(better, max_val, best_max)
+        out[o:o + oc_batch] = torch.clamp(Wg, -best_max, best_max).view(-1, K)
+    return out
+
+
+def _to(call: tuple[bool, dict[str, Any]], dev: torch.device) -> tuple[bool, dict[str, Any]]:
+    return call[0], to_device(call[1], dev)
+
+
+def _feeder_repeat(block: nn.Module, g: LinearGroup) -> int:
+    """How many input channels of the group read each output row of a linear feeder:
+    kv_repeat for v_proj -> o_proj under GQA, else 1."""
+    if g.feeder_kind != "linear" or g.feeder is None:
+        return 1
+    K = block.get_submodule(g.linears[0]).in_features
+    return K // block.get_submodule(g.feeder).out_features
+
+
+def _share_across_repeats(v: Tensor, rep: int, head_dim: int) -> Tensor:
+    """v [K] with K = kv * rep * head_dim (channel h*d+e reads kv head h // rep, as HF's
+    repeat_kv lays heads out): average over the repeats so a scale folds into the feeder."""
+    if rep == 1:
+        return v
+    kv = v.numel() // (rep * head_dim)
+    return v.view(kv, rep, head_dim).mean(1, keepdim=True).expand(kv, rep, head_dim).reshape(-1)
+

@@ -1,0 +1,173 @@
+"""Quantized checkpoints: a runtime (or simulated) model saved as safetensors + a JSON config.
+
+    save_runtime_checkpoint(model, spec, "ckpt/", meta={"method": method.describe()})
+    model = load_runtime_checkpoint("ckpt/")                 # architecture from the stored config
+    model = load_runtime_checkpoint("ckpt/", base_model)     # or onto a given fp model
+
+Every tensor of the model is saved (packed codes and scales, and also embeddings, norms with
+folded smoothing scales, lm_head), so reloading needs no calibration and no base weights.
+No pickle anywhere: tensors in `model.safetensors`, everything else in `ptq_runtime.json`.
+The format is described in docs/checkpoint_format.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from methods.arch import ModelSpec
+from methods.layers import FakeQuantLinear, iter_block_linears, replace_linear
+from methods.runtime import RUNTIME_KINDS, RuntimeLinear, empty_fake_quant, fake_quant_layout
+
+log = logging.getLogger(__name__)
+
+FORMAT = "ptqbench-quantized"
+FORMAT_VERSION = 1
+CONFIG_FILE = "ptq_runtime.json"
+TENSORS_FILE = "model.safetensors"
+BaseModel = nn.Module | Callable[[], nn.Module] | None
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message says what to do."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def linear_layouts(model: nn.Module, spec: ModelSpec) -> dict[str, dict[str, Any]]:
+    """{full name: layout} for every quantized block linear; plain nn.Linear are omitted."""
+    out: dict[str, dict[str, Any]] = {}
+    for _, _, full, mod in iter_block_linears(model, spec):
+        if isinstance(mod, RuntimeLinear):
+            out[full] = mod.layout()
+        elif isinstance(mod, FakeQuantLinear):
+            out[full] = fake_quant_layout(mod)
+    return out
+
+
+def save_runtime_checkpoint(model: nn.Module, spec: ModelSpec, path: str | Path,
+                            meta: dict[str, Any] | None = None, *,
+                            overwrite: bool = False) -> Path:
+    """Write `path/` atomically (a temp dir renamed into place); returns path."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path} exists; pass overwrite=True or choose another path")
+    dtype = next(model.parameters()).dtype
+    hf_config = json.loads(model.config.to_json_string()) if hasattr(model, "config") else None
+    config = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "model": {"name": spec.name, "family": spec.table.family, "dtype": _dtype_name(dtype),
+                  "num_layers": spec.num_layers, "hf_config": hf_config},
+        "meta": meta or {},
+        "linears": linear_layouts(model, spec),
+        "tensors": TENSORS_FILE,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        # save_model drops duplicate names of shared tensors (tied embeddings / lm_head)
+        save_model(model, str(tmp / TENSORS_FILE), metadata={"format": FORMAT})
+        config["sha256"] = _sha256(tmp / TENSORS_FILE)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True))
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved quantized checkpoint %s (%d quantized linears)", path,
+             len(config["linears"]))
+    return path
+
+
+def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file} not found: {path} is not a ptqbench quantized "
+                              "checkpoint (write one with save_runtime_checkpoint)")
+    config = json.loads(cfg_file.read_text())
+    if config.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_file}: format {config.get('format')!r}, expected {FORMAT!r}")
+    if int(config.get("format_version", -1)) > FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_file}: format_version {config['format_version']} is newer "
+                              f"than this ptqbench reads ({FORMAT_VERSION}); upgrade ptqbench")
+    return config
+
+
+def _skeleton(config: dict[str, Any], base: BaseModel) -> nn.Module:
+    """The fp architecture to load into: base as given, base(), or built from hf_config."""
+    if isinstance(base, nn.Module):
+        return base
+    if base is not None:
+        return base()
+    hf = dict(config["model"].get("hf_config") or {})
+    if not hf:
+        raise CheckpointError("the checkpoint stores no Hugging Face config: pass the base "
+                              "model (or a function building it) to load_runtime_checkpoint")
+    from transformers import AutoConfig, AutoModelForCausalLM
+    hf.pop("quantization_config", None)      # e.g. GGUF dequantization: weights come from here
+    hf_cfg = AutoConfig.for_model(hf.pop("model_type"), **hf)
+    dtype = getattr(torch, config["model"]["dtype"])
+    return AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
+
+
+def _empty_linear(layout: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+    kind = layout["kind"]
+    if kind == "FakeQuantLinear":
+        return empty_fake_quant(layout, dtype)
+    if kind not in RUNTIME_KINDS:
+        raise CheckpointError(f"unknown linear kind {kind!r}; known: "
+                              f"{sorted(RUNTIME_KINDS) + ['FakeQuantLinear']}")
+    return RUNTIME_KINDS[kind].empty(layout, dtype)
+
+
+def load_runtime_checkpoint(path: str | Path, base: BaseModel = None, *,
+                            verify: bool = True) -> nn.Module:
+    """Rebuild the saved model: the fp architecture (from `base` or the stored HF config),
+    its quantized linears swapped for empty modules of the saved kinds and shapes, then every
+    tensor loaded strictly from safetensors. verify: check the tensors file's sha256."""
+    path = Path(path)
+    config = read_checkpoint_config(path)
+    tensors = path / config["tensors"]
+    if verify and _sha256(tensors) != config.get("sha256"):
+        raise CheckpointError(f"{tensors} does not match the sha256 in {CONFIG_FILE}: the "
+                              "checkpoint is corrupt or was modified; save it again")
+    model = _skeleton(config, base)
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    for full, layout in config["linears"].items():
+        replace_linear(model, full, _empty_linear(layout, dtype).to(device))
+    try:
+        load_model(model, str(tensors), strict=True, device=str(device))
+    except RuntimeError as e:
+        raise CheckpointError(f"{tensors} does not fit the model architecture: {e}") from e
+    model.requires_grad_(False)
+    log.info("loaded quantized checkpoint %s (%d quantized linears)", path,
+             len(config["linears"]))
+    return model.eval()

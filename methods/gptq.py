@@ -1,0 +1,260 @@
+"""GPTQ (Frantar et al., 2023, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers"; reference: IST-DASLab/gptq gptq.py).
+
+For each linear W [N, K] with calibration inputs X [n, K], GPTQ minimises
+||W X^T - W_hat X^T||^2 column by column: quantize column j, then spread its error
+e_j = (w_j - q_j) / [H^-1]_jj over the not-yet-quantized columns with the row
+[H^-1]_{j, j:} of the upper Cholesky factor of H^-1, H = 2/n sum X X^T + lambda I.
+Updates are applied lazily in blocks of `block_size` columns.
+
+    solver = GPTQSolver(W)                # lifecycle: accumulate -> solve -> free
+    solver.add_batch(X)                   # any number of [.., K] batches
+    W_hat, qparams, info = solver.solve(bits=4, group_size=128, ...)
+    solver.free()
+
+The solver is public so other methods (FPTQ) reuse it on their own transformed W.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from methods.arch import ModelSpec
+from methods.base import Calib, ConfigError, LinearStats, Method, QuantConfig, register
+from methods.blockwise import (
+    BlockInputs,
+    HessianAccumulator,
+    StatsAccumulator,
+    chain_hooks,
+    run_block_hooked,
+    stats_table,
+    walk_blocks,
+)
+from methods.layers import FakeQuantLinear, replace_linear
+from methods.primitives import QParams, compute_qparams, qrange
+
+log = logging.getLogger(__name__)
+
+
+class CholeskyError(RuntimeError):
+    """H + lambda I stayed non positive-definite after every damping retry."""
+
+
+@dataclass(frozen=True)
+class GPTQConfig(QuantConfig):
+    group_size: int | None = 128
+    damp: float = 0.01               # lambda = damp * mean(diag H)
+    block_size: int = 128            # columns per lazy-update block
+    act_order: bool = True           # quantize columns in order of decreasing diag(H)
+    static_groups: bool = True       # group scales from W before reordering (act_order + groups)
+    true_sequential: bool = True     # q/k/v, then o, then gate/up, then down per block
+    max_damp_retries: int = 4        # Cholesky failure: damp x10 up to this many times
+    offload_inputs: bool = False     # keep block inputs on CPU between blocks (large models)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.damp > 0:
+            raise ConfigError(f"gptq damp={self.damp} must be > 0 (paper: 0.01 x mean diag H)")
+        if self.block_size < 1:
+            raise ConfigError(f"gptq block_size={self.block_size} must be >= 1 (paper: 128)")
+        if self.max_damp_retries < 0:
+            raise ConfigError("gptq max_damp_retries must be >= 0")
+        if self.act_order and self.group_size and not self.static_groups:
+            raise ConfigError("gptq act_order with group-wise scales needs static_groups=true: "
+                              "dynamic groups over reordered columns need a per-column group "
+                              "index that the [N, K/g] scale layout cannot hold")
+
+
+class GPTQSolver:
+    """Second-order weight rounding for one linear; names follow the paper (W, H, Q, E)."""
+
+    def __init__(self, W: Tensor):
+        self.W = W.detach()                         # [N, K], any float dtype; left untouched
+        self.K = W.shape[1]
+        self.H: Tensor | None = torch.zeros(self.K, self.K, dtype=torch.float32,
+                                            device=W.device)
+        self.n = 0
+
+    def add_batch(self, X: Tensor) -> None:
+        """Running mean H = 2/n sum_t x_t x_t^T over the tokens of X [.., K]."""
+        if self.H is None:
+            raise RuntimeError("GPTQSolver.add_batch after free()")
+        X = X.detach().reshape(-1, self.K).float().to(self.H.device)
+        t = X.shape[0]
+        self.H.mul_(self.n / (self.n + t))
+        self.n += t
+        X = X * math.sqrt(2.0 / self.n)
+        self.H.addmm_(X.T, X)
+
+    def set_hessian(self, H: Tensor, n: int) -> None:
+        self.H, self.n = H.float().to(self.W.device), n
+
+    def free(self) -> None:
+        self.H = None
+
+    def _inverse_cholesky(self, H: Tensor, damp: float, max_retries: int
+                          ) -> tuple[Tensor, float, int]:
+        """Upper Cholesky factor of (H + lambda I)^-1; lambda grows x10 on failure."""
+        mean_diag = float(torch.diag(H).mean())
+        eye = torch.eye(self.K, dtype=H.dtype, device=H.device)
+        for retry in range(max_retries + 1):
+            rel = damp * 10 ** retry
+            try:
+                L = torch.linalg.cholesky(H + rel * mean_diag * eye)
+                Hinv = torch.cholesky_inverse(L)
+                U = torch.linalg.cholesky(Hinv, upper=True)
+                if torch.isfinite(U).all():
+                    if retry:
+                        log.warning("gptq: H not positive definite at damp %.3g; succeeded "
+                                    "with damp %.3g after %d retries", damp, rel, retry)
+                    return U, rel, retry
+            except torch.linalg.LinAlgError:
+                pass
+            log.warning("gptq: Cholesky of H + %.3g*mean(diag H)*I failed; retrying with x10",
+                        rel)
+        raise CholeskyError(
+            f"H + lambda I is not positive definite even with damp {damp * 10 ** max_retries:g} "
+            f"({max_retries} retries); the calibration inputs are degenerate (check for "
+            "constant or non-finite activations) or raise damp / max_damp_retries")
+
+    @torch.no_grad()
+    def solve(self, bits: int, group_size: int | None = None, symmetric: bool = True,
+              act_order: bool = True, static_groups: bool = True, block_size: int = 128,
+              damp: float = 0.01, max_retries: int = 4
+              ) -> tuple[Tensor, QParams, dict[str, Any]]:
+        """W_hat [N, K] (dtype of W) on the grid of qparams: scale/zero [N, K/g] per group,
+        [N, 1] per channel, and info (damp used, retries, tr(dW H dW^T), dead columns)."""
+        if self.H is None or self.n == 0:
+            raise RuntimeError("GPTQSolver.solve needs add_batch() calls first")
+        if group_size and self.K % group_size:
+            raise ValueError(f"group_size {group_size} does not divide K={self.K}")
+        if act_order and group_size and not static_groups:
+            raise ValueError("act_order with groups needs static_groups")
+        N, K = self.W.shape
+        W = self.W.float().clone()
+        H = self.H.clone()
+        dead = torch.diag(H) == 0                     # columns never active: set to 0
+        H[dead, dead] = 1.0
+        W[:, dead] = 0.0
+        H_err = H.clone()                             # for tr(dW H dW^T) (undamped)
+
+        lo, hi = qrange(bits, symmetric)
+        g = group_size or K
+        # Group scales from the (dead-column-zeroed) W in the original column order.
+        grid = compute_qparams(W, bits, symmetric, "per_group", g)   # scale [N, K/g, 1]
+        scale = grid.scale.squeeze(-1)                               # [N, K/g]
+        zero = None if grid.zero is None else grid.zero.squeeze(-1)
+        dynamic_groups = bool(group_size) and not static_groups
+
+        perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
+        if perm is not None:
+            W, H = W[:, perm], H[perm][:, perm]
+        U, damp_used, retries = self._inverse_cholesky(H, damp, max_retries)
+        del H
+
+        Q = torch.zeros_like(W)
+        for i1 in range(0, K, block_size):
+            i2 = min(i1 + block_size, K)
+            W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+            E1 = torch.zeros_like(W1)
+            for j in range(i2 - i1):
+                col = i1 + j
+                orig = int(perm[col]) if perm is not None else col
+                if dynamic_groups and col % g == 0:
+                    current = torch.cat([W1[:, j:], W[:, i2:]], 1)[:, :g]   # updated W
+                    qp = compute_qparams(current, bits, symmetric, "per_channel")
+                    scale[:, col // g] = qp.scale[:, 0]
+                    if zero is not None:
+                        zero[:, col // g] = qp.zero[:, 0]
+                s = scale[:, orig // g]
+                z = zero[:, orig // g] if zero is not None else 0.0
+                w = W1[:, j]
+                q = (torch.clamp(torch.round(w / s) + z, lo, hi) - z) * s
+                Q[:, col] = q
+                e = (w - q) / U1[j, j]
+                W1[:, j:] -= e.unsqueeze(1) * U1[j, j:].unsqueeze(0)
+                E1[:, j] = e
+            W[:, i2:] -= E1 @ U[i1:i2, i2:]
+
+        if perm is not None:
+            Q = Q[:, torch.argsort(perm)]
+        dW = self.W.float() - Q
+        err = float(torch.einsum("nk,kl,nl->", dW, H_err, dW))
+        info = {"damp": damp_used, "retries": retries, "n_tokens": self.n,
+                "err_trace": err, "dead_columns": int(dead.sum())}
+        if not group_size:                            # per channel: [N, 1]
+            scale, zero = scale[:, :1], None if zero is None else zero[:, :1]
+        qp = QParams(scale, zero, bits)
+        return Q.to(self.W.dtype), qp, info
+
+
+def gptq_sequence(spec: ModelSpec, true_sequential: bool) -> list[tuple[str, ...]]:
+    """Linears quantized together per step: one step per LinearGroup (inputs recomputed
+    between steps) or the whole block at once."""
+    groups = [g.linears for g in spec.table.groups]
+    return groups if true_sequential else [tuple(n for g in groups for n in g)]
+
+
+@register(GPTQConfig)
+class GPTQ(Method[GPTQConfig]):
+    name = "gptq"
+    supported_bits = frozenset({(4, 16), (3, 16), (8, 16), (4, 8), (2, 16)})
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+    def quantize(self, model: nn.Module, spec: ModelSpec, calib: Calib | None) -> nn.Module:
+        if not calib:
+            raise ValueError("gptq needs calibration data (set calib=..., e.g. c4-128x2048)")
+        c = self.config
+        all_stats: dict[str, LinearStats] = {}
+        layers: list[dict[str, Any]] = []
+        prefix = spec.table.blocks
+
+        def on_block(i: int, block: nn.Module, inputs: BlockInputs) -> None:
+            for step in gptq_sequence(spec, c.true_sequential):
+                todo = [n for n in step if not c.keeps(f"{prefix}.{i}.{n}")]
+                hess, stats = HessianAccumulator(), StatsAccumulator()
+                hook = chain_hooks(hess, stats)
+                run_block_hooked(block, inputs, {n: (hook if n in todo else stats)
+                                                 for n in step})
+                for rel, st in stats.result().items():
+                    all_stats[f"{prefix}.{i}.{rel}"] = st
+                for rel in todo:
+                    H, n = hess.pop(rel)
+                    new, info = self.quantize_linear(block.get_submodule(rel), H, n,
+                                                     all_stats[f"{prefix}.{i}.{rel}"])
+                    replace_linear(block, rel, new)
+                    layers.append({"linear": f"{prefix}.{i}.{rel}", **info})
+
+        store = torch.device("cpu") if self.config.offload_inputs else None
+        walk_blocks(model, spec, calib, on_block, desc="gptq blocks", store_device=store)
+        self.artifacts["activation_stats"] = stats_table(all_stats)
+        self.artifacts["gptq_layers"] = layers
+        retried = [r["linear"] for r in layers if r["retries"]]
+        if retried:
+            log.warning("gptq: %d linears needed extra damping: %s", len(retried), retried)
+        return model
+
+    def quantize_linear(self, linear: nn.Linear, H: Tensor, n: int, stats: LinearStats
+                        ) -> tuple[FakeQuantLinear, dict[str, Any]]:
+        c = self.config
+        solver = GPTQSolver(linear.weight.data)
+        solver.set_hessian(H, n)
+        W_hat, qp, info = solver.solve(c.w_bits, c.group_size, c.symmetric, c.act_order,
+                                       c.static_groups, c.block_size, c.damp, c.max_damp_retries)
+        solver.free()
+        linear.weight.data = W_hat
+        act_scale = None
+        if c.quantizes_activations and c.act_mode == "static_tensor":
+            act_scale = FakeQuantLinear.static_scale_from_max(stats.tensor_max, c.a_bits)
+        return FakeQuantLinear(linear, w_bits=c.w_bits, group_size=c.group_size, w_qparams=qp,
+                               a_bits=c.a_bits, act_mode=c.act_mode, act_scale=act_scale), info
+

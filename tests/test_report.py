@@ -1,0 +1,349 @@
+"""Reports on a synthetic store: exact cells, Δ and best marking, LaTeX structure, plots,
+reproduction matching, the CLI end to end, and W&B offline tracking."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness import report as R
+from harness.store import ResultStore, RunRecord
+
+T0 = "2024-05-01T10:00:{:02d}+00:00"
+
+
+def _rec(i: int, model: str, method: str, bits: str, status: str = "ok", metrics=None,
+         eval: str = "ppl", error=None, timings=None, memory=None, artifacts=None, gs=64,
+         evaluators=("ppl",), max_windows=None, cfg_hash=None, sweep=None) -> RunRecord:
+    cfg = {"model": {"name": model}, "method": {"name": method, "group_size": gs},
+           "bits": {"name": bits}, "eval": {"name": eval, "evaluators": list(evaluators),
+                                            "seqlen": 2048, "max_windows": max_windows},
+           "calib": {"dataset": "c4", "n_samples": 128, "seqlen": 2048}}
+    h = cfg_hash or hashlib.sha256(f"{model}|{method}|{bits}|{eval}".encode()).hexdigest()[:16]
+    return RunRecord(run_id=f"r{i:02d}-{h[:8]}", config_hash=h, status=status, model=model,
+                     method=method, bits=bits, eval=eval, config=cfg, metrics=metrics or {},
+                     timings=timings or {}, memory=memory or {}, artifacts=artifacts or {},
+                     error=error, sweep=sweep, started_at=T0.format(i),
+                     finished_at=T0.format(i))
+
+
+RTN_HASH = "0123456789abcdef"
+POLICY = [{"block": b, "linear": lin, "role": lin.split(".")[0], "v": v, "bucket": k,
+           "strategy": s}
+          for b in range(3)
+          for lin, v, k, s in (("self_attn.q_proj", 5.0, 0, "static"),
+                               ("mlp.down_proj", 40.0 * (b + 1), 1, "lae"),
+                               ("mlp.up_proj", 400.0 if b == 2 else 9.0, 2 if b == 2 else 0,
+                                "dynamic" if b == 2 else "static"))]
+
+
+def synthetic_records() -> list[RunRecord]:
+    m = "llama-2-7b"
+    return [
+        _rec(1, m, "fp16", "w16a16", metrics={"ppl_wikitext2": 5.4712, "ppl_c4": 7.2611,
+                                              "ppl_ptb": 22.5}),
+        # superseded: same config hash as record 3, older
+        _rec(2, m, "rtn", "w4a16", metrics={"ppl_wikitext2": 9.9, "ppl_c4": 9.9, "ppl_ptb": 99.0},
+             timings={"quantize": 1.0}, memory={"peak_quantize_mb": 10.0}, cfg_hash=RTN_HASH),
+        _rec(3, m, "rtn", "w4a16", metrics={"ppl_wikitext2": 5.7301, "ppl_c4": 7.5},
+             timings={"quantize": 2.5, "calibration_data": 0.5},
+             memory={"peak_quantize_mb": 120.0}, gs=128, cfg_hash=RTN_HASH),
+        _rec(4, m, "gptq", "w4a16", metrics={"ppl_wikitext2": 5.6304, "ppl_c4": 7.4,
+                                             "ppl_ptb": 23.0},
+             timings={"quantize": 30.0}, memory={"peak_quantize_mb": 900.0}, gs=128),
+        _rec(5, m, "awq", "w4a16", status="failed",
+             error="RuntimeError: CUDA out of memory while solving block 3", gs=128),
+        _rec(6, m, "smoothquant", "w4a4", status="skipped",
+             error="smoothquant does not support w4a4 (supported: w8a8)"),
+        _rec(7, m, "fptq", "w4a8", metrics={"ppl_wikitext2": 5.8, "ppl_c4": 7.7,
+                                            "ppl_ptb": 24.0},
+             timings={"quantize": 12.0}, memory={"peak_quantize_mb": 300.0},
+             artifacts={"fptq_policy": POLICY}),
+        # accuracy runs (lm_eval) for two methods
+        _rec(8, m, "fp16", "w16a16", eval="zs", evaluators=("lm_eval",),
+             metrics={"acc_piqa": 0.781, "acc_piqa_stderr": 0.0096, "acc_boolq": 0.777,
+                      "acc_boolq_stderr": 0.0073, "mmlu_avg": 0.45, "mmlu_stem": 0.36,
+                      "mmlu_humanities": 0.43, "mmlu_social_sciences": 0.51, "mmlu_other": 0.52,
+                      "latency_prefill_ms_b1_p512": 40.0, "decode_tok_s_b1": 30.0}),
+        _rec(9, m, "fptq", "w4a8", eval="zs", evaluators=("lm_eval",),
+             metrics={"acc_piqa": 0.775, "acc_piqa_stderr": 0.0097, "acc_boolq": 0.760,
+                      "acc_boolq_stderr": 0.0075, "mmlu_avg": 0.44, "mmlu_stem": 0.35,
+                      "mmlu_humanities": 0.42, "mmlu_social_sciences": 0.50, "mmlu_other": 0.51,
+                      "latency_prefill_ms_b1_p512": 25.0, "decode_tok_s_b1": 55.0}),
+        _rec(10, m, "rtn", "w4a8", eval="zs", evaluators=("lm_eval",),
+             metrics={"acc_piqa": 0.700, "acc_boolq": 0.650,
+                      "latency_prefill_ms_b1_p512": 24.0, "decode_tok_s_b1": 56.0}),
+    ]
+
+
+@pytest.fixture
+def store(tmp_path) -> ResultStore:
+    s = ResultStore(tmp_path / "runs")
+    for r in synthetic_records():
+        s.write(r)
+    return s
+
+
+@pytest.fixture
+def df(store) -> pd.DataFrame:
+    return R.records_frame(store)
+
+
+def cells(table: R.Table, *labels: str) -> dict[str, str]:
+    """The row whose label cells equal `labels`, as {header: text}."""
+    for row in table.rows:
+        if tuple(c.text for c in row[: len(labels)]) == labels:
+            return {h: c.text for h, c in zip(table.columns, row, strict=True)}
+    raise AssertionError(f"no row {labels} in {table.name}")
+
+
+def test_perplexity_cells_delta_best_and_status(df):
+    t = R.perplexity_table(df)
+    assert t.columns == ["Model", "Method", "Bits", "WikiText-2", "Δ WikiText-2", "C4", "Δ C4",
+                         "PTB", "Δ PTB"]
+    fp = cells(t, "llama-2-7b", "fp16", "w16a16")
+    assert (fp["WikiText-2"], fp["Δ WikiText-2"]) == ("5.47", "ref")
+    gptq = cells(t, "llama-2-7b", "gptq", "w4a16")
+    assert (gptq["WikiText-2"], gptq["Δ WikiText-2"], gptq["PTB"]) == ("5.63", "+0.16", "23.00")
+    rtn = cells(t, "llama-2-7b", "rtn", "w4a16")  # the newer record won; PTB not measured
+    assert (rtn["WikiText-2"], rtn["C4"], rtn["PTB"], rtn["Δ PTB"]) == ("5.73", "7.50", "–", "–")
+    awq = cells(t, "llama-2-7b", "awq", "w4a16")
+    assert awq["WikiText-2"] == "failed[1]" and awq["C4"] == "failed[1]"
+    sq = cells(t, "llama-2-7b", "smoothquant", "w4a4")
+    assert sq["WikiText-2"] == "skipped[2]"
+    assert t.footnotes[0] == "[1] failed: RuntimeError: CUDA out of memory while solving block 3"
+    assert t.footnotes[1] == "[2] skipped: smoothquant does not support w4a4 (supported: w8a8)"
+    bold = {(row[1].text, h) for row in t.rows for h, c in zip(t.columns, row, strict=True)
+            if c.bold}
+    assert bold == {("gptq", "WikiText-2"), ("gptq", "C4"), ("gptq", "PTB")}
+    md = R.to_markdown(t)
+    assert "| llama-2-7b | gptq | w4a16 | **5.63** | +0.16 | **7.40** |" in md
+
+
+def test_superseded_listed_not_hidden(df):
+    t = R.superseded_table(df)
+    assert [row[0].text for row in t.rows] == ["r02-01234567"]
+    assert t.rows[0][-1].text == "r03-01234567"
+
+
+def test_accuracy_mmlu_latency_cost_policy(df):
+    acc = R.accuracy_table(df)
+    assert acc.columns[3:] == ["boolq", "Δ boolq", "piqa", "Δ piqa", "Avg.", "Δ Avg."]
+    f = cells(acc, "llama-2-7b", "fptq", "w4a8")
+    assert (f["piqa"], f["Δ piqa"], f["Avg."]) == ("77.50 ± 0.97", "-0.60", "76.75")
+    assert acc.rows[1][5].bold  # fptq piqa beats rtn
+    assert "ppl" not in " ".join(acc.columns)
+    mmlu = R.mmlu_table(df)
+    assert cells(mmlu, "llama-2-7b", "fptq", "w4a8")["Avg."] == "44.00"
+    assert [r[1].text for r in mmlu.rows] == ["fp16", "fptq"]  # rtn ran no MMLU
+    lat = R.latency_table(df)
+    row = cells(lat, "llama-2-7b", "rtn", "w4a8", "1")
+    assert (row["prefill p512 (ms)"], row["decode (tok/s)"], row["Δ decode (tok/s)"]) == \
+        ("24.00", "56.00", "+26.00")
+    cost = R.cost_table(df)
+    assert cells(cost, "llama-2-7b", "gptq", "w4a16")["quantize (s)"] == "30.00"
+    assert cells(cost, "llama-2-7b", "awq", "w4a16")["quantize (s)"] == "failed[1]"
+    pol = R.fptq_policy_table(df)
+    assert pol.columns == ["Model", "Bits", "dynamic", "lae", "static", "total"]
+    assert [c.text for c in pol.rows[0]] == ["llama-2-7b", "w4a8", "1", "3", "5", "9"]
+
+
+def test_wide_perplexity_layout(df):
+    t = R.perplexity_wide_table(df)
+    assert t.columns[:4] == ["Model", "fp16 w16a16 WikiText-2", "fp16 w16a16 C4",
+                             "fp16 w16a16 PTB"]
+    row = cells(t, "llama-2-7b")
+    assert row["awq w4a16 WikiText-2"] == "failed[1]"
+    assert row["gptq w4a16 WikiText-2"] == "5.63"
+    bold = [h for h, c in zip(t.columns, t.rows[0], strict=True) if c.bold]
+    assert bold == ["gptq w4a16 WikiText-2", "gptq w4a16 C4", "gptq w4a16 PTB"]
+
+
+def test_latex_is_balanced_and_escaped(df):
+    for t in (R.perplexity_table(df), R.accuracy_table(df), R.fptq_policy_table(df)):
+        tex = R.to_latex(t)
+        for env in ("table", "tabular"):
+            assert tex.count(f"\\begin{{{env}}}") == tex.count(f"\\end{{{env}}}") == 1
+        assert tex.count(r"\toprule") == tex.count(r"\midrule") == tex.count(r"\bottomrule") == 1
+        spec = re.search(r"\\begin\{tabular\}\{([lr]+)\}", tex).group(1)
+        body = tex.split("\\midrule\n")[1].split("\\bottomrule")[0].strip().splitlines()
+        header = tex.split("\\toprule\n")[1].split("\n")[0]
+        for line in [header, *body]:
+            assert line.endswith("\\\\")
+            assert len(re.findall(r"(?<!\\)&", line)) == len(spec) - 1
+        assert re.search(r"(?<!\\)_", tex.replace("\\label{tab:", "")) is None or "fptq_policy" in tex
+    tex = R.to_latex(R.perplexity_table(df))
+    assert r"\textbf{5.63}" in tex and r"llama-2-7b & smoothquant" in tex
+    assert r"$\Delta$ WikiText-2" in tex
+    assert R.latex_escape("acc_norm 50% & $x#") == r"acc\_norm 50\% \& \$x\#"
+
+
+def test_csv_keeps_numbers_and_stderr(df):
+    text = R.to_csv(R.accuracy_table(df))
+    head = text.splitlines()[0]
+    assert head == ("Model,Method,Bits,boolq,boolq stderr,Δ boolq,piqa,piqa stderr,Δ piqa,Avg.,"
+                    "Δ Avg.")
+    assert "llama-2-7b,fptq,w4a8,76.0,0.75,-1.7" in text
+
+
+def _refs(tmp_path: Path) -> Path:
+    d = tmp_path / "ref"
+    d.mkdir()
+    (d / "qserve.csv").write_text(
+        "source,paper,arxiv,table,model,method,bits,group_size,dataset,seqlen,metric,value,note\n"
+        "qserve-readme,QServe,2405.04532,README Accuracy Evaluation,llama-2-7b,fp16,w16a16,,"
+        "wikitext2,2048,ppl,5.47,\n"
+        "qserve-readme,QServe,2405.04532,README Accuracy Evaluation,llama-2-7b,gptq,w4a16,128,"
+        "wikitext2,2048,ppl,5.63,GPTQ-R\n"
+        "qserve-readme,QServe,2405.04532,README Accuracy Evaluation,llama-2-7b,awq,w4a16,128,"
+        "wikitext2,2048,ppl,5.60,\n"
+        "qserve-readme,QServe,2405.04532,README Accuracy Evaluation,llama-2-7b,rtn,w4a16,64,"
+        "wikitext2,2048,ppl,6.00,group size differs from ours\n")
+    return d
+
+
+def test_reproduction_matches_model_method_bits_group_dataset(df, tmp_path):
+    t = R.reproduction_table(df, R.load_references(_refs(tmp_path)))
+    got = [[c.text for c in row] for row in t.rows]
+    assert got == [
+        ["llama-2-7b", "fp16", "w16a16", "-", "WikiText-2", "5.47", "5.47", "+0.00",
+         "QServe README Accuracy Evaluation"],
+        ["llama-2-7b", "gptq", "w4a16", "128", "WikiText-2", "5.63", "5.63", "+0.00",
+         "QServe README Accuracy Evaluation"],
+    ]  # awq failed (no ok run), rtn ran at g128 not g64
+
+
+def test_committed_references_are_well_formed():
+    refs = R.load_references(R.Path(__file__).resolve().parent.parent / "reports" / "reference")
+    assert not refs.empty
+    assert refs["value"].map(lambda v: float(v) > 0).all()
+    assert (refs["table"].str.len() > 0).all() and (refs["source"].str.len() > 0).all()
+
+
+def test_plots_png_and_svg(df, tmp_path):
+    from harness import plots as P
+
+    written = [*P.plot_ppl_vs_bits(df, tmp_path / "ppl"), *P.plot_cost(df, tmp_path / "cost"),
+               *P.plot_accuracy_vs_latency(df, tmp_path / "acc"),
+               *P.plot_fptq_policy(POLICY, tmp_path / "pol", {"v0": 15.0, "v1": 150.0})]
+    bench = {"env": {"device": "H100", "peaks": {"hbm_gbs": 3350.0, "int8_tops": 1979.0,
+                                                 "fp16_tflops": 989.0}},
+             "gemm": [{"N": 4096, "K": 4096, "M": m, "speedup_vs_fp16": {"w4a8+quant": s}}
+                      for m, s in ((1, 2.5), (16, 2.2), (256, 1.3))]}
+    written += P.plot_kernel_speedup(bench, tmp_path / "kern")
+    assert sorted(p.name for p in written) == sorted(
+        f"{s}.{e}" for s in ("ppl", "cost", "acc", "pol", "kern") for e in ("png", "svg"))
+    for p in written:
+        assert p.stat().st_size > 1000
+        head = p.read_bytes()[:8]
+        assert head.startswith(b"\x89PNG") if p.suffix == ".png" else b"<?xml" in head
+    assert P.method_color("gptq") == P.method_color("gptq") != P.method_color("awq")
+    assert P.pareto_front([(1, 50), (2, 60), (3, 55), (0.5, 40)]) == [(0.5, 40), (1, 50), (2, 60)]
+
+
+def test_cli_end_to_end(store, tmp_path, capsys):
+    from harness.report_cli import main
+
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "h100.json").write_text(json.dumps({"env": {"device": "H100", "peaks": None},
+                                                 "gemm": [{"N": 8, "K": 8, "M": 1,
+                                                           "speedup_vs_fp16": {"w4a8+quant": 2}},
+                                                          {"N": 8, "K": 8, "M": 4,
+                                                           "speedup_vs_fp16": {"w4a8+quant": 3}}]}))
+    out_root = tmp_path / "reports"
+    rc = main(["--runs", str(store.root), "--name", "syn", "--out-root", str(out_root),
+               "--references", str(_refs(tmp_path)), "--bench", str(bench),
+               "--export", str(tmp_path / "all.parquet")])
+    assert rc == 0
+    d = out_root / "syn"
+    md = (d / "report.md").read_text()
+    for name in ("perplexity", "accuracy", "mmlu", "latency", "cost", "fptq_policy",
+                 "reproduction", "superseded"):
+        assert (d / "tables" / f"{name}.csv").stat().st_size > 0
+        assert (d / "tables" / f"{name}.tex").stat().st_size > 0
+        assert f"tables/{name}.csv" in md
+    for plot in ("ppl_vs_bits", "cost", "accuracy_vs_latency", "fptq_policy_llama-2-7b_w4a8",
+                 "kernel_speedup_h100"):
+        assert (d / "plots" / f"{plot}.png").exists() and (d / "plots" / f"{plot}.svg").exists()
+        assert f"](plots/{plot}.png)" in md
+    assert "r02-01234567" in md  # superseded run listed
+    assert len(pd.read_parquet(tmp_path / "all.parquet")) == len(synthetic_records())
+    assert not list(d.rglob("*.tmp"))
+
+    capsys.readouterr()
+    assert main(["--runs", str(store.root), "--model", "llama-2-7b", "--eval", "ppl",
+                 "--print"]) == 0
+    out = capsys.readouterr().out
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")) for line in out.splitlines()}
+    assert ("llama-2-7b", "gptq", "w4a16", "ok", "7.400", "23.000", "5.630") in rows
+    assert ("llama-2-7b", "awq", "w4a16", "failed", "failed", "failed", "failed") in rows
+
+    assert main(["--runs", str(store.root), "--name", "f", "--out-root", str(out_root),
+                 "--method", "fp16", "--method", "rtn", "--until",
+                 "2024-05-01T10:00:02Z", "--no-plots"]) == 0
+    md = (out_root / "f" / "report.md").read_text()
+    assert "| llama-2-7b | rtn | w4a16 | **9.90** |" in md and "gptq" not in md.split("##")[1]
+
+
+def test_cli_ppl_only_store(tmp_path):
+    from harness.report_cli import main
+
+    s = ResultStore(tmp_path / "runs")
+    s.write(_rec(1, "smollm2-135m", "fp16", "w16a16", eval="ppl-quick", max_windows=4,
+                 metrics={"ppl_wikitext2": 20.1}))
+    s.write(_rec(2, "smollm2-135m", "rtn", "w4a8", eval="ppl-quick", max_windows=4,
+                 metrics={"ppl_wikitext2": 25.3}, timings={"quantize": 1.0}))
+    assert main(["--runs", str(s.root), "--model", "smollm2-135m", "--name", "smollm2-135m",
+                 "--out-root", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "smollm2-135m" / "report.md").read_text()
+    assert "| smollm2-135m | rtn | w4a8 | **25.30** | +5.20 |" in md
+    assert "_Zero-shot accuracy (%): no runs._" in md
+
+
+def test_wandb_offline_run_stays_in_run_dir_and_never_writes_the_key(compose_cfg, tmp_path,
+                                                                     monkeypatch):
+    pytest.importorskip("wandb")
+    from conftest import TINY_QUICK
+
+    from harness.pipeline import run_one
+
+    marker = "ptqbench-test-key-" + "7" * 22
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("WANDB_API_KEY", marker)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR",
+                "WANDB_DIR"):
+        monkeypatch.setenv(var, "unset")  # recorded, so the tracker's setdefault is undone
+        monkeypatch.delenv(var)
+    cfg = compose_cfg(*TINY_QUICK, "method=fp16", "bits=w16a16", "tracking=wandb")
+    rec = run_one(cfg)
+    assert rec.status == "ok", rec.error
+    results = tmp_path / "results"
+    run_dir = results / "artifacts" / rec.run_id
+    assert list(run_dir.rglob("*.wandb")), "no offline W&B run file"
+    outside = [p for p in tmp_path.rglob("*") if p.is_file()
+               and run_dir not in p.parents and p.parent != results / "runs"
+               and results / "cache" not in p.parents]
+    assert outside == []
+    for p in tmp_path.rglob("*"):
+        if p.is_file():
+            assert marker.encode() not in p.read_bytes(), p
+
+
+@pytest.mark.parametrize("name,datasets", [("qserve_llama2_wikitext", ["wikitext2"]),
+                                           ("gptq_llama_ppl", ["wikitext2", "ptb", "c4"])])
+def test_reproduction_experiments_compose(compose_cfg, name, datasets):
+    cfg = compose_cfg(f"experiment={name}", "method=fp16", "bits=w16a16")
+    assert list(cfg.eval.datasets) == datasets and cfg.eval.seqlen == 2048
+    assert cfg.eval.max_windows is None and cfg.eval.evaluators == ["ppl"]
+    assert (cfg.calib.dataset, cfg.calib.n_samples, cfg.calib.seqlen) == ("c4", 128, 2048)
+    assert cfg.sweep == name

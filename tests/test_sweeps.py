@@ -1,0 +1,93 @@
+"""Sweeps through the real CLI: kill -9 mid-sweep then resume; joblib and submitit_local
+launchers; the end-of-sweep summary (harness/callbacks.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from harness.callbacks import SUMMARY_FILE
+from tests.conftest import REPO, TINY_QUICK
+
+
+def _cmd(res: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "harness.run", "-m", *TINY_QUICK, "eval.max_windows=1",
+            f"paths.results_dir={res}", f"paths.cache_dir={res}/cache", *overrides]
+
+
+def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def _records(res: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((res / "runs").glob("*.json"))]
+
+
+def _summaries(res: Path) -> list[dict]:
+    paths = sorted((res / "hydra" / "multirun").glob(f"*/{SUMMARY_FILE}"))
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def test_sweep_killed_mid_job_resumes_without_loss_or_duplicates(tmp_path):
+    res = tmp_path / "res"
+    cmd = _cmd(res, "method=rtn", "bits=w8a16,w4a16,w3a16")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    try:
+        while not list((res / "hydra" / "multirun").glob("*/1")):   # the 2nd job has started
+            assert proc.poll() is None, "sweep ended before its 2nd job started"
+            assert time.monotonic() < deadline, "2nd job never started"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = _records(res)
+    assert [r["bits"] for r in before] in ([], ["w8a16"])   # a killed job leaves no record
+    assert all(r["status"] == "ok" for r in before)
+    assert not [p for p in (res / "runs").glob(".*")] if (res / "runs").exists() else True
+
+    out = _run(cmd)
+    after = _records(res)
+    ok = Counter(r["config_hash"] for r in after if r["status"] == "ok")
+    assert sorted(r["bits"] for r in after) == ["w3a16", "w4a16", "w8a16"]
+    assert len(ok) == 3 and max(ok.values()) == 1            # no duplicate ok records
+    counts = _summaries(res)[-1]["counts"]
+    assert counts["resumed"] == len(before) and counts["ok"] == 3 - len(before)
+    assert counts["failed"] == counts["missing"] == 0
+    log = out.stdout + out.stderr
+    assert log.count("resume: skip") == len(before) and "sweep summary (3 jobs)" in log
+
+
+def test_joblib_sweep_of_4_jobs(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    res = tmp_path / "res"
+    _run(_cmd(res, "launcher=joblib", "hydra.launcher.n_jobs=2", "method=fp16,rtn",
+              "bits=w16a16,w8a16"))
+    got = sorted((r["method"], r["bits"], r["status"]) for r in _records(res))
+    assert got == [("fp16", "w16a16", "ok"), ("fp16", "w8a16", "skipped"),
+                   ("rtn", "w16a16", "ok"), ("rtn", "w8a16", "ok")]
+    assert len({r["provenance"]["host"] for r in _records(res)}) == 1
+    summary = _summaries(res)[-1]
+    assert summary["jobs"] == 4 and summary["counts"]["ok"] == 3
+    assert summary["counts"]["skipped"] == 1
+
+
+def test_submitit_local_sweep_of_2_jobs(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    res = tmp_path / "res"
+    _run(_cmd(res, "launcher=submitit_local", "method=rtn", "bits=w8a16,w4a16"))
+    recs = _records(res)
+    assert sorted((r["bits"], r["status"]) for r in recs) == [("w4a16", "ok"), ("w8a16", "ok")]
+    assert list((res / "hydra" / "multirun").glob("*/.submitit"))
+    assert _summaries(res)[-1]["counts"]["ok"] == 2
