@@ -264,7 +264,8 @@ def _quantize_cached(cfg: DictConfig, method: Method, lm: LoadedModel, record: R
     provenance.cache: hit (quantize skipped) | miss | rebuilt (bad entry replaced) | off."""
     qcache = QuantizedModelCache.from_config(cfg.get("cache"))
     c = method.config
-    if qcache is None or not (c.quantizes_weights or c.quantizes_activations):
+    if (qcache is None or not (c.quantizes_weights or c.quantizes_activations)
+            or not getattr(method, "cacheable", True)):   # e.g. state outside FakeQuantLinear
         record.provenance["cache"] = "off"
         return _calibrate_and_quantize(cfg, method, lm, record, timer, data_dir, cache_dir), lm
     parts = scrub_secrets(cache_key_parts(

@@ -249,6 +249,18 @@ class FPTQ(Method[FPTQConfig]):
     def needs_calibration(self) -> bool:
         return True
 
+    @property
+    def cacheable(self) -> bool:
+        """The KV quantizers are forward hooks the quantized-model cache cannot restore."""
+        return not self.config.kv_cache_bits
+
+    def to_runtime(self, model: nn.Module, spec: ModelSpec) -> nn.Module:
+        if self.config.kv_cache_bits:
+            raise ValueError("fptq kv_cache_bits is simulated with hooks on k_proj / v_proj "
+                             "that runtime modules do not carry; use runtime=false or "
+                             "method.kv_cache_bits=null")
+        return super().to_runtime(model, spec)
+
     def check(self, spec: ModelSpec) -> str | None:
         reason = super().check(spec)
         if reason:

@@ -220,6 +220,10 @@ def test_kv_cache_quantization_modes(outlier_model, calib, held_out):
             assert k.kv_quant.scale.shape == (spec.num_kv_heads,)
         assert torch.isfinite(_logits(m, held_out)).all()
         assert method.artifacts["fptq_policy"]["kv_cache"]["mode"] == mode
+        assert not method.cacheable   # hooks: the quantized-model cache must not reuse it
+        with pytest.raises(ValueError, match="runtime=false"):
+            method.to_runtime(m, spec)
+    assert build(FPTQConfig(group_size=G)).cacheable
 
 
 @pytest.mark.skipif(importlib.util.find_spec("methods.gptq") is None,
