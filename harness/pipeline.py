@@ -10,6 +10,7 @@ unsupported combination becomes `skipped` with the reason. The sweep goes on.
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import time
@@ -26,6 +27,7 @@ from harness import provenance
 from harness.calib import CalibSpec, load_calibration
 from harness.data import resolve_data_dir
 from harness.evals import EvalContext, get_evaluator
+from harness.mixed_precision import record_size_and_precision, resolve_selection
 from harness.models import load_model
 from harness.store import ResultStore, RunRecord, config_hash, new_run_id
 from harness.tracking import make_tracker
@@ -63,9 +65,10 @@ class Skip(Exception):
     """The combination is not supported; the message is the reason."""
 
 
-def build_method(method_cfg: DictConfig) -> Method:
+def build_method(method_cfg: DictConfig, runs_dir: str | None = None) -> Method:
     node = OmegaConf.to_container(method_cfg, resolve=True)
     node.pop("name", None)  # the label; the registry picks the class by config type
+    selection = resolve_selection(node, runs_dir)  # keep_top_k_sensitive -> keep_fp
     try:
         qcfg = instantiate(node, _convert_="all")
     except Exception as e:  # Hydra wraps the dataclass's ValueError
@@ -77,7 +80,10 @@ def build_method(method_cfg: DictConfig) -> Method:
         raise
     if not isinstance(qcfg, QuantConfig):
         raise TypeError(f"method._target_ must build a QuantConfig, got {type(qcfg).__name__}")
-    return build(qcfg)
+    method = build(qcfg)
+    if selection:
+        method.artifacts["mixed_precision_selection"] = selection
+    return method
 
 
 def _labels(cfg: DictConfig) -> dict[str, str]:
@@ -129,7 +135,7 @@ def run_one(cfg: DictConfig) -> RunRecord:
 
 
 def _execute(cfg: DictConfig, record: RunRecord, timer: Timer) -> None:
-    method = build_method(cfg.method)
+    method = build_method(cfg.method, cfg.paths.runs_dir)
     record.provenance["method"] = method.describe()
     data_dir = resolve_data_dir(cfg.paths.get("data_dir"))
     cache_dir = Path(cfg.paths.cache_dir)
@@ -156,8 +162,12 @@ def _execute(cfg: DictConfig, record: RunRecord, timer: Timer) -> None:
                 lm.model.config.vocab_size)
         record.provenance["calibration"] = calib_info
 
+    # evals that compare against the full-precision model (diagnostics) get a copy
+    reference = copy.deepcopy(lm.model) if cfg.eval.get("needs_reference_model") else None
     with timer.phase("quantize", device):
         model = method.quantize(lm.model, lm.spec, calib)
+    record_size_and_precision(record, model, lm.spec, method,
+                              method.artifacts.get("mixed_precision_selection"))
     if cfg.get("runtime", False):
         with timer.phase("to_runtime", device):
             model = method.to_runtime(model, lm.spec)
@@ -167,7 +177,8 @@ def _execute(cfg: DictConfig, record: RunRecord, timer: Timer) -> None:
     run_dir = Path(cfg.paths.artifacts_dir) / record.run_id
     ctx = EvalContext(model=model, tokenizer=lm.tokenizer, spec=lm.spec, data_dir=data_dir,
                       run_dir=run_dir, device=device, method_name=method.name,
-                      extra={"method": method, "cfg": cfg})
+                      extra={"method": method, "cfg": cfg, "calib": calib,
+                             "reference_model": reference})
     for name in cfg.eval.evaluators:
         with timer.phase(f"eval_{name}", device):
             result = get_evaluator(name)(ctx, cfg.eval)

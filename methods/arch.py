@@ -177,3 +177,11 @@ class ModelSpec:
 
     def block_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
         return {n: get_module(block, n) for n in self.table.linear_names()}
+
+
+# Sub-layer of each linear role, for attention-vs-MLP diagnostics.
+ATTENTION_ROLES = frozenset({"qkv", "o"})
+
+
+def sublayer_of(role: str) -> Literal["attn", "mlp"]:
+    return "attn" if role in ATTENTION_ROLES else "mlp"
