@@ -52,7 +52,7 @@ def find_sensitivity_record(ref: str, runs_dir: str | Path | None) -> dict[str, 
 
 
 def top_k_sensitive(record: dict[str, Any], k: int, kind: str) -> list[dict[str, Any]]:
-    """The k groups of `kind` with the largest perplexity increase, most harmful first."""
+    """The k groups of `kind` ranked most harmful by the record (its eval's rank_by)."""
     if kind not in GROUP_KINDS:
         raise SensitivityRecordError(f"method.sensitivity_groups={kind!r}; use one of "
                                      f"{GROUP_KINDS}")
@@ -61,7 +61,7 @@ def top_k_sensitive(record: dict[str, Any], k: int, kind: str) -> list[dict[str,
         raise SensitivityRecordError(
             f"record {record.get('run_id')} has no sensitivity table; run it with "
             "eval=sensitivity first")
-    rows = sorted((r for r in table if r["kind"] == kind), key=lambda r: -r["delta_ppl"])
+    rows = sorted((r for r in table if r["kind"] == kind), key=lambda r: r["rank"])
     if k > len(rows):
         raise SensitivityRecordError(f"keep_top_k_sensitive={k} but the record ranks only "
                                      f"{len(rows)} groups of kind {kind!r}")

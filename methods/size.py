@@ -92,7 +92,7 @@ def model_size(model: nn.Module, spec: ModelSpec, config: QuantConfig) -> ModelS
     counted: set[int] = set()
     total_bits = linear_bits = linear_weights = 0
     by_bits: dict[str, int] = {}
-    for full, mod in block_linears.items():
+    for mod in block_linears.values():
         s = linear_size(mod)
         total_bits += s.weight_bits + s.extra_bits
         linear_bits += s.weight_bits

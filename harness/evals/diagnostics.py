@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from harness.data import eval_text
 from harness.evals import EvalContext, EvalResult
-from harness.evals.ppl import make_windows, perplexity, tokenize_text, window_nlls
+from harness.evals.ppl import make_windows, perplexity, tokenize_text
 from methods.arch import ModelSpec, sublayer_of
 from methods.base import Method, build, matches_any
 from methods.layers import FakeQuantLinear, iter_block_linears
@@ -81,7 +82,7 @@ def _subsample(flat: Tensor, n: int, gen: torch.Generator) -> Tensor:
 def abs_percentiles(values: Tensor, gen: torch.Generator) -> dict[str, float]:
     flat = _subsample(values.detach().abs().flatten().float(), QUANTILE_SAMPLE, gen)
     q = torch.quantile(flat, torch.tensor([p / 100 for p in PERCENTILES]))
-    return {f"p{p:g}": float(v) for p, v in zip(PERCENTILES, q)}
+    return {f"p{p:g}": float(v) for p, v in zip(PERCENTILES, q, strict=True)}
 
 
 @dataclass
@@ -121,7 +122,7 @@ class Moments:
 
     def top_channels(self, k: int) -> list[dict[str, float]]:
         vals, idx = self.channel_max.topk(min(k, self.channel_max.numel()))
-        return [{"channel": int(i), "max": float(v)} for v, i in zip(vals, idx)]
+        return [{"channel": int(i), "max": float(v)} for v, i in zip(vals, idx, strict=True)]
 
 
 @dataclass
@@ -219,8 +220,9 @@ def measure_distributions(ref: nn.Module, quant: nn.Module, spec: ModelSpec, win
     for full, d in diags.items():
         first_of_input.setdefault(d.input_key, full)
 
+    captured: dict[str, tuple[Tensor, Tensor]] = {}   # fp (X, Y) of the current window
     for w in tqdm(range(len(windows)), desc="distributions", leave=False):
-        captured: dict[str, tuple[Tensor, Tensor]] = {}
+        captured.clear()
 
         def on_ref(_w, name, mod, x, y):
             captured[name] = (x.detach(), y.detach())
@@ -230,8 +232,12 @@ def measure_distributions(ref: nn.Module, quant: nn.Module, spec: ModelSpec, win
         def on_quant(_w, name, mod, x, y):
             x_ref, y_ref = captured.pop(name)
             d = diags[name]
+            first = first_of_input[d.input_key] == name
+            if not (first or name in worst):
+                d.y_err.update(y_ref, y.detach())
+                return
             x_eff = effective_input(mod, x.detach())
-            if first_of_input[d.input_key] == name:
+            if first:
                 d.x_quant.update(x, gen)
                 d.x_err.update(x_ref, x_eff)
             d.y_err.update(y_ref, y.detach())
@@ -413,7 +419,35 @@ def quantize_group(method: Method, ref: nn.Module, spec: ModelSpec, group: Group
     return group_method.quantize(model, spec, calib if group_method.needs_calibration else None)
 
 
-def plot_sensitivity(table: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
+def _logprobs(model: nn.Module, window: Tensor) -> Tensor:
+    """window [T] -> next-token log-probabilities [T - 1, V] (fp32, on the CPU)."""
+    device = next(model.parameters()).device
+    logits = model(input_ids=window[None].to(device), use_cache=False).logits[0, :-1]
+    return F.log_softmax(logits.float(), dim=-1).cpu()
+
+
+@torch.no_grad()
+def window_logprobs(model: nn.Module, windows: Tensor, desc: str) -> list[Tensor]:
+    """The fp model's log-probabilities per window, kept for KL: n x (T-1) x V x 4 bytes."""
+    return [_logprobs(model, w) for w in tqdm(windows, desc=desc, leave=False)]
+
+
+@torch.no_grad()
+def score_against(model: nn.Module, windows: Tensor, ref_logprobs: Sequence[Tensor],
+                  desc: str) -> tuple[float, float]:
+    """(perplexity, mean per-token KL(p_fp || p_model)) on the same windows; the
+    perplexity follows the GPTQ protocol of harness.evals.ppl."""
+    nlls, kls = [], []
+    for window, ref in tqdm(zip(windows, ref_logprobs, strict=True), total=len(windows), desc=desc,
+                            leave=False):
+        lp = _logprobs(model, window)
+        nlls.append(-lp.gather(1, window[1:, None]).mean())
+        kls.append((ref.exp() * (ref - lp)).sum(-1).mean())
+    return perplexity(torch.stack(nlls)), float(torch.stack(kls).mean())
+
+
+def plot_sensitivity(table: Sequence[dict[str, Any]], path: Path, title: str,
+                     key: str = "delta_ppl") -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -422,18 +456,18 @@ def plot_sensitivity(table: Sequence[dict[str, Any]], path: Path, title: str) ->
     counts = [sum(r["kind"] == k for r in table) for k in kinds]
     fig, axes = plt.subplots(len(kinds), 1, figsize=(8, 1.2 + 0.28 * sum(counts) + len(kinds)),
                              gridspec_kw={"height_ratios": counts}, squeeze=False)
-    for ax, kind in zip(axes[:, 0], kinds):
+    for ax, kind in zip(axes[:, 0], kinds, strict=True):
         rows = [r for r in table if r["kind"] == kind]
         if kind == "block":
             rows = sorted(rows, key=lambda r: int(r["group"].rpartition("_")[2]))
-        ax.barh([r["group"] for r in rows], [r["delta_ppl"] for r in rows],
+        ax.barh([r["group"] for r in rows], [r[key] for r in rows],
                 color={"block": "tab:blue", "type": "tab:orange",
                        "sublayer": "tab:green"}[kind])
         ax.invert_yaxis()
-        ax.set_title(f"{kind}: perplexity increase when only this group is quantized",
-                     fontsize=9)
+        ax.set_title(f"{kind}: {key} when only this group is quantized", fontsize=9)
         ax.tick_params(axis="y", labelsize=7)
-    axes[-1, 0].set_xlabel("delta perplexity vs fp")
+    axes[-1, 0].set_xlabel({"delta_ppl": "perplexity increase over fp",
+                            "kl": "mean KL(p_fp || p_quantized) per token"}[key])
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -449,8 +483,13 @@ def evaluate_sensitivity(ctx: EvalContext, cfg: Any) -> EvalResult:
     if calib is not None and cfg.get("calib_samples"):
         calib = calib[: int(cfg.calib_samples)]
     windows = eval_windows(ctx, cfg)
-    ppl_fp = perplexity(window_nlls(ref, windows, desc="sensitivity fp"))
-    ppl_quant = perplexity(window_nlls(ctx.model, windows, desc="sensitivity quantized"))
+    rank_by = str(cfg.get("rank_by", "delta_ppl"))
+    if rank_by not in ("delta_ppl", "kl"):
+        raise ValueError(f"sensitivity rank_by={rank_by!r}; use delta_ppl or kl")
+    ref_lp = window_logprobs(ref, windows, "sensitivity fp")
+    ppl_fp = perplexity(torch.stack([-lp.gather(1, w[1:, None]).mean()
+                                     for w, lp in zip(windows, ref_lp, strict=True)]))
+    ppl_quant, kl_quant = score_against(ctx.model, windows, ref_lp, "sensitivity quantized")
     all_linears = [full for _, _, full, _ in iter_block_linears(ref, ctx.spec)]
     groups = sensitivity_groups(ref, ctx.spec, tuple(cfg.get("groups") or
                                                      ("block", "type", "sublayer")))
@@ -460,26 +499,28 @@ def evaluate_sensitivity(ctx: EvalContext, cfg: Any) -> EvalResult:
     for g in tqdm(groups, desc="sensitivity groups"):
         t0 = time.perf_counter()
         model = quantize_group(method, ref, ctx.spec, g, all_linears, calib)
-        ppl = perplexity(window_nlls(model, windows, desc=f"ppl {g.name}"))
+        ppl, kl = score_against(model, windows, ref_lp, f"score {g.name}")
         del model
         table.append({"group": g.name, "kind": g.kind, "patterns": list(g.patterns),
                       "n_linears": len(g.members), "ppl": ppl, "delta_ppl": ppl - ppl_fp,
-                      "rel_delta": ppl / ppl_fp - 1, "seconds": time.perf_counter() - t0})
-        log.info("sensitivity %s: ppl %.3f (+%.3f)", g.name, ppl, ppl - ppl_fp)
-    table.sort(key=lambda r: -r["delta_ppl"])
+                      "rel_delta": ppl / ppl_fp - 1, "kl": kl,
+                      "seconds": time.perf_counter() - t0})
+        log.info("sensitivity %s: ppl %.3f (%+.3f), KL %.4f", g.name, ppl, ppl - ppl_fp, kl)
+    table.sort(key=lambda r: -r[rank_by])
     for rank, r in enumerate(table, 1):
         r["rank"] = rank
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     plot = plot_sensitivity(table, ctx.run_dir / "sensitivity.png",
                             f"{ctx.spec.name} / {ctx.method_name} ({cfg.dataset}, "
-                            f"{windows.shape[0]}x{windows.shape[1]})")
+                            f"{windows.shape[0]}x{windows.shape[1]})", rank_by)
     metrics = {f"sens_{r['group']}": r["delta_ppl"] for r in table}
-    metrics.update(sens_ppl_fp=ppl_fp, sens_ppl_quantized=ppl_quant)
+    metrics.update({f"sens_kl_{r['group']}": r["kl"] for r in table})
+    metrics.update(sens_ppl_fp=ppl_fp, sens_ppl_quantized=ppl_quant, sens_kl_quantized=kl_quant)
     return EvalResult(
         metrics=metrics,
         provenance={"sensitivity": {
             "dataset": cfg.dataset, "windows": int(windows.shape[0]),
-            "seqlen": int(windows.shape[1]), "groups": len(groups),
+            "seqlen": int(windows.shape[1]), "groups": len(groups), "rank_by": rank_by,
             "recalibrated_per_group": method.needs_calibration,
             "calib_samples": len(calib) if calib is not None and method.needs_calibration
             else 0, "seconds": time.perf_counter() - t_start}},
