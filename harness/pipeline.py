@@ -179,15 +179,17 @@ def _execute(cfg: DictConfig, record: RunRecord, timer: Timer) -> None:
                       run_dir=run_dir, device=device, method_name=method.name,
                       extra={"method": method, "cfg": cfg, "calib": calib,
                              "reference_model": reference})
+    n_eval_metrics = 0
     for name in cfg.eval.evaluators:
         with timer.phase(f"eval_{name}", device):
             result = get_evaluator(name)(ctx, cfg.eval)
         record.metrics.update(result.metrics)
+        n_eval_metrics += len(result.metrics)
         record.provenance.setdefault("eval", {}).update(result.provenance)
         record.artifacts.update(result.artifacts)
         if result.errors:
             record.provenance.setdefault("eval_errors", {}).update(result.errors)
-    if not record.metrics and record.provenance.get("eval_errors"):
+    if not n_eval_metrics and record.provenance.get("eval_errors"):
         errs = record.provenance["eval_errors"]
         raise RuntimeError(f"every evaluation failed: {errs}")
 
