@@ -114,12 +114,10 @@ def capitalise_last_fragment(query: str) -> str:
     text after the last sentence end. Unlike str.capitalize() the rest of the fragment is
     not lower-cased (that information is gone), so rare mixed-case fragments still differ.
     """
-    match = None
-    for match in _LAST_FRAGMENT.finditer(query):
-        pass
-    if match is None:
+    matches = list(_LAST_FRAGMENT.finditer(query))
+    if not matches:
         return query
-    i = match.start(1)
+    i = matches[-1].start(1)
     return query[:i] + query[i].upper() + query[i + 1:]
 
 
