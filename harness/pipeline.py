@@ -10,6 +10,7 @@ unsupported combination becomes `skipped` with the reason. The sweep goes on.
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import time
@@ -32,6 +33,7 @@ from harness.cache import (
 from harness.calib import CalibSpec, load_calibration
 from harness.data import DataMissingError, resolve_data_dir
 from harness.evals import EvalContext, get_evaluator
+from harness.mixed_precision import record_size_and_precision, resolve_selection
 from harness.models import LoadedModel, ModelLoadError, load_model
 from harness.security import UnsafePathError, safe_name, scrub_secrets, within_root
 from harness.store import ResultStore, RunRecord, config_hash, new_run_id
@@ -107,9 +109,10 @@ def failure_reason(e: BaseException) -> str:
     return f"{category + ': ' if category else ''}{type(e).__name__}: {e}"
 
 
-def build_method(method_cfg: DictConfig) -> Method:
+def build_method(method_cfg: DictConfig, runs_dir: str | None = None) -> Method:
     node = OmegaConf.to_container(method_cfg, resolve=True)
     node.pop("name", None)  # the label; the registry picks the class by config type
+    selection = resolve_selection(node, runs_dir)  # keep_top_k_sensitive -> keep_fp
     try:
         qcfg = instantiate(node, _convert_="all")
     except Exception as e:  # Hydra wraps the dataclass's ValueError
@@ -121,7 +124,10 @@ def build_method(method_cfg: DictConfig) -> Method:
         raise
     if not isinstance(qcfg, QuantConfig):
         raise TypeError(f"method._target_ must build a QuantConfig, got {type(qcfg).__name__}")
-    return build(qcfg)
+    method = build(qcfg)
+    if selection:
+        method.artifacts["mixed_precision_selection"] = selection
+    return method
 
 
 def _labels(cfg: DictConfig) -> dict[str, str]:
@@ -176,7 +182,7 @@ def run_one(cfg: DictConfig) -> RunRecord:
 def _execute(cfg: DictConfig, record: RunRecord, timer: Timer) -> None:
     for group in ("model", "method", "bits", "eval"):   # labels end up in file names
         safe_name(cfg[group].name, f"{group}.name")
-    method = build_method(cfg.method)
+    method = build_method(cfg.method, cfg.paths.runs_dir)
     record.provenance["method"] = method.describe()
     data_dir = resolve_data_dir(cfg.paths.get("data_dir"))
     cache_dir = Path(cfg.paths.cache_dir)
@@ -194,7 +200,12 @@ def _execute(cfg: DictConfig, record: RunRecord, timer: Timer) -> None:
     if reason:
         raise Skip(reason)
 
-    model, lm = _quantize_cached(cfg, method, lm, record, timer, data_dir, cache_dir)
+    calib = _calibration(cfg, method, lm, record, timer, data_dir, cache_dir)
+    # evals that compare against the full-precision model (diagnostics) get a copy
+    reference = copy.deepcopy(lm.model) if cfg.eval.get("needs_reference_model") else None
+    model, lm = _quantize_cached(cfg, method, lm, record, timer, calib)
+    record_size_and_precision(record, model, lm.spec, method,
+                              method.artifacts.get("mixed_precision_selection"))
     if cfg.get("runtime", False):
         with timer.phase("to_runtime", device):
             model = method.to_runtime(model, lm.spec)
@@ -213,16 +224,19 @@ def _execute(cfg: DictConfig, record: RunRecord, timer: Timer) -> None:
             save_runtime_checkpoint(model, lm.spec, run_dir / "checkpoint", meta))
     ctx = EvalContext(model=model, tokenizer=lm.tokenizer, spec=lm.spec, data_dir=data_dir,
                       run_dir=run_dir, device=device, method_name=method.name,
-                      extra={"method": method, "cfg": cfg})
+                      extra={"method": method, "cfg": cfg, "calib": calib,
+                             "reference_model": reference})
+    n_eval_metrics = 0
     for name in cfg.eval.evaluators:
         with timer.phase(f"eval_{name}", device):
             result = get_evaluator(name)(ctx, cfg.eval)
         record.metrics.update(result.metrics)
+        n_eval_metrics += len(result.metrics)
         record.provenance.setdefault("eval", {}).update(result.provenance)
         record.artifacts.update(result.artifacts)
         if result.errors:
             record.provenance.setdefault("eval_errors", {}).update(result.errors)
-    if not record.metrics and record.provenance.get("eval_errors"):
+    if not n_eval_metrics and record.provenance.get("eval_errors"):
         raise EvalsFailed(record.provenance["eval_errors"])
 
 
@@ -237,29 +251,33 @@ def _load(cfg: DictConfig, cache_dir: Path) -> LoadedModel:
                              f"{type(e).__name__}: {e}") from e
 
 
-def _calibrate_and_quantize(cfg: DictConfig, method: Method, lm: LoadedModel,
-                            record: RunRecord, timer: Timer, data_dir: Path | None,
-                            cache_dir: Path) -> torch.nn.Module:
-    calib = None
-    if method.needs_calibration:
-        spec = CalibSpec(**OmegaConf.to_container(cfg.calib, resolve=True))
-        with timer.phase("calibration_data", torch.device("cpu")):
-            try:
-                calib, calib_info = load_calibration(
-                    lm.tokenizer, spec, data_dir, cache_dir, bool(cfg.calib_allow_hub),
-                    lm.model.config.vocab_size)
-            except (DataMissingError, MemoryError):
-                raise
-            except (ValueError, OSError) as e:
-                raise DataError(f"calibration data {spec.dataset!r}: {e}") from e
-        record.provenance["calibration"] = calib_info
+def _calibration(cfg: DictConfig, method: Method, lm: LoadedModel, record: RunRecord,
+                 timer: Timer, data_dir: Path | None, cache_dir: Path) -> list | None:
+    """Calibration token batches when the method needs them (cached on disk), else None."""
+    if not method.needs_calibration:
+        return None
+    spec = CalibSpec(**OmegaConf.to_container(cfg.calib, resolve=True))
+    with timer.phase("calibration_data", torch.device("cpu")):
+        try:
+            calib, calib_info = load_calibration(
+                lm.tokenizer, spec, data_dir, cache_dir, bool(cfg.calib_allow_hub),
+                lm.model.config.vocab_size)
+        except (DataMissingError, MemoryError):
+            raise
+        except (ValueError, OSError) as e:
+            raise DataError(f"calibration data {spec.dataset!r}: {e}") from e
+    record.provenance["calibration"] = calib_info
+    return calib
+
+
+def _quantize(method: Method, lm: LoadedModel, timer: Timer, calib: list | None
+              ) -> torch.nn.Module:
     with timer.phase("quantize", lm.device):
         return method.quantize(lm.model, lm.spec, calib)
 
 
 def _quantize_cached(cfg: DictConfig, method: Method, lm: LoadedModel, record: RunRecord,
-                     timer: Timer, data_dir: Path | None, cache_dir: Path
-                     ) -> tuple[torch.nn.Module, LoadedModel]:
+                     timer: Timer, calib: list | None) -> tuple[torch.nn.Module, LoadedModel]:
     """method.quantize through the quantized-model cache (harness/cache.py).
     provenance.cache: hit (quantize skipped) | miss | rebuilt (bad entry replaced) | off."""
     qcache = QuantizedModelCache.from_config(cfg.get("cache"))
@@ -267,7 +285,7 @@ def _quantize_cached(cfg: DictConfig, method: Method, lm: LoadedModel, record: R
     if (qcache is None or not (c.quantizes_weights or c.quantizes_activations)
             or not getattr(method, "cacheable", True)):   # e.g. state outside FakeQuantLinear
         record.provenance["cache"] = "off"
-        return _calibrate_and_quantize(cfg, method, lm, record, timer, data_dir, cache_dir), lm
+        return _quantize(method, lm, timer, calib), lm
     parts = scrub_secrets(cache_key_parts(
         resolved(cfg.model), resolved(cfg.method),
         resolved(cfg.calib) if method.needs_calibration else None, cfg.seed, method))
@@ -287,7 +305,7 @@ def _quantize_cached(cfg: DictConfig, method: Method, lm: LoadedModel, record: R
             qcache.discard(key, str(e))
             status = "rebuilt"
             with timer.phase("reload", torch.device("cpu")):   # the model was half-restored
-                lm = _load(cfg, cache_dir)
+                lm = _load(cfg, Path(cfg.paths.cache_dir))
         else:
             method.artifacts.update(hit.artifacts)
             if manifest.get("calibration") is not None:
@@ -295,7 +313,7 @@ def _quantize_cached(cfg: DictConfig, method: Method, lm: LoadedModel, record: R
             record.provenance["cache"] = "hit"
             log.info("cache hit %s: quantization skipped", key)
             return hit.model, lm
-    model = _calibrate_and_quantize(cfg, method, lm, record, timer, data_dir, cache_dir)
+    model = _quantize(method, lm, timer, calib)
     try:
         with timer.phase("cache_save", lm.device):
             qcache.save(key, parts, model, lm.spec, method.artifacts,

@@ -166,7 +166,7 @@ class ModelSpec:
         hidden = cfg.hidden_size
         return cls(
             name=name, table=table, hidden_size=hidden,
-            intermediate_size=getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim"),
+            intermediate_size=getattr(cfg, "intermediate_size", None) or cfg.ffn_dim,
             num_layers=len(blocks), num_heads=num_heads,
             num_kv_heads=getattr(cfg, "num_key_value_heads", None) or num_heads,
             head_dim=getattr(cfg, "head_dim", None) or hidden // num_heads,
@@ -178,3 +178,11 @@ class ModelSpec:
 
     def block_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
         return {n: get_module(block, n) for n in self.table.linear_names()}
+
+
+# Sub-layer of each linear role, for attention-vs-MLP diagnostics.
+ATTENTION_ROLES = frozenset({"qkv", "o"})
+
+
+def sublayer_of(role: str) -> Literal["attn", "mlp"]:
+    return "attn" if role in ATTENTION_ROLES else "mlp"

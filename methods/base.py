@@ -39,13 +39,15 @@ class QuantConfig:
     group_size: int | None = None
     symmetric: bool = True
     act_mode: ActMode = "static_tensor"
-    keep_fp: tuple[str, ...] = ()          # block-relative or full name patterns kept in fp
+    keep_fp: tuple[str, ...] = ()          # linear name patterns kept in full precision
+    keep_w8: tuple[str, ...] = ()          # linear name patterns kept at w8 per-channel
     quantize_lm_head: bool = False
 
     def __post_init__(self) -> None:
         if self.group_size == -1 or self.group_size == 0:
             object.__setattr__(self, "group_size", None)
         object.__setattr__(self, "keep_fp", tuple(self.keep_fp or ()))
+        object.__setattr__(self, "keep_w8", tuple(self.keep_w8 or ()))
         if self.w_bits not in (2, 3, 4, 8, 16):
             raise ConfigError(f"w_bits={self.w_bits} is not supported; use 2, 3, 4, 8 or 16")
         if self.a_bits not in (4, 8, 16):
@@ -70,8 +72,20 @@ class QuantConfig:
         return f"w{self.w_bits}a{self.a_bits}{g}"
 
     def keeps(self, full_name: str) -> bool:
-        return any(fnmatch.fnmatchcase(full_name, p) or full_name.endswith("." + p)
-                   for p in self.keep_fp)
+        """full_name (e.g. model.layers.3.mlp.down_proj) is kept in full precision."""
+        return matches_any(full_name, self.keep_fp)
+
+    def keeps_w8(self, full_name: str) -> bool:
+        """full_name is kept at 8-bit per-channel weights (keep_fp wins over keep_w8)."""
+        return matches_any(full_name, self.keep_w8) and not self.keeps(full_name)
+
+
+def matches_any(full_name: str, patterns: Sequence[str]) -> bool:
+    """A pattern matches a linear's full name by fnmatch (`model.layers.1[0-5].*`,
+    `*.down_proj`; `*` also crosses dots) or as a dotted suffix (`mlp.down_proj` matches
+    `model.layers.3.mlp.down_proj`, never `model.layers.3.mlp.xdown_proj`)."""
+    return any(fnmatch.fnmatchcase(full_name, p) or full_name.endswith("." + p)
+               for p in patterns)
 
 
 C = TypeVar("C", bound=QuantConfig)

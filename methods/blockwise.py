@@ -155,11 +155,18 @@ def walk_blocks(model: nn.Module, spec: ModelSpec, calib: Sequence[Tensor], on_b
         block = blocks[i]
         home = next(block.parameters()).device
         block.to(device)
+        _check_finite_weights(block, i)
         on_block(i, block, inputs)
         if i + 1 < len(blocks):
             inputs.advance(block)
         block.to(home)
     log.info("walked %d blocks on %s with %d calibration samples", len(blocks), device, len(inputs))
+
+
+def _check_finite_weights(block: nn.Module, index: int) -> None:
+    for name, p in block.named_parameters():
+        if not torch.isfinite(p).all():
+            raise FloatingPointError(f"non-finite weights in {name} (block {index})")
 
 
 @contextmanager

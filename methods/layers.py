@@ -9,13 +9,16 @@ or dynamic per-token.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from methods.arch import ModelSpec, set_module
+from methods.base import QuantConfig
 from methods.primitives import QParams, fake_quantize_activation, qrange, recover_codes
 
 # Weights of <= 4 bits run int4-packed with fp16 group scales (kernels/README.md); wider
@@ -106,3 +109,28 @@ def iter_block_linears(model: nn.Module, spec: ModelSpec
 
 def replace_linear(model: nn.Module, full_name: str, new: nn.Module) -> None:
     set_module(model, full_name, new)
+
+
+Precision = Literal["fp", "w8", "default"]
+
+
+def precision_for(cfg: QuantConfig, full_name: str) -> Precision:
+    """Mixed-precision decision for one block linear: kept in full precision (keep_fp),
+    at 8-bit per-channel weights (keep_w8), or quantized as the config says."""
+    if cfg.keeps(full_name):
+        return "fp"
+    if cfg.keeps_w8(full_name) and cfg.quantizes_weights:
+        return "w8"
+    return "default"
+
+
+def config_for(cfg: QuantConfig, full_name: str) -> QuantConfig | None:
+    """The config to quantize `full_name` with: None to leave it in full precision, cfg
+    itself, or cfg at w8 per-channel weights (activation settings unchanged). Every method
+    routes its per-linear decisions through here so keep_fp / keep_w8 mean the same."""
+    precision = precision_for(cfg, full_name)
+    if precision == "fp":
+        return None
+    if precision == "w8" and cfg.w_bits < 8:
+        return dataclasses.replace(cfg, w_bits=8, group_size=None, keep_fp=(), keep_w8=())
+    return cfg

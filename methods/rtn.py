@@ -10,7 +10,7 @@ from torch import nn
 from methods.arch import ModelSpec
 from methods.base import Calib, LinearStats, Method, QuantConfig, register
 from methods.blockwise import collect_block_stats, stats_table, walk_blocks
-from methods.layers import FakeQuantLinear, iter_block_linears, replace_linear
+from methods.layers import FakeQuantLinear, config_for, iter_block_linears, replace_linear
 from methods.primitives import compute_qparams, dequantize, quantize, weight_granularity
 
 
@@ -50,8 +50,8 @@ class RTN(Method[RTNConfig]):
     def quantize(self, model: nn.Module, spec: ModelSpec, calib: Calib | None) -> nn.Module:
         if not self.needs_calibration:
             for _, _, full, lin in iter_block_linears(model, spec):
-                if not self.config.keeps(full):
-                    replace_linear(model, full, quantize_linear_rtn(lin, self.config, None))
+                if (cfg := config_for(self.config, full)) is not None:
+                    replace_linear(model, full, quantize_linear_rtn(lin, cfg, None))
             return model
         if not calib:
             raise ValueError("rtn with static activation scales needs calibration data")
@@ -63,9 +63,9 @@ class RTN(Method[RTNConfig]):
             for rel, st in stats.items():
                 full = f"{prefix}.{i}.{rel}"
                 all_stats[full] = st
-                if not self.config.keeps(full):
+                if (cfg := config_for(self.config, full)) is not None:
                     lin = block.get_submodule(rel)
-                    replace_linear(block, rel, quantize_linear_rtn(lin, self.config, st))
+                    replace_linear(block, rel, quantize_linear_rtn(lin, cfg, st))
 
         walk_blocks(model, spec, calib, on_block, desc="rtn blocks")
         self.artifacts["activation_stats"] = stats_table(all_stats)

@@ -4,8 +4,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from methods.primitives import (
-    compute_qparams, dequantize, fake_quantize, fake_quantize_activation, pack_int4, qrange,
-    quantize, quantize_weight, unpack_int4,
+    compute_qparams,
+    dequantize,
+    fake_quantize,
+    fake_quantize_activation,
+    pack_int4,
+    qrange,
+    quantize,
+    quantize_weight,
+    unpack_int4,
 )
 
 GRANS = ["per_tensor", "per_channel", "per_group", "per_token"]
