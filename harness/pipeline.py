@@ -184,6 +184,9 @@ def _execute(cfg: DictConfig, record: RunRecord, timer: Timer) -> None:
         safe_name(cfg[group].name, f"{group}.name")
     method = build_method(cfg.method, cfg.paths.runs_dir)
     record.provenance["method"] = method.describe()
+    reason = method.check_bits()
+    if reason:   # before paying for the model load
+        raise Skip(reason)
     data_dir = resolve_data_dir(cfg.paths.get("data_dir"))
     cache_dir = Path(cfg.paths.cache_dir)
     torch.manual_seed(int(cfg.seed))

@@ -105,13 +105,22 @@ class Method(ABC, Generic[C]):
     def needs_calibration(self) -> bool:
         return False
 
-    def check(self, spec: ModelSpec) -> str | None:
+    def check_bits(self) -> str | None:
+        """Why this method cannot run at its bit widths on any model, or None (no model needed:
+        the pipeline asks before loading one)."""
         c = self.config
         if not (c.quantizes_weights or c.quantizes_activations) and self.name != "fp16":
             return f"{self.name} at w16a16 quantizes nothing: that is the fp16 baseline"
         if self.supported_bits is not None and (c.w_bits, c.a_bits) not in self.supported_bits:
             pairs = ", ".join(f"w{w}a{a}" for w, a in sorted(self.supported_bits, reverse=True))
             return f"{self.name} does not support w{c.w_bits}a{c.a_bits} (supported: {pairs})"
+        return None
+
+    def check(self, spec: ModelSpec) -> str | None:
+        reason = self.check_bits()
+        if reason:
+            return reason
+        c = self.config
         if c.quantizes_weights and c.group_size:
             bad = sorted({k for k in spec.in_features.values() if k % c.group_size})
             if bad:
