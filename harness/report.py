@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -113,10 +114,43 @@ def records_frame(store) -> pd.DataFrame:
             "calib": (f"{calib.get('dataset')}-{calib.get('n_samples')}x{calib.get('seqlen')}"
                       if calib else None),
             "method_cfg": meth,
-            "fptq_policy": (r.get("artifacts") or {}).get("fptq_policy"),
+            "fptq_policy": policy_rows((r.get("artifacts") or {}).get("fptq_policy")),
         }
     cols = pd.DataFrame.from_dict(extra, orient="index")
-    return df.join(cols, on="run_id")
+    df = df.join(cols, on="run_id")
+    df["method"] = [f"{m} ({v})" if v else m
+                    for m, v in zip(df["method"], method_variants(df), strict=True)]
+    return df
+
+
+def policy_rows(policy: Any) -> list[dict] | None:
+    """FPTQ's policy artifact: {"rows": [...], "counts": ...} (or a bare row list)."""
+    if isinstance(policy, dict):
+        policy = policy.get("rows")
+    return policy if isinstance(policy, list) else None
+
+
+_BITS_KEYS = {"w_bits", "a_bits", "group_size", "name", "_target_"}
+
+
+def method_variants(df: pd.DataFrame) -> list[str]:
+    """Per row, the method hyper-parameters that differ from the most common value among the
+    records of the same method (e.g. "act_mode=dynamic_token"), so ablation runs of one
+    method get distinct labels; "" for the common setting."""
+    out = [""] * len(df)
+    cfgs = [c if isinstance(c, dict) else {} for c in df["method_cfg"]]
+    for method in set(df["method"]):
+        idx = [i for i, m in enumerate(df["method"]) if m == method]
+        keys = sorted({k for i in idx for k in cfgs[i]} - _BITS_KEYS)
+        for k in keys:
+            vals = [json.dumps(cfgs[i].get(k), sort_keys=True, default=str) for i in idx]
+            if len(set(vals)) < 2:
+                continue
+            common = max(set(vals), key=vals.count)
+            for i, v in zip(idx, vals, strict=True):
+                if v != common:
+                    out[i] = ", ".join(filter(None, [out[i], f"{k}={json.loads(v)}"]))
+    return out
 
 
 # ---------------------------------------------------------------------------------------

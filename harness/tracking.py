@@ -71,7 +71,8 @@ class WandbTracker:
             data: dict[str, Any] = dict(record.metrics)
             data.update({f"time/{k}": v for k, v in record.timings.items()})
             data.update({f"memory/{k}": v for k, v in record.memory.items()})
-            policy = (record.artifacts or {}).get("fptq_policy")
+            from harness.report import policy_rows
+            policy = policy_rows((record.artifacts or {}).get("fptq_policy"))
             if isinstance(policy, list) and policy:
                 cols = sorted({k for row in policy for k in row})
                 data["fptq_policy"] = wandb.Table(

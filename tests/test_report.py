@@ -347,3 +347,15 @@ def test_reproduction_experiments_compose(compose_cfg, name, datasets):
     assert cfg.eval.max_windows is None and cfg.eval.evaluators == ["ppl"]
     assert (cfg.calib.dataset, cfg.calib.n_samples, cfg.calib.seqlen) == ("c4", 128, 2048)
     assert cfg.sweep == name
+
+
+def test_ablation_runs_get_variant_labels_and_policy_dicts_are_read(tmp_path):
+    store = ResultStore(tmp_path)
+    for i, policy in enumerate(("layerwise", "layerwise", "all_static")):
+        rec = _rec(i, "m", "fptq", "w4a8", cfg_hash=f"h{i}", metrics={"ppl_ptb": 10.0 + i},
+                   artifacts={"fptq_policy": {"rows": POLICY, "counts": {}}})
+        rec.config["method"].update(policy=policy, v0=15 if i else 5)
+        store.write(rec)
+    df = R.records_frame(store).sort_values("run_id")
+    assert list(df["method"]) == ["fptq (v0=5)", "fptq", "fptq (policy=all_static)"]
+    assert all(isinstance(p, list) and len(p) == len(POLICY) for p in df["fptq_policy"])
