@@ -158,23 +158,33 @@ def _grouped_int_matmul(a: Tensor, b: Tensor, group_size: int, backend: str) -> 
 _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _check_x_scale(x_scale: Tensor, m: int) -> Tensor:
-    """[M] per-token or [] / [1] per-tensor -> fp32 tensor broadcastable to [M, N]."""
+_ACC_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_x_scale(x_scale: Tensor, m: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """[M] per-token or [] / [1] per-tensor -> tensor (fp32 values, in `dtype`)
+    broadcastable to [M, N]."""
     if x_scale.dim() == 0 or x_scale.shape == (1,):
-        return x_scale.to(torch.float32).reshape(())
+        return x_scale.to(torch.float32).to(dtype).reshape(())
     if x_scale.shape != (m,):
         raise ValueError(f"x_scale must have shape [{m}] or [], got {tuple(x_scale.shape)}")
-    return x_scale.to(torch.float32)[:, None]
+    return x_scale.to(torch.float32).to(dtype)[:, None]
 
 
 def _epilogue(y: Tensor, x_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    """y [M, N] fp32 -> (y * x_scale + bias).to(out_dtype), in that order (as the kernels)."""
-    y = y * _check_x_scale(x_scale, y.shape[0])
+    """y [M, N] (fp32, or fp64 for acc_dtype=float64) -> (y * x_scale + bias).to(out_dtype),
+    in that order (as the kernels)."""
+    y = y * _check_x_scale(x_scale, y.shape[0], y.dtype)
     if bias is not None:
         if bias.shape != (y.shape[1],):
             raise ValueError(f"bias must have shape [{y.shape[1]}], got {tuple(bias.shape)}")
-        y = y + bias.to(torch.float32)
+        y = y + bias.to(torch.float32).to(y.dtype)
     return y.to(out_dtype)
+
+
+def _check_acc_dtype(acc_dtype: torch.dtype) -> None:
+    if acc_dtype not in _ACC_DTYPES:
+        raise TypeError(f"acc_dtype must be one of {_ACC_DTYPES}, got {acc_dtype}")
 
 
 def w4a8_gemm_ref(
@@ -186,12 +196,18 @@ def w4a8_gemm_ref(
     bias: Tensor | None = None,
     out_dtype: torch.dtype = torch.float16,
     backend: str = "auto",
+    acc_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """W4A8 GEMM reference: xq int8 [M, K] x int4 weights (packed uint8 [N, K//2]) -> [M, N].
 
     acc_g[m, n] = sum_{k in group g} xq[m, k] * w[n, k]   (exact int32)
     y = sum_g float32(acc_g) * float32(w_scale[n, g])     (fp32, groups in order)
     y = y * x_scale (per-row [M] or scalar []) + bias, cast to out_dtype.
+
+    acc_dtype float64 runs the scale epilogue (group sum, * x_scale, + bias) in fp64: the
+    result is then the exact value rounded once to out_dtype (up to fp64 rounding), i.e.
+    independent of summation order. The kernels and the default use fp32 (order-dependent
+    ~1e-7 rounding). Only for tests and exactness checks (see docs/checkpoint_format.md).
     """
     if xq.dtype != torch.int8:
         raise TypeError(f"xq must be int8, got {xq.dtype}")
@@ -206,9 +222,10 @@ def w4a8_gemm_ref(
         raise ValueError(f"w_scale must have shape [{n}, {n_groups}], got {tuple(w_scale.shape)}")
     if out_dtype not in _OUT_DTYPES:
         raise TypeError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    _check_acc_dtype(acc_dtype)
     w = unpack_int4(w_packed)
-    ws = w_scale.to(torch.float32)
-    y = torch.zeros(m, n, dtype=torch.float32, device=xq.device)
+    ws = w_scale.to(torch.float32).to(acc_dtype)
+    y = torch.zeros(m, n, dtype=acc_dtype, device=xq.device)
     # chunk groups so the [Gc, M, N] int32 partials stay under ~64M elements
     chunk = max(1, min(n_groups, (64 * 2**20) // max(1, m * n)))
     for g0 in range(0, n_groups, chunk):
@@ -216,7 +233,7 @@ def w4a8_gemm_ref(
         sl = slice(g0 * group_size, g1 * group_size)
         acc = _grouped_int_matmul(xq[:, sl], w[:, sl], group_size, backend)
         for j in range(g1 - g0):
-            y = y + acc[j].to(torch.float32) * ws[:, g0 + j]
+            y = y + acc[j].to(acc_dtype) * ws[:, g0 + j]
     return _epilogue(y, x_scale, bias, out_dtype)
 
 
@@ -228,10 +245,12 @@ def w8a8_gemm_ref(
     bias: Tensor | None = None,
     out_dtype: torch.dtype = torch.float16,
     backend: str = "auto",
+    acc_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """W8A8 GEMM reference: y = float32(xq @ wq.T (exact int32)) * w_scale[n] * x_scale + bias.
 
     xq int8 [M, K], x_scale fp32 [M] or [], wq int8 [N, K], w_scale fp32 [N] (per channel).
+    acc_dtype float64: epilogue in fp64, as in `w4a8_gemm_ref`.
     """
     if xq.dtype != torch.int8 or wq.dtype != torch.int8:
         raise TypeError(f"xq and wq must be int8, got {xq.dtype} and {wq.dtype}")
@@ -239,6 +258,7 @@ def w8a8_gemm_ref(
         raise ValueError(f"w_scale must have shape [{wq.shape[0]}], got {tuple(w_scale.shape)}")
     if out_dtype not in _OUT_DTYPES:
         raise TypeError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    _check_acc_dtype(acc_dtype)
     acc = int_matmul(xq, wq, backend)
-    y = acc.to(torch.float32) * w_scale.to(torch.float32)
+    y = acc.to(acc_dtype) * w_scale.to(torch.float32).to(acc_dtype)
     return _epilogue(y, x_scale, bias, out_dtype)

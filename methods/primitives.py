@@ -28,6 +28,7 @@ EPS = 1e-8
 __all__ = [
     "QParams", "qrange", "compute_qparams", "quantize", "dequantize", "fake_quantize",
     "pack_int4", "unpack_int4", "quantize_weight", "recover_codes",
+    "quantize_activation", "fake_quantize_activation",
 ]
 
 
@@ -126,10 +127,10 @@ def fake_quantize_weight(W: Tensor, bits: int, group_size: int | None,
     return dequantize(q, qp, gran, group_size, W.dtype)
 
 
-def fake_quantize_activation(x: Tensor, bits: int, mode: str,
-                             static_scale: Tensor | None = None) -> Tensor:
-    """Symmetric activation fake-quant. mode: 'static_tensor' (calibrated s) or
-    'dynamic_token' (s per row of x [..., K])."""
+def quantize_activation(x: Tensor, bits: int, mode: str,
+                        static_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Symmetric activation quantization -> (integer codes q as x.dtype, scale s), x ~ q * s.
+    mode: 'static_tensor' (calibrated s, []) or 'dynamic_token' (s [..., 1] per row of x)."""
     lo, hi = qrange(bits, True)
     if mode == "static_tensor":
         if static_scale is None:
@@ -139,7 +140,14 @@ def fake_quantize_activation(x: Tensor, bits: int, mode: str,
         s = (x.abs().amax(dim=-1, keepdim=True) / hi).clamp_min(EPS)
     else:
         raise ValueError(f"unknown activation mode {mode!r}")
-    return torch.clamp(torch.round(x / s), lo, hi) * s
+    return torch.clamp(torch.round(x / s), lo, hi), s
+
+
+def fake_quantize_activation(x: Tensor, bits: int, mode: str,
+                             static_scale: Tensor | None = None) -> Tensor:
+    """Symmetric activation fake-quant q * s (see `quantize_activation`)."""
+    q, s = quantize_activation(x, bits, mode, static_scale)
+    return q * s
 
 
 def recover_codes(W_hat: Tensor, scale: Tensor, zero: Tensor | None, bits: int,

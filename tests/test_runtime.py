@@ -1,21 +1,25 @@
 """Runtime modules vs the simulated model, exact code recovery, checkpoints, latency eval."""
 
 import copy
+import functools
 import json
 
 import pytest
 import torch
 from omegaconf import OmegaConf
+import torch.nn.functional as F
 from torch import nn
 
 from harness.evals import EvalContext, get_evaluator
 from harness.models import tiny_llama, tiny_tokenizer
+from kernels import reference as kref
 from harness.pipeline import run_one
 from methods.arch import ModelSpec
 from methods.base import build
 from methods.checkpoint import CheckpointError, load_runtime_checkpoint, save_runtime_checkpoint
 from methods.layers import FakeQuantLinear, iter_block_linears, replace_linear
-from methods.primitives import compute_qparams, dequantize, quantize_weight, recover_codes
+from methods.primitives import (
+    compute_qparams, dequantize, quantize_activation, quantize_weight, recover_codes)
 from methods.rtn import RTNConfig, quantize_linear_rtn
 from methods.runtime import W4A8Linear, W8A8Linear, WeightOnlyLinear, convert_to_runtime
 from tests.conftest import REPO, TINY_QUICK
@@ -71,6 +75,77 @@ WEIGHT_ONLY_CASES = [
     RTNConfig(w_bits=3, a_bits=16, group_size=32, symmetric=False),
     RTNConfig(w_bits=8, a_bits=16, group_size=None),
 ]
+
+
+def _exact_fake_quant_forward(self, x):
+    """FakeQuantLinear.forward with an order-independent matmul: q_x * s_x and W_hat are
+    exact in fp64 (8 + 24 and 4 + 11 significant bits), sums in fp64, one rounding to x.dtype."""
+    if self.smooth_inv is not None:
+        x = x * self.smooth_inv.to(x.dtype)
+    q, s = quantize_activation(x, self.a_bits, self.act_mode, self.act_scale)
+    bias = None if self.bias is None else self.bias.double()
+    return F.linear(q.double() * s.double(), self.weight.double(), bias).to(x.dtype)
+
+
+def exact_accumulation(monkeypatch):
+    """Both models accumulate exactly (fp64) and round once: the W4A8 runtime and simulated
+    models then compute the same real number per output, so they agree bit for bit unless a
+    code is wrong. In fp32 they differ by summation order only (~1e-7 per linear), which the
+    activation rounding of later layers amplifies (see docs/checkpoint_format.md)."""
+    monkeypatch.setattr(FakeQuantLinear, "forward", _exact_fake_quant_forward)
+    monkeypatch.setattr(kref, "w4a8_gemm_ref",
+                        functools.partial(kref.w4a8_gemm_ref, acc_dtype=torch.float64))
+
+
+# down_proj inputs of SmolLM2-135M reach ~2500-3000 on layers 11/28/29; same size here
+BIG_OUTLIERS = {"0.input_layernorm": 40.0, "1.mlp.up_proj": 3000.0}
+EXACT_CASES = [c for c in A8_CASES if c[1] is W4A8Linear]
+
+
+@pytest.mark.parametrize("cfg,kind", EXACT_CASES, ids=lambda c: getattr(c, "bits_label", ""))
+def test_w4a8_runtime_equals_simulation_with_exact_accumulation(cfg, kind, monkeypatch):
+    """Regression for the SmolLM2 fp32 ppl gap (+0.94%): it is fp32 summation order amplified
+    by activation rounding, not a code/scale mismatch. With exact accumulation on both sides
+    the whole model agrees to fp64 rounding, outliers of 3000 included."""
+    model = tiny_llama(outliers=BIG_OUTLIERS)
+    spec = ModelSpec.from_model(model, "tiny-llama")
+    method = build(cfg)
+    sim = method.quantize(model, spec, _calib() if method.needs_calibration else None)
+    rt, report = runtime_of(sim, spec)
+    assert report["converted"] == {"W4A8Linear": 14}
+    seen = []
+    hook = sim.get_submodule("model.layers.1.mlp.down_proj").register_forward_hook(
+        lambda m, a, o: seen.append(float(a[0].abs().max())))
+    a, b = logits(sim), logits(rt)
+    hook.remove()
+    assert max(seen) > 1000               # the outlier reaches down_proj
+    assert_logits_agree_pair(a, b)          # fp32: only order-dependent rounding differs
+    exact_accumulation(monkeypatch)
+    a, b = logits(sim), logits(rt)
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-6 * float(a.abs().max()))
+
+
+def test_one_linear_with_outlier_rows_agrees_to_fp32_rounding(monkeypatch):
+    """Rows of |x| ~ 3000 next to ordinary ones: codes and scales identical, outputs equal to
+    fp32 rounding (and bit for bit with exact accumulation)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 48)
+    fq = quantize_linear_rtn(lin, RTNConfig(w_bits=4, a_bits=8, group_size=64,
+                                            act_mode="dynamic_token"), None)
+    x = torch.randn(6, 128)
+    x[1, 5] = 3000.0
+    x[3, 77] = -2500.0
+    x[4] = x[4] * 1e-3
+    rt = W4A8Linear.from_fake_quant(fq)
+    xq, xs = kref.quant_per_token_ref(x)
+    q, s = quantize_activation(x, 8, "dynamic_token")
+    torch.testing.assert_close(xq.float(), q, rtol=0, atol=0)
+    torch.testing.assert_close(xs, s[:, 0], rtol=0, atol=0)
+    with torch.no_grad():
+        y_sim, y_rt = fq(x), rt(x)
+        torch.testing.assert_close(y_rt, y_sim, rtol=2e-6, atol=2e-6 * float(y_sim.abs().max()))
+        exact_accumulation(monkeypatch)
+        torch.testing.assert_close(rt(x), fq(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("cfg,kind", A8_CASES, ids=lambda c: getattr(c, "bits_label", ""))
@@ -301,7 +376,7 @@ def assert_logits_agree_pair(a, b, rel_tol=1e-2, top1_min=0.99):
 # ------------------------------------------------------------------ SmolLM2 (slow)
 
 @pytest.mark.slow
-def test_smollm2_runtime_ppl_matches_simulation(compose_cfg, data_dir):
+def test_smollm2_runtime_ppl_matches_simulation(compose_cfg, data_dir, monkeypatch):
     from harness.data import eval_text
     from harness.evals.ppl import make_windows, perplexity, tokenize_text, window_nlls
     from harness.models import load_model
@@ -312,11 +387,22 @@ def test_smollm2_runtime_ppl_matches_simulation(compose_cfg, data_dir):
     sim = method.quantize(lm.model, lm.spec, None)
     ids = tokenize_text(lm.tokenizer, eval_text("wikitext2", data_dir, False))
     windows = make_windows(ids, 512)[:2]
-    ppl_sim = perplexity(window_nlls(sim, windows))
-    rt = method.to_runtime(sim, lm.spec)
+    nll_sim = window_nlls(sim, windows)
+    ppl_sim = perplexity(nll_sim)
+    rt = method.to_runtime(copy.deepcopy(sim), lm.spec)   # converts in place
     assert method.artifacts["runtime"]["converted"] == {"W4A8Linear": 7 * 30}
-    ppl_rt = perplexity(window_nlls(rt, windows))
-    # measured (fp32, CPU): sim 39.620, runtime 39.992 (+0.94%). Single linears agree to 1e-5;
-    # the gap is accumulated code flips over 30 layers with 150+ down_proj outliers (not yet
-    # attributed layer by layer), so the bound is 2%, not the 0.5% hoped for.
+    nll_rt = window_nlls(rt, windows)
+    ppl_rt = perplexity(nll_rt)
+    # Exact accumulation on both sides: the runtime IS the simulated model (measured: NLLs
+    # bit-identical, ppl 39.7426 both). Every code, scale, clamp and tie agrees, outliers of
+    # ~2500 on the down_proj of layers 11/28 included; any wrong code would show here.
+    exact_accumulation(monkeypatch)
+    torch.testing.assert_close(window_nlls(rt, windows), window_nlls(sim, windows),
+                               rtol=0, atol=1e-6)
+    # fp32 (measured on CPU): sim 39.620, runtime 39.992 (+0.94%). Linears fed the same input
+    # agree to < 1e-6 relative (summation order), but those ~1e-7 differences move codes of
+    # later layers across rounding boundaries and the model output drifts by the size of the
+    # quantization noise itself. Equivalent fp32 orderings of the *simulation* spread as much:
+    # exact sums +0.31%, fp64 sums of fp32 q*s -1.05%, (q @ W^T) * s +1.36%. The gap is a draw
+    # from that spread, so the bound stays 2% (and the exactness check above is the tight one).
     assert abs(ppl_rt / ppl_sim - 1) < 2e-2, (ppl_sim, ppl_rt)
