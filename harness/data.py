@@ -98,7 +98,7 @@ def _hub_texts(name: str, split: str) -> list[str]:
 def eval_text(name: str, data_dir: Path | None, allow_hub: bool = False) -> str:
     """The evaluation text of the GPTQ protocol: WikiText-2 test rows joined with "\\n\\n";
     C4 = first 1,100 validation documents joined with " " (the local copy has 1,025);
-    PTB test sentences joined with "\\n\\n"."""
+    PTB test sentences joined with " " (GPTQ's LLaMA protocol, get_ptb_new)."""
     try:
         if name == "wikitext2":
             return "\n\n".join(_wikitext_rows(require_file(data_dir, WIKITEXT2_TEST, "WikiText-2")))
@@ -111,7 +111,9 @@ def eval_text(name: str, data_dir: Path | None, allow_hub: bool = False) -> str:
         rows = _hub_texts(name, "test" if name == "wikitext2" else "validation")
         return "\n\n".join(rows) if name == "wikitext2" else " ".join(rows[:1100])
     if name == "ptb":
-        return "\n\n".join(_ptb_sentences("test"))
+        # GPTQ's get_ptb_new (its LLaMA protocol): test sentences joined with " ". (Its older
+        # get_ptb joins the validation split with "\n\n", whose easy newline tokens lower ppl.)
+        return " ".join(_ptb_sentences("test"))
     raise ValueError(f"unknown perplexity dataset {name!r}; use wikitext2, c4 or ptb")
 
 
