@@ -27,6 +27,7 @@ install: $(STAMP)
 # The default sweep on the embedded SmolLM2-135M: fp16 and rtn at w16a16/w8a8/w4a16/w4a8.
 demo: install
 	$(BIN)/ptqbench -m experiment=demo paths.results_dir=results/demo
+	$(BIN)/ptqbench experiment=demo method=rtn bits=w4a8 method.act_mode=static_tensor paths.results_dir=results/demo
 	$(BIN)/ptqbench-report --runs results/demo/runs --model smollm2-135m --eval ppl-quick --print
 	@echo "records: results/demo/runs/ (one JSON per job); Hydra logs: results/demo/hydra/"
 

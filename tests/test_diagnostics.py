@@ -167,7 +167,7 @@ def test_asymmetric_zero_points_are_counted_at_w_bits():
 
 
 def test_distributions_eval_writes_table_and_plots(compose_cfg):
-    rec = run_one(compose_cfg(*TINY_DIAG, "method=rtn", "bits=w4a8", "eval=distributions"))
+    rec = run_one(compose_cfg(*TINY_DIAG, "method=rtn", "bits=w4a8", "method.act_mode=static_tensor", "eval=distributions"))
     assert rec.status == "ok", rec.error
     rows = rec.artifacts["distributions"]
     assert len(rows) == 14 and {"sqnr_w_db", "sqnr_x_db", "x_kurtosis", "x_top_channels",
@@ -181,7 +181,7 @@ def test_distributions_eval_writes_table_and_plots(compose_cfg):
 
 
 def test_sensitivity_run_then_keep_top_k_sensitive(compose_cfg):
-    cfg = compose_cfg(*TINY_DIAG, "method=rtn", "bits=w4a8", "eval=sensitivity",
+    cfg = compose_cfg(*TINY_DIAG, "method=rtn", "bits=w4a8", "method.act_mode=static_tensor", "eval=sensitivity",
                       "eval.groups=[block,type]")
     rec = run_one(cfg)
     assert rec.status == "ok", rec.error
@@ -193,7 +193,7 @@ def test_sensitivity_run_then_keep_top_k_sensitive(compose_cfg):
     worst_block = next(r for r in table if r["kind"] == "block")
 
     path = Path(cfg.paths.runs_dir) / f"{rec.run_id}.json"
-    mixed = run_one(compose_cfg(*TINY_DIAG, "method=rtn", "bits=w4a8", "eval=ppl-quick",
+    mixed = run_one(compose_cfg(*TINY_DIAG, "method=rtn", "bits=w4a8", "method.act_mode=static_tensor", "eval=ppl-quick",
                                 "eval.datasets=[ptb]", "method.keep_top_k_sensitive=1",
                                 f"method.sensitivity_from={path}"))
     assert mixed.status == "ok", mixed.error

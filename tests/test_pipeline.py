@@ -12,7 +12,7 @@ from tests.conftest import REPO, TINY_QUICK
 
 
 def test_rtn_job_writes_ok_record(compose_cfg):
-    cfg = compose_cfg(*TINY_QUICK, "method=rtn", "bits=w4a8")
+    cfg = compose_cfg(*TINY_QUICK, "method=rtn", "bits=w4a8", "method.act_mode=static_tensor")
     rec = run_one(cfg)
     assert rec.status == "ok", rec.error
     assert rec.metrics["ppl_ptb"] > 1
@@ -74,7 +74,7 @@ def test_missing_data_fails_with_file_name(compose_cfg, tmp_path, monkeypatch):
 
 
 def test_static_activations_need_calibration_and_run_blockwise(compose_cfg):
-    rec = run_one(compose_cfg(*TINY_QUICK, "method=rtn", "bits=w8a8"))
+    rec = run_one(compose_cfg(*TINY_QUICK, "method=rtn", "bits=w8a8", "method.act_mode=static_tensor"))
     assert rec.status == "ok"
     stats = rec.artifacts["activation_stats"]
     assert len(stats) == 14 and all(r["max_abs"] > 0 for r in stats)

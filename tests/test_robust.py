@@ -31,7 +31,7 @@ from methods.base import build
 from methods.rtn import RTNConfig
 from tests.conftest import REPO, TINY_QUICK
 
-RTN_STATIC = [*TINY_QUICK, "method=rtn", "bits=w4a8"]
+RTN_STATIC = [*TINY_QUICK, "method=rtn", "bits=w4a8", "method.act_mode=static_tensor"]
 
 
 # ---------------------------------------------------------------- store
