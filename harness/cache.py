@@ -35,6 +35,7 @@ from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
+from harness.fsutil import fsync_dir
 from harness.security import safe_name, within_root
 from methods.arch import ModelSpec
 from methods.base import Method
@@ -164,19 +165,6 @@ def _write_json(path: Path, data: Any) -> None:
         os.fsync(fh.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 @dataclass
 class CachedQuantization:
     model: nn.Module
@@ -290,7 +278,7 @@ class QuantizedModelCache:
                               "bytes": (tmp / ARTIFACTS).stat().st_size},
                 "fake_quant": layout, **dict(extra or {})}
             _write_json(tmp / MANIFEST, manifest)   # last: its presence marks completeness
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             try:
                 os.rename(tmp, final)
             except OSError:
@@ -298,7 +286,7 @@ class QuantizedModelCache:
                     raise
                 log.info("cache entry %s was written by another job; keeping it", final)
                 return final
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             log.info("cached quantized model %s (%.1f MB)", final,
                      manifest["weights"]["bytes"] / 2**20)
             return final

@@ -17,9 +17,9 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _git(*args: str) -> str | None:
+def _git(*args: str, cwd: Path = REPO_ROOT) -> str | None:
     try:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
@@ -48,11 +48,27 @@ def device_name(device: torch.device) -> str:
     return f"cpu: {cpu_name()} ({os.cpu_count()} cores)"
 
 
+def read_git_state(root: Path = REPO_ROOT) -> dict[str, Any]:
+    """git sha and dirty flag (tracked files) of the checkout at `root`, read now; None
+    values when git or the repository is unavailable."""
+    status = _git("status", "--porcelain", "--untracked-files=no", cwd=root)
+    return {"git_sha": _git("rev-parse", "HEAD", cwd=root),
+            "git_dirty": bool(status) if status is not None else None}
+
+
+# Read once, when this module is first imported: the code the process runs. A long
+# (multirun) process must not report a commit checked out after it started.
+_IMPORT_GIT_STATE = read_git_state()
+
+
+def code_git_state() -> dict[str, Any]:
+    """The git state captured at import (a copy)."""
+    return dict(_IMPORT_GIT_STATE)
+
+
 def collect(device: torch.device, seed: int | None) -> dict[str, Any]:
-    status = _git("status", "--porcelain", "--untracked-files=no")
     return {
-        "git_sha": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(status) if status is not None else None,
+        **code_git_state(),
         "python": sys.version.split()[0],
         "versions": {d: _version(d) for d in ("ptqbench", "torch", "transformers", "triton",
                                                "lm_eval", "hydra-core", "llmcompressor")},

@@ -30,6 +30,8 @@ from typing import Any, Literal
 
 import pandas as pd
 
+from harness.fsutil import fsync_dir
+
 log = logging.getLogger(__name__)
 
 Status = Literal["ok", "failed", "skipped"]
@@ -123,20 +125,6 @@ def _write_new(path: Path, payload: bytes) -> None:
         raise
 
 
-def _fsync_dir(path: Path) -> None:
-    """Persist a new directory entry (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _parquet_safe(df: pd.DataFrame) -> pd.DataFrame:
     """Object columns holding mixed types (e.g. a metric that is a float in one record and
     a dict in another) become JSON text so Arrow can store them."""
@@ -177,7 +165,7 @@ class ResultStore:
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return final
 
     def paths(self) -> list[Path]:

@@ -1,4 +1,5 @@
-"""Shared Triton pieces: interpreter detection, int8 rounding, split-K reduction, checks.
+"""Shared Triton pieces: interpreter detection, int8 rounding, split-K reduction and the
+GEMM launch plan (decode/prefill, split-K, autotuned or interpreter config), checks.
 
 Imports triton at top; the rest of the package only imports this module lazily.
 """
@@ -6,6 +7,8 @@ Imports triton at top; the rest of the package only imports this module lazily.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import triton
@@ -15,6 +18,10 @@ from triton.language.extra import libdevice
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 RINT_MAGIC = 12582912.0  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 to nearest-even in fp32
+DECODE_MAX_M = 64  # M <= this: decode tiles (BLOCK_M 16..64) and split-K
+MAX_SPLIT_K = 16
+DECODE_BLOCK_N = 64
+INTERP_BLOCK_N = 32
 
 
 @triton.jit
@@ -69,6 +76,65 @@ def splitk_reduce(ws: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     mn = out.numel()
     block = 1024
     _splitk_reduce_kernel[(triton.cdiv(mn, block),)](ws, out, mn, SPLIT_K=ws.shape[0], BLOCK=block)
+    return out
+
+
+def pick_split_k(tiles: int, n_chunks: int, device: torch.device, split_k: int | None) -> tuple[int, int]:
+    """-> (split, chunks_per_split): enough programs for ~2 waves, whole chunks per split."""
+    if split_k is None:
+        target = 2 * num_sms(device.index)
+        split_k = 1 if tiles >= target else min(MAX_SPLIT_K, triton.cdiv(target, tiles))
+    split_k = max(1, min(int(split_k), n_chunks))
+    per_split = triton.cdiv(n_chunks, split_k)
+    return triton.cdiv(n_chunks, per_split), per_split
+
+
+def launch_splitk_gemm(
+    out: torch.Tensor,
+    n_chunks: int,
+    split_k: int | None,
+    make_args: Callable[[torch.Tensor, int], tuple],
+    meta: dict,
+    kernel,
+    tuned_kernel: Callable[[str], Any],
+    interp_meta: dict,
+) -> torch.Tensor:
+    """Launch a split-K GEMM kernel writing out [M, N] (M, N > 0), shared by W4A8 / W8A8.
+
+    Decode (M <= DECODE_MAX_M): BLOCK_M = next pow2 >= 16, BLOCK_N fixed, K split in whole
+    chunks until ~2 waves of programs; prefill: one split (unless split_k), tile shape
+    autotuned (or fixed under the interpreter). make_args(dest, chunks_per_split) builds the
+    kernel's positional arguments; tuned_kernel(mode) its autotuned wrapper ("decode" /
+    "prefill"); interp_meta the fixed config used without autotuning. fp32 partials
+    [split, M, N] are reduced into out in split order."""
+    m, n = out.shape
+    device = out.device
+    decode = m <= DECODE_MAX_M
+    tuned = use_autotune(device)
+    if decode:
+        block_m = max(16, next_pow2(m))
+        block_n = DECODE_BLOCK_N if tuned else INTERP_BLOCK_N
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        split, per_split = pick_split_k(tiles, n_chunks, device, split_k)
+    else:
+        block_m, block_n = (None, None) if tuned else (32, INTERP_BLOCK_N)
+        split, per_split = pick_split_k(1, n_chunks, device, split_k or 1)
+    dest = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=device)
+    args = make_args(dest, per_split)
+    if tuned and decode:
+        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split)
+        tuned_kernel("decode")[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
+    elif tuned:
+
+        def grid(meta_):
+            return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]), split)
+
+        tuned_kernel("prefill")[grid](*args, **meta)
+    else:
+        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split)
+        kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, **interp_meta)
+    if split > 1:
+        splitk_reduce(dest, out)
     return out
 
 

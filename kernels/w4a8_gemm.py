@@ -45,16 +45,12 @@ from kernels._triton_common import (
     check_out_dtype,
     check_tensor,
     check_x_scale,
+    launch_splitk_gemm,
     next_pow2,
-    num_sms,
     require,
-    splitk_reduce,
-    use_autotune,
 )
 
 MIN_GROUP = 64
-DECODE_MAX_M = 64
-MAX_SPLIT_K = 16
 
 
 @triton.jit
@@ -149,8 +145,6 @@ _PREFILL_TUNE = [
 ]
 # interpreter / CPU: one small fixed config (dots still >= 16 x 16 x 32, as the GPU needs)
 _INTERP_CONFIG = {"BLOCK_K": 64, "GROUP_M": 4}
-DECODE_BLOCK_N = 64
-INTERP_BLOCK_N = 32
 
 
 @functools.cache
@@ -161,16 +155,6 @@ def _tuned_kernel(mode: str, group_size: int):
     key = ["N", "K", "GROUP_SIZE", "PER_TOKEN", "HAS_BIAS"]
     key += ["BLOCK_M", "BLOCK_N", "GROUPS_PER_SPLIT"] if mode == "decode" else ["M_BUCKET"]
     return triton.autotune(configs=configs, key=key)(_w4a8_kernel)
-
-
-def pick_split_k(tiles: int, n_chunks: int, device: torch.device, split_k: int | None) -> tuple[int, int]:
-    """-> (split, chunks_per_split): enough programs for ~2 waves, whole chunks per split."""
-    if split_k is None:
-        target = 2 * num_sms(device.index)
-        split_k = 1 if tiles >= target else min(MAX_SPLIT_K, triton.cdiv(target, tiles))
-    split_k = max(1, min(int(split_k), n_chunks))
-    per_split = triton.cdiv(n_chunks, split_k)
-    return triton.cdiv(n_chunks, per_split), per_split
 
 
 def check_w4a8_weight(w_packed: torch.Tensor, w_scale: torch.Tensor, group_size: int, device: torch.device) -> tuple[int, int]:
@@ -216,39 +200,17 @@ def w4a8_gemm(
     if m == 0 or n == 0:
         return out
     n_groups = k // group_size
-    decode = m <= DECODE_MAX_M
-    tuned = use_autotune(device)
-    if decode:
-        block_m = max(16, next_pow2(m))
-        block_n = DECODE_BLOCK_N if tuned else INTERP_BLOCK_N
-        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-        split, per_split = pick_split_k(tiles, n_groups, device, split_k)
-    else:
-        block_m, block_n = (None, None) if tuned else (32, INTERP_BLOCK_N)
-        split, per_split = pick_split_k(1, n_groups, device, split_k or 1)
-    dest = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=device)
-    args = (
-        xq, x_scale, w_packed, w_scale, bias if bias is not None else x_scale, dest,
-        m, n, k,
-        xq.stride(0), w_packed.stride(0), w_scale.stride(0), m * n, n,
-        per_split, next_pow2(m),
-    )  # fmt: skip
+
+    def make_args(dest: torch.Tensor, per_split: int) -> tuple:
+        return (
+            xq, x_scale, w_packed, w_scale, bias if bias is not None else x_scale, dest,
+            m, n, k,
+            xq.stride(0), w_packed.stride(0), w_scale.stride(0), m * n, n,
+            per_split, next_pow2(m),
+        )  # fmt: skip
+
     meta = {"GROUP_SIZE": group_size, "PER_TOKEN": per_token, "HAS_BIAS": bias is not None}
-
-    if tuned and decode:
-        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split)
-        _tuned_kernel("decode", group_size)[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
-    elif tuned:
-
-        def grid(meta_):
-            return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]), split)
-
-        _tuned_kernel("prefill", group_size)[grid](*args, **meta)
-    else:
-        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split)
-        _w4a8_kernel[grid](
-            *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, **_INTERP_CONFIG, num_warps=4
-        )
-    if split > 1:
-        splitk_reduce(dest, out)
-    return out
+    return launch_splitk_gemm(
+        out, n_groups, split_k, make_args, meta, _w4a8_kernel,
+        lambda mode: _tuned_kernel(mode, group_size), {**_INTERP_CONFIG, "num_warps": 4},
+    )  # fmt: skip

@@ -27,12 +27,10 @@ from kernels._triton_common import (
     check_out_dtype,
     check_tensor,
     check_x_scale,
+    launch_splitk_gemm,
     next_pow2,
     require,
-    splitk_reduce,
-    use_autotune,
 )
-from kernels.w4a8_gemm import DECODE_BLOCK_N, DECODE_MAX_M, INTERP_BLOCK_N, pick_split_k
 
 SPLIT_UNIT = 256  # K columns per split chunk; every BLOCK_K below divides it
 
@@ -149,39 +147,17 @@ def w8a8_gemm(
     if k == 0:
         return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
     chunks = triton.cdiv(k, SPLIT_UNIT)
-    decode = m <= DECODE_MAX_M
-    tuned = use_autotune(device)
-    if decode:
-        block_m = max(16, next_pow2(m))
-        block_n = DECODE_BLOCK_N if tuned else INTERP_BLOCK_N
-        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-        split, per_split = pick_split_k(tiles, chunks, device, split_k)
-    else:
-        block_m, block_n = (None, None) if tuned else (32, INTERP_BLOCK_N)
-        split, per_split = pick_split_k(1, chunks, device, split_k or 1)
-    dest = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=device)
-    args = (
-        xq, x_scale, wq, w_scale, bias if bias is not None else w_scale, dest,
-        m, n, k,
-        xq.stride(0), wq.stride(0), m * n, n,
-        per_split * SPLIT_UNIT, next_pow2(m),
-    )  # fmt: skip
+
+    def make_args(dest: torch.Tensor, per_split: int) -> tuple:
+        return (
+            xq, x_scale, wq, w_scale, bias if bias is not None else w_scale, dest,
+            m, n, k,
+            xq.stride(0), wq.stride(0), m * n, n,
+            per_split * SPLIT_UNIT, next_pow2(m),
+        )  # fmt: skip
+
     meta = {"PER_TOKEN": per_token, "HAS_BIAS": bias is not None}
-    if tuned and decode:
-        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split)
-        _tuned_kernel("decode")[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
-    elif tuned:
-
-        def grid(meta_):
-            return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]), split)
-
-        _tuned_kernel("prefill")[grid](*args, **meta)
-    else:
-        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split)
-        _w8a8_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, **_INTERP_CONFIG)
-    if split > 1:
-        splitk_reduce(dest, out)
-    return out
+    return launch_splitk_gemm(out, chunks, split_k, make_args, meta, _w8a8_kernel, _tuned_kernel, _INTERP_CONFIG)
 
 
 def w8a8_gemm_torch(

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from methods.arch import LinearGroup, ModelSpec, NormKind
+from methods.arch import LinearGroup, ModelSpec
 from methods.base import Calib, ConfigError, LinearStats, Method, QuantConfig, register
 from methods.blockwise import (
     BlockInputs,
@@ -39,6 +39,14 @@ from methods.blockwise import (
 from methods.layers import replace_linear
 from methods.primitives import compute_qparams, dequantize, quantize, weight_granularity
 from methods.rtn import quantize_linear_rtn
+from methods.smoothing import (
+    fold_into_linear_rows,
+    fold_into_norm,
+    kv_rows_from_o_channels,
+    needs_kv_sharing,
+    scale_linear_columns,
+    share_across_kv_repeat,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,31 +77,6 @@ class AWQConfig(QuantConfig):
             raise ConfigError(f"awq clip_max_shrink={self.clip_max_shrink} must be in [0, 1)")
         if self.clip_n_tokens < 1:
             raise ConfigError("awq clip_n_tokens must be >= 1")
-
-
-# TODO(merge): use methods.smoothing fold helpers
-def _fold_into_norm(norm: nn.Module, s: Tensor, kind: NormKind) -> None:
-    """norm(x) -> norm(x) / s for a per-channel s [K]."""
-    w = norm.weight.data
-    s = s.to(w)
-    if kind == "rmsnorm_plus_one":                 # out = x_hat * (1 + w)
-        norm.weight.data = (1 + w) / s - 1
-    else:
-        norm.weight.data = w / s
-    if getattr(norm, "bias", None) is not None:
-        norm.bias.data = norm.bias.data / s
-
-
-# TODO(merge): use methods.smoothing fold helpers
-def _fold_into_linear_rows(linear: nn.Linear, s: Tensor) -> None:
-    """linear(x) -> linear(x) / s: output rows divided by s [N]."""
-    linear.weight.data = linear.weight.data / s.to(linear.weight).unsqueeze(1)
-    if linear.bias is not None:
-        linear.bias.data = linear.bias.data / s.to(linear.bias)
-
-
-def _scale_columns(linear: nn.Linear, s: Tensor) -> None:
-    linear.weight.data = linear.weight.data * s.to(linear.weight).unsqueeze(0)
 
 
 def _fake_quant_weight(W: Tensor, cfg: QuantConfig) -> Tensor:
@@ -203,22 +186,22 @@ class AWQ(Method[AWQConfig]):
             cap.remove()
         return cap.caps
 
-    def _foldable(self, block: nn.Module, g: LinearGroup) -> tuple[bool, str]:
+    def _foldable(self, block: nn.Module, spec: ModelSpec, g: LinearGroup) -> tuple[bool, str]:
         if g.feeder is None or g.feeder_kind == "none":
             return False, "no feeder to fold into"
         if g.feeder_kind == "linear":
             if not self.config.fold_linear:
                 return False, "fold_linear=false"
-            rep = _feeder_repeat(block, g)
-            if rep > 1 and not self.config.gqa_shared_scale:
-                return False, f"GQA (feeder rows repeated {rep}x); gqa_shared_scale=false"
+            if needs_kv_sharing(block, g) and not self.config.gqa_shared_scale:
+                return False, (f"GQA (feeder rows repeated {spec.kv_repeat}x); "
+                               "gqa_shared_scale=false")
         return True, ""
 
     @torch.no_grad()
     def _search_and_apply_scale(self, block: nn.Module, spec: ModelSpec, g: LinearGroup,
                                 cap: _GroupCapture, inputs: BlockInputs
                                 ) -> dict[str, Any] | None:
-        ok, why = self._foldable(block, g)
+        ok, why = self._foldable(block, spec, g)
         if not ok:
             log.debug("awq: no scale for %s (%s)", g.role, why)
             return None
@@ -233,15 +216,18 @@ class AWQ(Method[AWQConfig]):
             X = X.to(dev).reshape(-1, K).float()
             x_mean += X.abs().sum(0)
             n_tok += X.shape[0]
-        rep = _feeder_repeat(block, g)
-        x_mean = _share_across_repeats(x_mean / n_tok, rep, spec.head_dim)
+        shared = needs_kv_sharing(block, g)      # v -> o under GQA: s equal across repeats
+        x_mean = x_mean / n_tok
+        if shared:
+            x_mean = share_across_kv_repeat(x_mean, spec, reduce="mean")
         w_mean = None
         if c.duo_scaling:
             W = torch.cat([lin.weight.float() for lin in linears.values()], 0)
             gs = c.group_size or K
             Wg = W.abs().view(W.shape[0], -1, gs)
-            w_mean = _share_across_repeats((Wg / Wg.amax(-1, keepdim=True).clamp_min(1e-8))
-                                           .view(W.shape[0], K).mean(0), rep, spec.head_dim)
+            w_mean = (Wg / Wg.amax(-1, keepdim=True).clamp_min(1e-8)).view(W.shape[0], K).mean(0)
+            if shared:
+                w_mean = share_across_kv_repeat(w_mean, spec, reduce="mean")
         mod = block.get_submodule(inspect_path(g)) if inspect_path(g) else block
         originals = {n: lin.weight.data.clone() for n, lin in linears.items()}
         losses, best, best_s = [], float("inf"), None
@@ -268,22 +254,25 @@ class AWQ(Method[AWQConfig]):
         if best_s is None:
             raise FloatingPointError(f"awq: every scale candidate of {g.role} gave a non-finite "
                                      "loss; check the calibration inputs")
-        self._apply_scale(block, spec, g, best_s, rep)
+        self._apply_scale(block, spec, g, best_s)
         cap.X[:] = [X / best_s.to(X) for X in cap.X]
         ratio = losses.index(best) / c.n_grid
         return {"group": g.role, "ratio": ratio, "loss": best, "loss_r0": losses[0],
                 "s_max": float(best_s.max()), "s_min": float(best_s.min())}
 
-    def _apply_scale(self, block: nn.Module, spec: ModelSpec, g: LinearGroup, s: Tensor,
-                     rep: int) -> None:
+    def _apply_scale(self, block: nn.Module, spec: ModelSpec, g: LinearGroup, s: Tensor
+                     ) -> None:
+        """Fold s in the weights' own dtype (dtype=None), as the search scored it."""
         feeder = block.get_submodule(g.feeder)
         if g.feeder_kind == "norm":
-            _fold_into_norm(feeder, s, spec.table.norm_kind)
+            fold_into_norm(feeder, s, spec.table.norm_kind, dtype=None)
         else:       # s is equal across the repeats: fold one copy per feeder row
-            d = spec.head_dim
-            _fold_into_linear_rows(feeder, s.view(-1, rep, d)[:, 0, :].reshape(-1))
+            rows = kv_rows_from_o_channels(s, spec) if needs_kv_sharing(block, g) else s
+            if rows is None:
+                raise AssertionError(f"awq: {g.role} scale not shared across the kv repeats")
+            fold_into_linear_rows(feeder, rows, dtype=None)
         for n in g.linears:
-            _scale_columns(block.get_submodule(n), s)
+            scale_linear_columns(block.get_submodule(n), s, dtype=None)
 
     @torch.no_grad()
     def _clip_group(self, block: nn.Module, g: LinearGroup, Xs: list[Tensor],
@@ -329,22 +318,4 @@ def awq_clip(W: Tensor, X: Tensor, cfg: AWQConfig, oc_batch: int = 64) -> Tensor
 
 def _to(call: tuple[bool, dict[str, Any]], dev: torch.device) -> tuple[bool, dict[str, Any]]:
     return call[0], to_device(call[1], dev)
-
-
-def _feeder_repeat(block: nn.Module, g: LinearGroup) -> int:
-    """How many input channels of the group read each output row of a linear feeder:
-    kv_repeat for v_proj -> o_proj under GQA, else 1."""
-    if g.feeder_kind != "linear" or g.feeder is None:
-        return 1
-    K = block.get_submodule(g.linears[0]).in_features
-    return K // block.get_submodule(g.feeder).out_features
-
-
-def _share_across_repeats(v: Tensor, rep: int, head_dim: int) -> Tensor:
-    """v [K] with K = kv * rep * head_dim (channel h*d+e reads kv head h // rep, as HF's
-    repeat_kv lays heads out): average over the repeats so a scale folds into the feeder."""
-    if rep == 1:
-        return v
-    kv = v.numel() // (rep * head_dim)
-    return v.view(kv, rep, head_dim).mean(1, keepdim=True).expand(kv, rep, head_dim).reshape(-1)
 

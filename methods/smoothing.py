@@ -44,12 +44,22 @@ class FoldResult:
 
 
 # ------------------------------------------------------------------ pure tensor functions
+#
+# `dtype` is the arithmetic dtype: float32 (the default) computes in fp32 and rounds once
+# to the weight's dtype; None computes in the weight's own dtype (s rounded to it first),
+# which is how AWQ folds (its scale search scores W * s in the weight dtype).
 
-def fold_norm_params(weight: Tensor, bias: Tensor | None, s: Tensor, kind: NormKind
+def _arith(t: Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    return t.dtype if dtype is None else dtype
+
+
+def fold_norm_params(weight: Tensor, bias: Tensor | None, s: Tensor, kind: NormKind,
+                     dtype: torch.dtype | None = torch.float32
                      ) -> tuple[Tensor, Tensor | None]:
     """New (weight, bias) of a norm whose output must become X / s."""
-    s = s.to(torch.float32)
-    w = weight.float()
+    cd = _arith(weight, dtype)
+    s = s.to(device=weight.device, dtype=cd)
+    w = weight.to(cd)
     if kind == "rmsnorm":
         new_w = w / s
     elif kind == "rmsnorm_plus_one":
@@ -58,29 +68,39 @@ def fold_norm_params(weight: Tensor, bias: Tensor | None, s: Tensor, kind: NormK
         new_w = w / s
     else:
         raise ValueError(f"unknown norm kind {kind!r}")
-    new_b = None if bias is None else bias.float() / s
+    new_b = None if bias is None else bias.to(cd) / s
     return new_w.to(weight.dtype), None if bias is None else new_b.to(bias.dtype)
 
 
-def scale_columns(W: Tensor, s: Tensor) -> Tensor:
+def scale_columns(W: Tensor, s: Tensor, dtype: torch.dtype | None = torch.float32) -> Tensor:
     """W [N, K] * s [K] along the input dim."""
-    return (W.float() * s.float()[None, :]).to(W.dtype)
+    cd = _arith(W, dtype)
+    return (W.to(cd) * s.to(device=W.device, dtype=cd)[None, :]).to(W.dtype)
 
 
-def divide_rows(W: Tensor, s: Tensor) -> Tensor:
-    """W [K, K_in] / s [K] along the output dim (one row per channel of X)."""
-    return (W.float() / s.float()[:, None]).to(W.dtype)
+def divide_rows(W: Tensor, s: Tensor, dtype: torch.dtype | None = torch.float32) -> Tensor:
+    """W [K, K_in] (or a bias [K]) / s [K] along the output dim (one row per channel of X)."""
+    cd = _arith(W, dtype)
+    s = s.to(device=W.device, dtype=cd)
+    return (W.to(cd) / (s[:, None] if W.dim() == 2 else s)).to(W.dtype)
 
 
-def share_across_kv_repeat(x: Tensor, spec: ModelSpec) -> Tensor:
-    """x [num_heads * head_dim] (o_proj input channels) -> max over the kv_repeat query
-    heads that read the same KV head, broadcast back; identity when kv_repeat == 1.
+def share_across_kv_repeat(x: Tensor, spec: ModelSpec, reduce: str = "max") -> Tensor:
+    """x [num_heads * head_dim] (o_proj input channels) -> max (reduce="mean": mean, as
+    AWQ shares its statistics) over the kv_repeat query heads that read the same KV head,
+    broadcast back; identity when kv_repeat == 1.
     Apply it to a per-channel statistic before computing s (or to s itself)."""
     r = spec.kv_repeat
     if r == 1:
         return x
     view = x.reshape(spec.num_kv_heads, r, spec.head_dim)
-    return view.amax(dim=1, keepdim=True).expand_as(view).reshape(x.shape).clone()
+    if reduce == "max":
+        shared = view.amax(dim=1, keepdim=True)
+    elif reduce == "mean":
+        shared = view.mean(dim=1, keepdim=True)
+    else:
+        raise ValueError(f"unknown reduce {reduce!r}; use 'max' or 'mean'")
+    return shared.expand_as(view).reshape(x.shape).clone()
 
 
 def kv_rows_from_o_channels(s: Tensor, spec: ModelSpec) -> Tensor | None:
@@ -116,6 +136,32 @@ def group_weight_channel_max(block: nn.Module, group: LinearGroup) -> Tensor:
 
 
 @torch.no_grad()
+def fold_into_norm(norm: nn.Module, s: Tensor, kind: NormKind,
+                   dtype: torch.dtype | None = torch.float32) -> None:
+    """norm(x) -> norm(x) / s for a per-channel s [K]; in place."""
+    w, b = fold_norm_params(norm.weight.data, getattr(norm, "bias", None), s, kind, dtype)
+    norm.weight.data = w
+    if b is not None:
+        norm.bias.data = b
+
+
+@torch.no_grad()
+def fold_into_linear_rows(linear: nn.Linear, s: Tensor,
+                          dtype: torch.dtype | None = torch.float32) -> None:
+    """linear(x) -> linear(x) / s: output rows (and bias) divided by s [N]; in place."""
+    linear.weight.data = divide_rows(linear.weight.data, s, dtype)
+    if linear.bias is not None:
+        linear.bias.data = divide_rows(linear.bias.data, s, dtype)
+
+
+@torch.no_grad()
+def scale_linear_columns(linear: nn.Linear, s: Tensor,
+                         dtype: torch.dtype | None = torch.float32) -> None:
+    """W <- W diag(s) (input columns times s [K]); in place."""
+    linear.weight.data = scale_columns(linear.weight.data, s, dtype)
+
+
+@torch.no_grad()
 def fold_group_scale(block: nn.Module, group: LinearGroup, s: Tensor, spec: ModelSpec,
                      allow_linear_feeders: bool) -> FoldResult:
     """X / s into the group's producer, W_i * s into each consumer; in place."""
@@ -125,11 +171,7 @@ def fold_group_scale(block: nn.Module, group: LinearGroup, s: Tensor, spec: Mode
     s = s.detach().float().clamp_min(S_MIN)
     feeder = block.get_submodule(group.feeder)
     if group.feeder_kind == "norm":
-        w, b = fold_norm_params(feeder.weight.data, getattr(feeder, "bias", None), s,
-                                spec.table.norm_kind)
-        feeder.weight.data = w
-        if b is not None:
-            feeder.bias.data = b
+        fold_into_norm(feeder, s, spec.table.norm_kind)
     else:
         rows = s
         if feeder.out_features != s.numel():
@@ -138,13 +180,9 @@ def fold_group_scale(block: nn.Module, group: LinearGroup, s: Tensor, spec: Mode
                 return FoldResult(False, f"{group.role}: s differs across the {spec.kv_repeat} "
                                   f"query heads sharing a KV head of {group.feeder}; share it "
                                   "with share_across_kv_repeat first")
-        feeder.weight.data = divide_rows(feeder.weight.data, rows.to(feeder.weight.device))
-        if feeder.bias is not None:
-            feeder.bias.data = (feeder.bias.data.float() / rows.to(feeder.bias.device)
-                                ).to(feeder.bias.dtype)
+        fold_into_linear_rows(feeder, rows)
     for name in group.linears:
-        lin = block.get_submodule(name)
-        lin.weight.data = scale_columns(lin.weight.data, s.to(lin.weight.device))
+        scale_linear_columns(block.get_submodule(name), s)
     return FoldResult(True, None, group.feeder)
 
 

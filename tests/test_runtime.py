@@ -6,20 +6,25 @@ import json
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
 from harness.evals import EvalContext, get_evaluator
 from harness.models import tiny_llama, tiny_tokenizer
-from kernels import reference as kref
 from harness.pipeline import run_one
+from kernels import reference as kref
 from methods.arch import ModelSpec
 from methods.base import build
 from methods.checkpoint import CheckpointError, load_runtime_checkpoint, save_runtime_checkpoint
 from methods.layers import FakeQuantLinear, iter_block_linears, replace_linear
 from methods.primitives import (
-    compute_qparams, dequantize, quantize_activation, quantize_weight, recover_codes)
+    compute_qparams,
+    dequantize,
+    quantize_activation,
+    quantize_weight,
+    recover_codes,
+)
 from methods.rtn import RTNConfig, quantize_linear_rtn
 from methods.runtime import W4A8Linear, W8A8Linear, WeightOnlyLinear, convert_to_runtime
 from tests.conftest import REPO, TINY_QUICK
