@@ -133,6 +133,11 @@ def policy_rows(policy: Any) -> list[dict] | None:
 _BITS_KEYS = {"w_bits", "a_bits", "group_size", "name", "_target_"}
 
 
+def _numeric(v: Any) -> Any:
+    """15 and 15.0 are the same setting (CLI overrides give ints, YAML floats)."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
 def method_variants(df: pd.DataFrame) -> list[str]:
     """Per row, the method hyper-parameters that differ from the most common value among the
     records of the same method (e.g. "act_mode=dynamic_token"), so ablation runs of one
@@ -143,7 +148,8 @@ def method_variants(df: pd.DataFrame) -> list[str]:
         idx = [i for i, m in enumerate(df["method"]) if m == method]
         keys = sorted({k for i in idx for k in cfgs[i]} - _BITS_KEYS)
         for k in keys:
-            vals = [json.dumps(cfgs[i].get(k), sort_keys=True, default=str) for i in idx]
+            vals = [json.dumps(_numeric(cfgs[i].get(k)), sort_keys=True, default=str)
+                    for i in idx]
             if len(set(vals)) < 2:
                 continue
             common = max(set(vals), key=vals.count)
@@ -516,21 +522,22 @@ def fptq_policy_table(df: pd.DataFrame) -> Table:
         return Table("fptq_policy", "FPTQ layer-wise policy", [], [], 0)
     recs = latest_per_config(df)
     recs = recs[recs["fptq_policy"].map(lambda p: isinstance(p, list) and bool(p))]
-    counts: dict[tuple[str, str], dict[str, int]] = {}
+    counts: dict[tuple[str, str, str], dict[str, int]] = {}
     for _, r in recs.sort_values("finished_at").iterrows():
         c: dict[str, int] = {}
         for row in r["fptq_policy"]:
             c[str(row.get("strategy"))] = c.get(str(row.get("strategy")), 0) + 1
-        counts[(r["model"], r["bits"])] = c
+        counts[(r["model"], r["method"], r["bits"])] = c
     if not counts:
         return Table("fptq_policy", "FPTQ layer-wise policy", [], [], 0)
     strategies = sorted({s for c in counts.values() for s in c})
-    header = ["Model", "Bits", *strategies, "total"]
-    rows = [[Cell(m), Cell(b), *[Cell(str(c.get(s, 0)), c.get(s, 0)) for s in strategies],
+    header = ["Model", "Method", "Bits", *strategies, "total"]
+    rows = [[Cell(m), Cell(meth), Cell(b),
+             *[Cell(str(c.get(s, 0)), c.get(s, 0)) for s in strategies],
              Cell(str(sum(c.values())), sum(c.values()))]
-            for (m, b), c in sorted(counts.items())]
+            for (m, meth, b), c in sorted(counts.items())]
     return Table("fptq_policy", "FPTQ layer-wise activation policy (linears per strategy)",
-                 header, rows, 2)
+                 header, rows, 3)
 
 
 def superseded_table(df: pd.DataFrame) -> Table:

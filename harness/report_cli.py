@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import uuid
 from datetime import datetime, timezone
@@ -51,10 +52,11 @@ def build_plots(df: pd.DataFrame, plot_dir: Path, bench_dir: Path | None) -> dic
         latest = R.latest_per_config(df[df["status"] == "ok"])
         for _, r in latest.iterrows():
             if isinstance(r["fptq_policy"], list) and r["fptq_policy"]:
-                name = f"fptq_policy_{r['model']}_{r['bits']}"
+                label = re.sub(r"[^A-Za-z0-9.=-]+", "_", str(r["method"])).strip("_")
+                name = f"fptq_policy_{r['model']}_{r['bits']}_{label}"
                 out[name] = P.plot_fptq_policy(
                     r["fptq_policy"], plot_dir / name, P._thresholds(r.get("method_cfg")),
-                    title=f"FPTQ policy: {r['model']} {r['bits']}")
+                    title=f"FPTQ policy: {r['model']} {r['bits']} {r['method']}")
     for stem, result in P.load_bench(bench_dir) if bench_dir else []:
         out[f"kernel_speedup_{stem}"] = P.plot_kernel_speedup(
             result, plot_dir / f"kernel_speedup_{stem}")

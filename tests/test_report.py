@@ -149,8 +149,8 @@ def test_accuracy_mmlu_latency_cost_policy(df):
     assert cells(cost, "llama-2-7b", "gptq", "w4a16")["quantize (s)"] == "30.00"
     assert cells(cost, "llama-2-7b", "awq", "w4a16")["quantize (s)"] == "failed[1]"
     pol = R.fptq_policy_table(df)
-    assert pol.columns == ["Model", "Bits", "dynamic", "lae", "static", "total"]
-    assert [c.text for c in pol.rows[0]] == ["llama-2-7b", "w4a8", "1", "3", "5", "9"]
+    assert pol.columns == ["Model", "Method", "Bits", "dynamic", "lae", "static", "total"]
+    assert [c.text for c in pol.rows[0]] == ["llama-2-7b", "fptq", "w4a8", "1", "3", "5", "9"]
 
 
 def test_wide_perplexity_layout(df):
@@ -268,7 +268,7 @@ def test_cli_end_to_end(store, tmp_path, capsys):
         assert (d / "tables" / f"{name}.csv").stat().st_size > 0
         assert (d / "tables" / f"{name}.tex").stat().st_size > 0
         assert f"tables/{name}.csv" in md
-    for plot in ("ppl_vs_bits", "cost", "accuracy_vs_latency", "fptq_policy_llama-2-7b_w4a8",
+    for plot in ("ppl_vs_bits", "cost", "accuracy_vs_latency", "fptq_policy_llama-2-7b_w4a8_fptq",
                  "kernel_speedup_h100"):
         assert (d / "plots" / f"{plot}.png").exists() and (d / "plots" / f"{plot}.svg").exists()
         assert f"](plots/{plot}.png)" in md
@@ -357,5 +357,5 @@ def test_ablation_runs_get_variant_labels_and_policy_dicts_are_read(tmp_path):
         rec.config["method"].update(policy=policy, v0=15 if i else 5)
         store.write(rec)
     df = R.records_frame(store).sort_values("run_id")
-    assert list(df["method"]) == ["fptq (v0=5)", "fptq", "fptq (policy=all_static)"]
+    assert list(df["method"]) == ["fptq (v0=5.0)", "fptq", "fptq (policy=all_static)"]
     assert all(isinstance(p, list) and len(p) == len(POLICY) for p in df["fptq_policy"])
