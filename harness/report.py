@@ -86,7 +86,10 @@ def filter_runs(df: pd.DataFrame, model: Sequence[str] | None = None,
     for col, keep in (("model", model), ("method", method), ("bits", bits), ("eval", eval),
                       ("sweep", sweep)):
         if keep:
-            df = df[df[col].isin(list(keep))]
+            values = df[col].astype(str)
+            if col == "method":   # "fptq" also selects its variants, e.g. "fptq (policy=...)"
+                values = values.str.split(" (", n=1, regex=False).str[0]
+            df = df[values.isin(list(keep)) | df[col].isin(list(keep))]
     for bound, op in ((since, "ge"), (until, "le")):
         if bound is not None:
             ts = pd.Timestamp(bound)

@@ -359,3 +359,16 @@ def test_ablation_runs_get_variant_labels_and_policy_dicts_are_read(tmp_path):
     df = R.records_frame(store).sort_values("run_id")
     assert list(df["method"]) == ["fptq (v0=5.0)", "fptq", "fptq (policy=all_static)"]
     assert all(isinstance(p, list) and len(p) == len(POLICY) for p in df["fptq_policy"])
+
+
+def test_method_filter_selects_variants(tmp_path):
+    store = ResultStore(tmp_path)
+    for i, policy in enumerate(("layerwise", "layerwise", "all_static")):
+        rec = _rec(i, "m", "fptq", "w4a8", cfg_hash=f"h{i}", metrics={"ppl_ptb": 10.0 + i})
+        rec.config["method"]["policy"] = policy
+        store.write(rec)
+    store.write(_rec(9, "m", "rtn", "w4a8", metrics={"ppl_ptb": 20.0}))
+    df = R.records_frame(store)
+    assert sorted(R.filter_runs(df, method=["fptq"])["method"]) == [
+        "fptq", "fptq", "fptq (policy=all_static)"]
+    assert list(R.filter_runs(df, method=["fptq (policy=all_static)"])["run_id"]) == ["r02-h2"]
