@@ -543,6 +543,76 @@ def fptq_policy_table(df: pd.DataFrame) -> Table:
                  header, rows, 3)
 
 
+# Reference-library baseline -> the native methods it is compared with (conf/method/llmc_*).
+LIBRARY_NATIVE = {"llmc_gptq": ("gptq",), "llmc_awq": ("awq_noclip", "awq"),
+                  "llmc_smoothquant": ("smoothquant",)}
+# Settings a native run must share with the library run to be its like-for-like partner
+# (besides model, bits, calibration and the perplexity windows).
+_ALIGN_KEYS = ("group_size", "symmetric", "act_mode", "alpha")
+
+
+def _base_method(label: str) -> str:
+    return str(label).split(" (", 1)[0]
+
+
+def _key_text(v: Any) -> str:
+    """Comparable text of a config value (None and NaN alike: pandas turns one into the other)."""
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(_numeric(v))
+
+
+def _align_settings(r: pd.Series) -> tuple:
+    cfg = r["method_cfg"] if isinstance(r.get("method_cfg"), dict) else {}
+    quant_acts = int(cfg.get("a_bits", 16) or 16) < 16
+    return tuple(_numeric(cfg.get(k)) if k != "act_mode" or quant_acts else None
+                 for k in _ALIGN_KEYS)
+
+
+def alignment_table(df: pd.DataFrame) -> Table:
+    """Native method vs its reference-library run on the same model, bits, calibration,
+    windows and grid settings: perplexity of each and the relative difference
+    (native / library - 1, in %; the issue's target is |Δ| <= 1%)."""
+    need = {"method_cfg", "calib", "seqlen", "max_windows"}
+    if df.empty or not need <= set(df.columns):
+        return Table("alignment", "Native vs reference library", [], [], 0)
+    ok = latest_per_config(df[df["status"] == "ok"])
+    sets = [d for d in ppl_datasets(ok) if ok[f"ppl_{d}"].notna().any()]
+    base = ok["method"].map(_base_method)
+    same = ["model", "bits", "calib", "seqlen", "max_windows"]
+    rows: list[list[Cell]] = []
+    for _, lib in ok[base.isin(list(LIBRARY_NATIVE))].iterrows():
+        natives = ok[base.isin(LIBRARY_NATIVE[_base_method(lib["method"])])]
+        for col in same:
+            natives = natives[natives[col].map(_key_text) == _key_text(lib[col])]
+        for _, nat in natives.iterrows():
+            if _align_settings(nat) != _align_settings(lib):
+                continue
+            cells = [Cell(str(lib["model"])), Cell(str(lib["bits"])), Cell(str(lib["calib"])),
+                     Cell(str(nat["method"])), Cell(str(lib["method"]))]
+            for d in sets:
+                n, ll = nat.get(f"ppl_{d}"), lib.get(f"ppl_{d}")
+                cells += [Cell(_fmt(n, 2), n) if _is_num(n) else Cell(NOT_MEASURED),
+                          Cell(_fmt(ll, 2), ll) if _is_num(ll) else Cell(NOT_MEASURED)]
+                if _is_num(n) and _is_num(ll):
+                    rel = 100.0 * (n / ll - 1.0)
+                    cells.append(Cell(f"{rel:+.2f}%", rel, bold=abs(rel) <= 1.0))
+                else:
+                    cells.append(Cell(NOT_MEASURED))
+            tn, tl = nat.get("time_quantize"), lib.get("time_quantize")
+            cells += [Cell(_fmt(tn, 0), tn) if _is_num(tn) else Cell(NOT_MEASURED),
+                      Cell(_fmt(tl, 0), tl) if _is_num(tl) else Cell(NOT_MEASURED)]
+            rows.append(cells)
+    header = ["Model", "Bits", "Calib", "Native", "Library"]
+    for d in sets:
+        lbl = DATASET_LABELS.get(d, d)
+        header += [f"{lbl} native", f"{lbl} library", f"{lbl} rel. Δ"]
+    header += ["quantize native (s)", "quantize library (s)"]
+    foot = ["rel. Δ = native / library - 1; bold: within the 1% target. Pairs share model, "
+            "bits, calibration tokens, perplexity windows, group size, grid symmetry and "
+            "activation mode."]
+    return Table("alignment", "Native vs reference library (like-for-like settings)", header,
+                 rows, 5, foot if rows else [])
+
+
 def superseded_table(df: pd.DataFrame) -> Table:
     old = superseded(df)
     if old.empty:

@@ -39,7 +39,8 @@ def build_tables(df: pd.DataFrame, refs: pd.DataFrame) -> list[R.Table]:
     return [R.perplexity_table(ok_or_bad), R.perplexity_wide_table(ok_or_bad),
             R.accuracy_table(ok_or_bad), R.mmlu_table(ok_or_bad), R.latency_table(ok_or_bad),
             R.cost_table(ok_or_bad), R.fptq_policy_table(ok_or_bad),
-            R.reproduction_table(ok_or_bad, refs), R.superseded_table(df)]
+            R.alignment_table(ok_or_bad), R.reproduction_table(ok_or_bad, refs),
+            R.superseded_table(df)]
 
 
 def build_plots(df: pd.DataFrame, plot_dir: Path, bench_dir: Path | None) -> dict[str, list[Path]]:
@@ -99,8 +100,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[1:]))
     ap.add_argument("--runs", default="results/runs", help="directory of run records")
-    for flag in ("model", "method", "bits", "eval", "sweep"):
-        ap.add_argument(f"--{flag}", action="append", help=f"keep only these {flag}s (repeatable)")
+    for flag, what in (("model", "models"), ("method", "methods"), ("bits", "bit widths"),
+                       ("eval", "eval configs"), ("sweep", "sweep labels")):
+        ap.add_argument(f"--{flag}", action="append", help=f"keep only these {what} (repeatable)")
     ap.add_argument("--since", help="keep records finished at/after this time (ISO, UTC)")
     ap.add_argument("--until", help="keep records finished at/before this time (ISO, UTC)")
     ap.add_argument("--name", help="report name: writes reports/<name>/ (default: the models)")

@@ -372,3 +372,23 @@ def test_method_filter_selects_variants(tmp_path):
     assert sorted(R.filter_runs(df, method=["fptq"])["method"]) == [
         "fptq", "fptq", "fptq (policy=all_static)"]
     assert list(R.filter_runs(df, method=["fptq (policy=all_static)"])["run_id"]) == ["r02-h2"]
+
+
+def test_alignment_pairs_native_with_library_at_same_settings(tmp_path):
+    store = ResultStore(tmp_path)
+    runs = [("llmc_gptq", False, 10.0, 40.0), ("gptq", False, 10.05, 20.0),
+            ("gptq", True, 12.0, 20.0),          # symmetric grid: not like for like
+            ("llmc_smoothquant", True, 8.0, 5.0)]  # no native partner: no row
+    for i, (method, sym, ppl, t) in enumerate(runs):
+        rec = _rec(i, "m", method, "w4a16", cfg_hash=f"h{i}", metrics={"ppl_ptb": ppl},
+                   timings={"quantize": t})
+        rec.config["method"].update(symmetric=sym, a_bits=16, act_mode="static_tensor")
+        store.write(rec)
+    t = R.alignment_table(R.records_frame(store))
+    assert len(t.rows) == 1
+    row = cells(t, "m", "w4a16", "c4-128x2048")
+    assert row["Library"] == "llmc_gptq" and row["Native"].startswith("gptq")
+    assert row["PTB native"] == "10.05" and row["PTB library"] == "10.00"
+    assert row["PTB rel. Δ"] == "+0.50%"
+    assert row["quantize native (s)"] == "20" and row["quantize library (s)"] == "40"
+    assert "**+0.50%**" in R.to_markdown(t)   # within the 1% target: bold
