@@ -10,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from harness.callbacks import require_launcher_plugin, write_job_status
+from harness.overrides import lift_swept_group_keys
 from harness.pipeline import run_one
 
 log = logging.getLogger("ptqbench")
@@ -48,6 +49,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     require_launcher_plugin(sys.argv[1:])
+    sys.argv[1:] = lift_swept_group_keys(sys.argv[1:])
     hydra_main()
 
 

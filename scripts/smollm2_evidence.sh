@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The committed SmolLM2-135M evidence (results/runs -> reports/smollm2-135m). Resumable: finished
-# configs are skipped on a rerun. About 1.5 hours on 2 CPU cores (AWQ ~14 min per run).
+# configs are skipped on a rerun. About 3 hours on 2 CPU cores (AWQ ~14 min per run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PTQ="${PTQ:-.venv/bin/ptqbench}"
@@ -19,3 +19,21 @@ $PTQ -m "${BUDGET[@]}" method=rtn bits=w8a8,w4a8 method.act_mode=static_tensor
 # every method at w16a16 / w8a8 / w4a16 / w4a8 (unsupported pairs are recorded as skipped)
 $PTQ -m experiment=smollm2_main
 $PTQ "${ABL[@]}" method.policy=layerwise method.middle=lae method.weight_method=gptq
+# FPTQ thresholds: a cross through the paper's (v0, v1) = (15, 150)
+THR=(-m experiment=fptq_ablation calib=c4-32x512 eval=ppl-capped method.policy=layerwise
+     method.middle=lae method.weight_method=rtn sweep=fptq-thresholds)
+$PTQ "${THR[@]}" method.v0=15 method.v1=50,500
+$PTQ "${THR[@]}" method.v0=5,30 method.v1=150
+# Native vs llm-compressor, like for like (needs the `baselines` extra; reports/alignment/)
+ALN=(-m experiment=alignment calib=c4-32x512 eval=ppl-capped sweep=alignment-c4-32x512)
+$PTQ "${ALN[@]}" bits=w4a16 method=gptq,llmc_gptq method.symmetric=false
+$PTQ "${ALN[@]}" bits=w4a16 method=gptq method.symmetric=false method.true_sequential=false
+$PTQ "${ALN[@]}" bits=w8a8 method=smoothquant,llmc_smoothquant method.act_mode=dynamic_token
+$PTQ "${ALN[@]}" bits=w4a16 method=awq_noclip,llmc_awq
+# Where RTN w8a8 (dynamic per-token) loses: one linear type quantized at a time
+$PTQ model=smollm2-135m method=rtn bits=w8a8 eval=sensitivity 'eval.groups=[type]' \
+    eval.seqlen=2048 eval.max_windows=2 sweep=w8a8-breakdown
+# Accuracy (lm-eval, local tasks): the CLI run of the accuracy issue, then commonsense at 200
+ACC=(-m model=smollm2-135m method=fp16,fptq bits=w16a16,w4a8 calib=c4-32x512)
+$PTQ "${ACC[@]}" eval=commonsense,mmlu eval.limit=5 sweep=accuracy-limit5
+$PTQ "${ACC[@]}" eval=commonsense eval.limit=200 sweep=accuracy-limit200

@@ -91,3 +91,20 @@ def test_submitit_local_sweep_of_2_jobs(tmp_path):
     assert sorted((r["bits"], r["status"]) for r in recs) == [("w4a16", "ok"), ("w8a16", "ok")]
     assert list((res / "hydra" / "multirun").glob("*/.submitit"))
     assert _summaries(res)[-1]["counts"]["ok"] == 2
+
+
+def test_keys_of_swept_groups_are_lifted_so_the_primary_compose_accepts_them():
+    from harness.overrides import lift_swept_group_keys
+
+    argv = ["-m", "model=tiny-llama", "method=fp16,fptq", "bits=w16a16,w4a8",
+            "eval=commonsense,mmlu", "eval.limit=5", "eval.limt=5", "method.v0=10",
+            "method.alpha=0.3", "paths.results_dir=x"]
+    out = lift_swept_group_keys(argv)
+    assert out == ["-m", "model=tiny-llama", "method=fp16,fptq", "bits=w16a16,w4a8",
+                   "eval=commonsense,mmlu", "++eval.limit=5",   # defined by the swept evals
+                   "eval.limt=5",          # a typo: Hydra still reports it
+                   "++method.v0=10",       # fptq has v0 (the default fp16 does not)
+                   "method.alpha=0.3",     # neither fp16 nor fptq has alpha
+                   "paths.results_dir=x"]  # paths is not swept
+    single = ["method=fptq", "eval=commonsense", "eval.limit=5"]
+    assert lift_swept_group_keys(single) == single            # not a multirun: untouched
