@@ -144,19 +144,21 @@ def _numeric(v: Any) -> Any:
 def method_variants(df: pd.DataFrame) -> list[str]:
     """Per row, the method hyper-parameters that differ from the most common value among the
     records of the same method (e.g. "act_mode=dynamic_token"), so ablation runs of one
-    method get distinct labels; "" for the common setting."""
+    method get distinct labels; "" for the common setting. A record without the key (made
+    before the option existed) is not labelled by it."""
     out = [""] * len(df)
     cfgs = [c if isinstance(c, dict) else {} for c in df["method_cfg"]]
     for method in set(df["method"]):
         idx = [i for i, m in enumerate(df["method"]) if m == method]
         keys = sorted({k for i in idx for k in cfgs[i]} - _BITS_KEYS)
         for k in keys:
-            vals = [json.dumps(_numeric(cfgs[i].get(k)), sort_keys=True, default=str)
-                    for i in idx]
+            have = [i for i in idx if k in cfgs[i]]
+            vals = [json.dumps(_numeric(cfgs[i][k]), sort_keys=True, default=str)
+                    for i in have]
             if len(set(vals)) < 2:
                 continue
             common = max(set(vals), key=vals.count)
-            for i, v in zip(idx, vals, strict=True):
+            for i, v in zip(have, vals, strict=True):
                 if v != common:
                     out[i] = ", ".join(filter(None, [out[i], f"{k}={json.loads(v)}"]))
     return out

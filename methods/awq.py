@@ -15,7 +15,10 @@ Per block, for each LinearGroup (linears sharing one input X [tokens, K]) in tab
   3. round-to-nearest at w_bits (group-wise, asymmetric by default) and the activation
      quantizer a_bits asks for (static scales from the scaled inputs' max |X|).
 
-Block i is calibrated on the outputs of the already-quantized block i-1 (shared engine).
+Block i is calibrated on the outputs of the already-quantized block i-1 (shared engine,
+`inputs_from=quantized`, the default: error-aware like GPTQ), or, with `inputs_from=fp`, on
+full-precision outputs as llm-awq and llm-compressor do (the next block's inputs are computed
+after the function-preserving scaling, before clipping and rounding).
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ class AWQConfig(QuantConfig):
     clip_n_tokens: int = 512                   # token subsample for the clip search
     clip_skip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
     offload_inputs: bool = False     # keep block inputs on CPU between blocks (large models)
+    inputs_from: str = "quantized"   # next block's calibration inputs: quantized | fp (llm-awq)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -77,6 +81,8 @@ class AWQConfig(QuantConfig):
             raise ConfigError(f"awq clip_max_shrink={self.clip_max_shrink} must be in [0, 1)")
         if self.clip_n_tokens < 1:
             raise ConfigError("awq clip_n_tokens must be >= 1")
+        if self.inputs_from not in ("quantized", "fp"):
+            raise ConfigError(f"awq inputs_from={self.inputs_from!r}: use quantized or fp")
 
 
 def _fake_quant_weight(W: Tensor, cfg: QuantConfig) -> Tensor:
@@ -150,6 +156,8 @@ class AWQ(Method[AWQConfig]):
         all_stats: dict[str, LinearStats] = {}
         scales: list[dict[str, Any]] = []
         prefix = spec.table.blocks
+        n_blocks = len(spec.blocks(model))
+        fp_inputs = self.config.inputs_from == "fp"
 
         def on_block(i: int, block: nn.Module, inputs: BlockInputs) -> None:
             caps = self._capture(block, spec, inputs)
@@ -157,11 +165,16 @@ class AWQ(Method[AWQConfig]):
                 row = self._search_and_apply_scale(block, spec, g, caps[g.role], inputs)
                 if row:
                     scales.append({"block": i, **row})
+            if fp_inputs:   # X_i's statistics, then X_{i+1} from the scaled fp block
+                stats = collect_block_stats(block, inputs, spec.table.linear_names())
+                if i + 1 < n_blocks:
+                    inputs.advance(block)
             if self.config.clip:
                 for g in spec.table.groups:
                     self._clip_group(block, g, caps[g.role].X, f"{prefix}.{i}")
             del caps
-            stats = collect_block_stats(block, inputs, spec.table.linear_names())
+            if not fp_inputs:
+                stats = collect_block_stats(block, inputs, spec.table.linear_names())
             for rel, st in stats.items():
                 full = f"{prefix}.{i}.{rel}"
                 all_stats[full] = st
@@ -170,7 +183,8 @@ class AWQ(Method[AWQConfig]):
                         block.get_submodule(rel), self.config, st))
 
         store = torch.device("cpu") if self.config.offload_inputs else None
-        walk_blocks(model, spec, calib, on_block, desc="awq blocks", store_device=store)
+        walk_blocks(model, spec, calib, on_block, desc="awq blocks", store_device=store,
+                    advance=not fp_inputs)
         self.artifacts["activation_stats"] = stats_table(all_stats)
         self.artifacts["awq_scales"] = scales
         return model

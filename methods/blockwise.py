@@ -143,11 +143,13 @@ BlockFn = Callable[[int, nn.Module, BlockInputs], None]
 @torch.no_grad()
 def walk_blocks(model: nn.Module, spec: ModelSpec, calib: Sequence[Tensor], on_block: BlockFn,
                 device: torch.device | None = None, desc: str = "quantize blocks",
-                store_device: torch.device | None = None) -> None:
+                store_device: torch.device | None = None, advance: bool = True) -> None:
     """Call on_block(i, block, inputs) for each block in order on quantized predecessors'
     outputs. Each block is moved to `device` for its turn and back afterwards.
     store_device (e.g. cpu): where X_i of all samples waits between blocks, so a large
-    model calibrates with one block and one sample's activations on the accelerator."""
+    model calibrates with one block and one sample's activations on the accelerator.
+    advance=False: on_block calls inputs.advance(block) itself (e.g. before quantizing, to
+    feed the next block full-precision outputs as llm-awq does)."""
     device = device or next(model.parameters()).device
     inputs = capture_block_inputs(model, spec, calib, device, store_device)
     blocks = spec.blocks(model)
@@ -157,7 +159,7 @@ def walk_blocks(model: nn.Module, spec: ModelSpec, calib: Sequence[Tensor], on_b
         block.to(device)
         _check_finite_weights(block, i)
         on_block(i, block, inputs)
-        if i + 1 < len(blocks):
+        if advance and i + 1 < len(blocks):
             inputs.advance(block)
         block.to(home)
     log.info("walked %d blocks on %s with %d calibration samples", len(blocks), device, len(inputs))

@@ -30,6 +30,7 @@ $PTQ "${ALN[@]}" bits=w4a16 method=gptq,llmc_gptq method.symmetric=false
 $PTQ "${ALN[@]}" bits=w4a16 method=gptq method.symmetric=false method.true_sequential=false
 $PTQ "${ALN[@]}" bits=w8a8 method=smoothquant,llmc_smoothquant method.act_mode=dynamic_token
 $PTQ "${ALN[@]}" bits=w4a16 method=awq_noclip,llmc_awq
+$PTQ "${ALN[@]}" bits=w4a16 method=awq_noclip method.inputs_from=fp
 # Where RTN w8a8 (dynamic per-token) loses: one linear type quantized at a time
 $PTQ model=smollm2-135m method=rtn bits=w8a8 eval=sensitivity 'eval.groups=[type]' \
     eval.seqlen=2048 eval.max_windows=2 sweep=w8a8-breakdown

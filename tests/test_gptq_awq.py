@@ -232,3 +232,24 @@ def test_baseline_without_library_is_skipped_with_install_hint(tiny, monkeypatch
     _, spec, _, _ = tiny
     reason = build(b.LLMCompressorGPTQConfig(w_bits=4, group_size=32)).check(spec)
     assert reason and "pip install" in reason
+
+
+@pytest.mark.parametrize("inputs_from", ["fp", "quantized"])
+def test_awq_inputs_from_sets_what_the_next_block_calibrates_on(tiny, inputs_from):
+    """inputs_from=fp (llm-awq, llm-compressor): block 1 is calibrated on the full-precision
+    model's block-0 outputs; quantized (default): on the quantized block 0's outputs."""
+    model, spec, calib, _ = tiny
+    seen: list[torch.Tensor] = []
+    q = copy.deepcopy(model)
+    hook = spec.blocks(q)[1].register_forward_pre_hook(
+        lambda m, args, kw: seen.append((args[0] if args else kw["hidden_states"]).detach()),
+        with_kwargs=True)
+    AWQ(AWQConfig(w_bits=3, group_size=32, clip=False, inputs_from=inputs_from)).quantize(
+        q, spec, calib)
+    hook.remove()
+    fp = capture_block_inputs(copy.deepcopy(model), spec, calib)
+    fp.advance(spec.blocks(model)[0])
+    close = torch.allclose(seen[0], fp.hidden[0].to(seen[0].dtype), rtol=1e-3, atol=1e-4)
+    assert close == (inputs_from == "fp")
+    with pytest.raises(ConfigError, match="inputs_from"):
+        AWQConfig(inputs_from="bf16")

@@ -392,3 +392,14 @@ def test_alignment_pairs_native_with_library_at_same_settings(tmp_path):
     assert row["PTB rel. Δ"] == "+0.50%"
     assert row["quantize native (s)"] == "20" and row["quantize library (s)"] == "40"
     assert "**+0.50%**" in R.to_markdown(t)   # within the 1% target: bold
+
+
+def test_records_made_before_an_option_existed_are_not_labelled_by_it(tmp_path):
+    store = ResultStore(tmp_path)
+    for i, extra in enumerate(({}, {"inputs_from": "quantized"}, {"inputs_from": "quantized"},
+                               {"inputs_from": "fp"})):
+        rec = _rec(i, "m", "awq", "w4a16", cfg_hash=f"h{i}", metrics={"ppl_ptb": 10.0 + i})
+        rec.config["method"].update(extra)
+        store.write(rec)
+    df = R.records_frame(store).sort_values("run_id")
+    assert list(df["method"]) == ["awq", "awq", "awq", "awq (inputs_from=fp)"]
