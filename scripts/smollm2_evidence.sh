@@ -34,7 +34,10 @@ $PTQ "${ALN[@]}" bits=w4a16 method=awq_noclip method.inputs_from=fp
 # Where RTN w8a8 (dynamic per-token) loses: one linear type quantized at a time
 $PTQ model=smollm2-135m method=rtn bits=w8a8 eval=sensitivity 'eval.groups=[type]' \
     eval.seqlen=2048 eval.max_windows=2 sweep=w8a8-breakdown
-# Accuracy (lm-eval, local tasks): the CLI run of the accuracy issue, then commonsense at 200
+# Accuracy (lm-eval, local tasks): the CLI run of the accuracy issue (1 doc per task / MMLU
+# subject: a pipeline check, not a measurement; batch 4 because MMLU's 5-shot contexts make
+# batch-16 logits [16, ~2000, 49152] fp32 take ~6 GB), then commonsense at 200 docs per task
 ACC=(-m model=smollm2-135m method=fp16,fptq bits=w16a16,w4a8 calib=c4-32x512)
-$PTQ "${ACC[@]}" eval=commonsense,mmlu eval.limit=5 sweep=accuracy-limit5
-$PTQ "${ACC[@]}" eval=commonsense eval.limit=200 sweep=accuracy-limit200
+$PTQ "${ACC[@]}" eval=commonsense,mmlu eval.limit=1 eval.batch_size=4 sweep=accuracy-limit1
+$PTQ model=smollm2-135m method=fp16 bits=w16a16 eval=commonsense eval.limit=200 \
+    sweep=accuracy-limit200
