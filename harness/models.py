@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch import nn
 from methods.arch import ModelSpec
 
 log = logging.getLogger(__name__)
+COMPLETE_MARKER = "ptqbench_converted"   # written last: a copy without it is incomplete
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -151,6 +153,42 @@ def assemble_gguf(package: str, function: str, cache_dir: Path, filename: str) -
     return target
 
 
+def _converted_dir(path: Path, dtype: torch.dtype, cache_dir: Path) -> Path:
+    """Where the dequantized checkpoint of GGUF `path` is kept: keyed by the file's name,
+    size and mtime and the dtype (a changed file gets a new entry)."""
+    st = path.stat()
+    key = f"{path.stem}-{str(dtype).removeprefix('torch.')}-{st.st_size}-{int(st.st_mtime)}"
+    return Path(cache_dir) / "converted" / key
+
+
+def _load_gguf_cached(path: Path, dtype: torch.dtype, trust_remote_code: bool,
+                      cache_dir: Path | None):
+    """GGUF -> dequantized model, via a safetensors copy in the cache after the first time:
+    parsing and dequantizing the GGUF takes ~25 s for SmolLM2, reloading the copy ~2 s."""
+    if cache_dir is None:
+        return _load_gguf(path, dtype, trust_remote_code)
+    target = _converted_dir(path, dtype, cache_dir)
+    if (target / COMPLETE_MARKER).exists():
+        try:
+            return _load_pretrained(str(target), dtype, trust_remote_code, None)
+        except Exception as e:  # noqa: BLE001 - a broken entry is rebuilt, not fatal
+            log.warning("converted copy %s unreadable (%s): converting %s again", target, e,
+                        path.name)
+    model, tok = _load_gguf(path, dtype, trust_remote_code)
+    try:
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / COMPLETE_MARKER).write_text(path.name)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        log.info("saved a dequantized copy of %s to %s", path.name, target)
+    except OSError as e:   # a full disk or read-only cache only costs the next load time
+        log.warning("could not keep a converted copy of %s: %s", path.name, e)
+    return model, tok
+
+
 def _load_gguf(path: Path, dtype: torch.dtype, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
@@ -188,11 +226,13 @@ def load_model(cfg: Any, cache_dir: Path | None = None) -> LoadedModel:
             model = tiny_llama(**dict(src.get("kwargs") or {}))
             tok = tiny_tokenizer()
         elif kind == "gguf_package":
-            model, tok = _load_gguf(find_package_file(src.package, src.file), dtype, trust)
+            model, tok = _load_gguf_cached(find_package_file(src.package, src.file), dtype,
+                                           trust, cache_dir)
         elif kind == "gguf_assemble":
             cache = Path(cache_dir or Path.home() / ".cache" / "ptqbench") / "gguf"
-            model, tok = _load_gguf(assemble_gguf(src.package, src.function, cache, src.file),
-                                    dtype, trust)
+            model, tok = _load_gguf_cached(
+                assemble_gguf(src.package, src.function, cache, src.file), dtype, trust,
+                cache_dir)
         elif kind == "hub":
             model, tok = _load_pretrained(src.repo_id, dtype, trust, src.get("revision"))
         elif kind == "local":
