@@ -35,7 +35,7 @@ from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
-from harness.fsutil import fsync_dir
+from harness.fsutil import StagedDir
 from harness.security import safe_name, within_root
 from methods.arch import ModelSpec
 from methods.base import Method
@@ -264,9 +264,8 @@ class QuantizedModelCache:
         final = self.entry_dir(key)
         self.root.mkdir(parents=True, exist_ok=True)
         self.remove_stale_temp()
-        tmp = self.root / f".tmp-{key}-{uuid.uuid4().hex}"
-        tmp.mkdir()
-        try:
+        with StagedDir(final) as stage:
+            tmp = stage.path
             save_safetensors_model(model, str(tmp / WEIGHTS), metadata={"ptqbench_key": key})
             _write_json(tmp / ARTIFACTS, dict(artifacts))
             manifest = {
@@ -278,18 +277,9 @@ class QuantizedModelCache:
                               "bytes": (tmp / ARTIFACTS).stat().st_size},
                 "fake_quant": layout, **dict(extra or {})}
             _write_json(tmp / MANIFEST, manifest)   # last: its presence marks completeness
-            fsync_dir(tmp)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not final.exists():
-                    raise
-                log.info("cache entry %s was written by another job; keeping it", final)
-                return final
-            fsync_dir(self.root)
-            log.info("cached quantized model %s (%.1f MB)", final,
-                     manifest["weights"]["bytes"] / 2**20)
+        if not stage.published:
+            log.info("cache entry %s was written by another job; keeping it", final)
             return final
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        log.info("cached quantized model %s (%.1f MB)", final,
+                 manifest["weights"]["bytes"] / 2**20)
+        return final

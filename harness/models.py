@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from harness.fsutil import StagedDir
 from methods.arch import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def _converted_dir(path: Path, dtype: torch.dtype, cache_dir: Path) -> Path:
 def _load_gguf_cached(path: Path, dtype: torch.dtype, trust_remote_code: bool,
                       cache_dir: Path | None):
     """GGUF -> dequantized model, via a safetensors copy in the cache after the first time:
-    parsing and dequantizing the GGUF takes ~25 s for SmolLM2, reloading the copy ~2 s."""
+    parsing and dequantizing the GGUF takes ~25 s for SmolLM2, reloading the copy ~1 s."""
     if cache_dir is None:
         return _load_gguf(path, dtype, trust_remote_code)
     target = _converted_dir(path, dtype, cache_dir)
@@ -174,16 +175,16 @@ def _load_gguf_cached(path: Path, dtype: torch.dtype, trust_remote_code: bool,
         except Exception as e:  # noqa: BLE001 - a broken entry is rebuilt, not fatal
             log.warning("converted copy %s unreadable (%s): converting %s again", target, e,
                         path.name)
+    if target.exists():                 # broken or unmarked: make room for a new copy
+        shutil.rmtree(target, ignore_errors=True)
     model, tok = _load_gguf(path, dtype, trust_remote_code)
     try:
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / COMPLETE_MARKER).write_text(path.name)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-        log.info("saved a dequantized copy of %s to %s", path.name, target)
+        with StagedDir(target) as stage:
+            model.save_pretrained(stage.path)
+            tok.save_pretrained(stage.path)
+            (stage.path / COMPLETE_MARKER).write_text(path.name)
+        if stage.published:
+            log.info("saved a dequantized copy of %s to %s", path.name, target)
     except OSError as e:   # a full disk or read-only cache only costs the next load time
         log.warning("could not keep a converted copy of %s: %s", path.name, e)
     return model, tok

@@ -18,8 +18,16 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MULTIRUN_FLAGS = ("-m", "--multirun")
 
 
+_ABSENT = object()
+
+
 def _is_override(arg: str) -> bool:
     return "=" in arg and not arg.startswith("-")
+
+
+def _key(arg: str) -> str:
+    """`++eval.limit=5` -> `eval.limit`."""
+    return arg.split("=", 1)[0].lstrip("+~")
 
 
 def swept_groups(args: Sequence[str], conf_dir: Path = CONF_DIR) -> dict[str, list[str]]:
@@ -34,24 +42,26 @@ def swept_groups(args: Sequence[str], conf_dir: Path = CONF_DIR) -> dict[str, li
     return out
 
 
-def _defined_in_some_option(group: str, key: str, options: Sequence[str],
-                            choices: Sequence[str], conf_dir: Path) -> bool:
+def _option_configs(group: str, options: Sequence[str], choices: Sequence[str],
+                    conf_dir: Path) -> list:
+    """The `group` node of the config each swept option composes to (with the other group
+    choices of the command line); an option that does not compose is left to Hydra."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
+    nodes = []
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         for opt in options:
             try:
-                cfg = compose("run", overrides=[*choices, f"{group}={opt}"])
+                nodes.append(compose("run", overrides=[*choices, f"{group}={opt}"])[group])
             except Exception:   # noqa: BLE001 - Hydra reports it properly later
                 continue
-            if OmegaConf.select(cfg, f"{group}.{key}", default="__missing__") != "__missing__":
-                return True
-    return False
+    return nodes
 
 
 def lift_swept_group_keys(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> list[str]:
     """argv with `group.key=v` -> `++group.key=v` for keys of groups swept in a multirun."""
+    from omegaconf import OmegaConf
+
     argv = list(argv)
     if not any(a in MULTIRUN_FLAGS for a in argv):
         return argv
@@ -59,16 +69,19 @@ def lift_swept_group_keys(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> lis
     if not swept:
         return argv
     # Plain group choices (model=..., experiment=...) shape what each option composes to.
-    choices = [a for a in argv if _is_override(a) and "." not in a.split("=", 1)[0]
-               and a.split("=", 1)[0].lstrip("+~") not in swept and "," not in a
-               and (conf_dir / a.split("=", 1)[0].lstrip("+~")).is_dir()]
+    choices = [a for a in argv if _is_override(a) and "." not in _key(a) and "," not in a
+               and _key(a) not in swept and (conf_dir / _key(a)).is_dir()]
+    composed: dict[str, list] = {}      # group -> its options' nodes, composed once
     for i, arg in enumerate(argv):
         if not _is_override(arg) or arg[0] in "+~":
             continue
-        key = arg.split("=", 1)[0]
-        group, _, rest = key.partition(".")
-        if group in swept and rest and _defined_in_some_option(group, rest, swept[group],
-                                                                choices, conf_dir):
+        group, _, rest = _key(arg).partition(".")
+        if group not in swept or not rest:
+            continue
+        if group not in composed:
+            composed[group] = _option_configs(group, swept[group], choices, conf_dir)
+        if any(OmegaConf.select(node, rest, default=_ABSENT) is not _ABSENT
+               for node in composed[group]):
             argv[i] = f"++{arg}"
             log.debug("multirun: %s -> %s (swept group %s)", arg, argv[i], group)
     return argv

@@ -358,3 +358,19 @@ def test_gguf_is_converted_once_then_loaded_from_the_cached_copy(tmp_path, monke
     assert M._converted_dir(gguf, torch.bfloat16, cache) != entry
     M._load_gguf_cached(gguf, torch.float32, False, None)
     assert len(calls) == 3
+
+
+def test_staged_dir_publishes_once_keeps_an_existing_final_and_cleans_up(tmp_path):
+    from harness.fsutil import StagedDir
+
+    final = tmp_path / "entry"
+    with StagedDir(final) as a:
+        (a.path / "x").write_text("first")
+    with StagedDir(final) as b:                       # a concurrent writer lost the race
+        (b.path / "x").write_text("second")
+    with pytest.raises(RuntimeError), StagedDir(tmp_path / "other") as c:
+        (c.path / "x").write_text("half")
+        raise RuntimeError("writer died")
+    assert a.published and not b.published and not c.published
+    assert (final / "x").read_text() == "first" and not (tmp_path / "other").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]   # no temp dirs left
