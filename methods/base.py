@@ -157,7 +157,7 @@ def register(config_type: type[QuantConfig]):
 def _load_builtin() -> None:
     import methods.fp16  # noqa: F401
     import methods.rtn  # noqa: F401
-    for optional in ("smoothquant", "gptq", "awq", "fptq", "baselines"):
+    for optional in ("smoothquant", "gptq", "awq", "fptq", "baselines", "baseline_gptqmodel"):
         try:
             __import__(f"methods.{optional}")
         except ModuleNotFoundError as e:
