@@ -11,6 +11,7 @@ unsupported combination becomes `skipped` with the reason. The sweep goes on.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import logging
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from harness import provenance
@@ -111,8 +112,9 @@ def failure_reason(e: BaseException) -> str:
 
 def build_method(method_cfg: DictConfig, runs_dir: str | None = None) -> Method:
     node = OmegaConf.to_container(method_cfg, resolve=True)
-    node.pop("name", None)  # the label; the registry picks the class by config type
+    name = node.pop("name", None)  # the label; the registry picks the class by config type
     selection = resolve_selection(node, runs_dir)  # keep_top_k_sensitive -> keep_fp
+    _reject_foreign_settings(name, node)
     try:
         qcfg = instantiate(node, _convert_="all")
     except Exception as e:  # Hydra wraps the dataclass's ValueError
@@ -128,6 +130,22 @@ def build_method(method_cfg: DictConfig, runs_dir: str | None = None) -> Method:
     if selection:
         method.artifacts["mixed_precision_selection"] = selection
     return method
+
+
+def _reject_foreign_settings(name: str | None, node: dict) -> None:
+    """A multirun over methods applies `method.key=v` to every method; one whose config has
+    no such field (`method=awq,llmc_awq method.inputs_from=fp`) is skipped, saying so."""
+    target = node.get("_target_")
+    if not target:
+        return
+    cls = get_class(target)
+    if not dataclasses.is_dataclass(cls):
+        return
+    known = {f.name for f in dataclasses.fields(cls)} | {"_target_"}
+    foreign = sorted(set(node) - known)
+    if foreign:
+        raise Skip(f"method {name} has no setting {', '.join(foreign)} (set for another "
+                   f"method of the sweep?); its settings: {', '.join(sorted(known - {'_target_'}))}")
 
 
 def _labels(cfg: DictConfig) -> dict[str, str]:

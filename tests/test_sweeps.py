@@ -108,3 +108,15 @@ def test_keys_of_swept_groups_are_lifted_so_the_primary_compose_accepts_them():
                    "paths.results_dir=x"]  # paths is not swept
     single = ["method=fptq", "eval=commonsense", "eval.limit=5"]
     assert lift_swept_group_keys(single) == single            # not a multirun: untouched
+
+
+def test_setting_of_one_swept_method_skips_the_others_with_the_reason(tmp_path):
+    """`method=rtn,gptq method.true_sequential=false`: rtn has no such setting, so its job is
+    recorded as skipped (naming the setting) and gptq runs."""
+    res = tmp_path / "res"
+    _run(_cmd(res, "method=rtn,gptq", "bits=w4a16", "method.true_sequential=false",
+              "calib.n_samples=2", "calib.seqlen=32"))
+    recs = {r["method"]: r for r in _records(res)}
+    assert recs["gptq"]["status"] == "ok"
+    assert recs["rtn"]["status"] == "skipped"
+    assert "has no setting true_sequential" in recs["rtn"]["error"]
