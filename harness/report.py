@@ -114,6 +114,7 @@ def records_frame(store) -> pd.DataFrame:
             "group_size": None if gs in (None, -1, 0) else int(gs),
             "seqlen": ev.get("seqlen"),
             "max_windows": ev.get("max_windows"),
+            "docs_per_task": "all" if ev.get("limit") in (None, 0) else str(ev.get("limit")),
             "calib": (f"{calib.get('dataset')}-{calib.get('n_samples')}x{calib.get('seqlen')}"
                       if calib else None),
             "method_cfg": meth,
@@ -435,21 +436,41 @@ def with_commonsense_avg(df: pd.DataFrame, metrics: Sequence[str] | None = None)
     return df
 
 
+def _limit_layout(merged: pd.DataFrame) -> tuple[list[tuple[str, str]], tuple[str, ...], str]:
+    """Accuracy rows are kept apart per lm-eval `limit` (docs per task): a 1-doc pipeline
+    check never merges into a 200-doc measurement. One limit: named in the caption; several:
+    a "Docs/task" column, and Δ compares with the fp16 row at the same limit."""
+    labels = [("model", "Model"), ("method", "Method"), ("bits", "Bits")]
+    limits = sorted(set(merged["docs_per_task"].astype(str))) if not merged.empty else []
+    if len(limits) > 1:
+        return [*labels, ("docs_per_task", "Docs/task")], ("model", "docs_per_task"), ""
+    note = f" First {limits[0]} docs per task." if limits and limits[0] != "all" else ""
+    return labels, ("model",), note
+
+
+def _with_limit(df: pd.DataFrame) -> pd.DataFrame:
+    if "docs_per_task" not in df.columns:
+        df = df.assign(docs_per_task="all")
+    return df.assign(docs_per_task=df["docs_per_task"].fillna("all").astype(str))
+
+
 def accuracy_table(df: pd.DataFrame, prefer_norm: bool = False) -> Table:
-    """Zero-shot accuracy: rows method x bits (per model); columns tasks + average (%)."""
+    """Zero-shot accuracy: rows method x bits (x docs per task); columns tasks + average (%)."""
     tasks = accuracy_tasks(df)
     def metric(t: str) -> str:
         return f"acc_norm_{t}" if prefer_norm and f"acc_norm_{t}" in df.columns else f"acc_{t}"
     cols = [Column(t, metric(t), lower_is_better=False, scale=ACC_SCALE) for t in tasks]
     if not cols:
         return Table("accuracy", "Zero-shot accuracy (%)", [], [], 0)
-    df = with_commonsense_avg(df, [c.metric for c in cols])
+    df = _with_limit(with_commonsense_avg(df, [c.metric for c in cols]))
     cols.append(Column("Avg.", "acc_commonsense_avg", lower_is_better=False, scale=ACC_SCALE))
     merged = merge_rows(_rows_for(df, "lm_eval", [c.metric for c in cols]),
-                        ("model", "method", "bits"), [c.metric for c in cols])
+                        ("model", "method", "bits", "docs_per_task"), [c.metric for c in cols])
+    labels, groups, note = _limit_layout(merged)
     return build_table(merged, "accuracy", "Zero-shot accuracy (%, higher is better)",
-                       [("model", "Model"), ("method", "Method"), ("bits", "Bits")], cols,
-                       caption="lm-eval zero-shot accuracy; ± is the lm-eval standard error.")
+                       labels, cols, group_cols=groups,
+                       caption="lm-eval zero-shot accuracy; ± is the lm-eval standard error."
+                       + note)
 
 
 def mmlu_table(df: pd.DataFrame) -> Table:
@@ -457,10 +478,11 @@ def mmlu_table(df: pd.DataFrame) -> Table:
             for m, lbl in MMLU_CATEGORIES if m in df.columns]
     if not cols:
         return Table("mmlu", "MMLU (%)", [], [], 0)
-    merged = merge_rows(_rows_for(df, "lm_eval", [c.metric for c in cols]),
-                        ("model", "method", "bits"), [c.metric for c in cols])
+    merged = merge_rows(_rows_for(_with_limit(df), "lm_eval", [c.metric for c in cols]),
+                        ("model", "method", "bits", "docs_per_task"), [c.metric for c in cols])
+    labels, groups, note = _limit_layout(merged)
     return build_table(merged, "mmlu", "MMLU accuracy by category (%, higher is better)",
-                       [("model", "Model"), ("method", "Method"), ("bits", "Bits")], cols)
+                       labels, cols, group_cols=groups, caption=note.strip())
 
 
 def latency_long(df: pd.DataFrame) -> tuple[pd.DataFrame, list[Column]]:

@@ -19,12 +19,15 @@ T0 = "2024-05-01T10:00:{:02d}+00:00"
 
 def _rec(i: int, model: str, method: str, bits: str, status: str = "ok", metrics=None,
          eval: str = "ppl", error=None, timings=None, memory=None, artifacts=None, gs=64,
-         evaluators=("ppl",), max_windows=None, cfg_hash=None, sweep=None) -> RunRecord:
+         evaluators=("ppl",), max_windows=None, cfg_hash=None, sweep=None,
+         limit=None) -> RunRecord:
     cfg = {"model": {"name": model}, "method": {"name": method, "group_size": gs},
            "bits": {"name": bits}, "eval": {"name": eval, "evaluators": list(evaluators),
-                                            "seqlen": 2048, "max_windows": max_windows},
+                                            "seqlen": 2048, "max_windows": max_windows,
+                                            "limit": limit},
            "calib": {"dataset": "c4", "n_samples": 128, "seqlen": 2048}}
-    h = cfg_hash or hashlib.sha256(f"{model}|{method}|{bits}|{eval}".encode()).hexdigest()[:16]
+    h = cfg_hash or hashlib.sha256(
+        f"{model}|{method}|{bits}|{eval}|{limit}".encode()).hexdigest()[:16]
     return RunRecord(run_id=f"r{i:02d}-{h[:8]}", config_hash=h, status=status, model=model,
                      method=method, bits=bits, eval=eval, config=cfg, metrics=metrics or {},
                      timings=timings or {}, memory=memory or {}, artifacts=artifacts or {},
@@ -403,3 +406,23 @@ def test_records_made_before_an_option_existed_are_not_labelled_by_it(tmp_path):
         store.write(rec)
     df = R.records_frame(store).sort_values("run_id")
     assert list(df["method"]) == ["awq", "awq", "awq", "awq (inputs_from=fp)"]
+
+
+def test_accuracy_rows_stay_apart_per_docs_limit(tmp_path):
+    """A 1-doc pipeline check never merges into a 200-doc measurement; Δ is taken against
+    the fp16 row at the same limit."""
+    acc = {"evaluators": ("lm_eval",), "eval": "commonsense"}
+    store = ResultStore(tmp_path / "runs")
+    for i, (method, bits, limit, piqa) in enumerate([("fp16", "w16a16", 1, 1.0),
+                                                     ("fptq", "w4a8", 1, 0.0),
+                                                     ("fp16", "w16a16", 200, 0.64),
+                                                     ("fptq", "w4a8", 200, 0.60)]):
+        store.write(_rec(i, "m", method, bits, metrics={"acc_piqa": piqa}, limit=limit, **acc))
+    t = R.accuracy_table(R.records_frame(store))
+    assert t.columns[:4] == ["Model", "Method", "Bits", "Docs/task"]
+    assert cells(t, "m", "fptq", "w4a8", "200")["Δ piqa"] == "-4.00"
+    assert cells(t, "m", "fptq", "w4a8", "1")["Δ piqa"] == "-100.00"
+    one = R.accuracy_table(R.filter_runs(R.records_frame(store), sweep=None).query(
+        "docs_per_task == '200'"))
+    assert one.columns[:4] == ["Model", "Method", "Bits", "piqa"]
+    assert "First 200 docs per task" in one.caption
