@@ -729,6 +729,8 @@ def to_markdown(t: Table) -> str:
     lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in t.rows]
     if t.footnotes:
         lines += [""] + [f"{f}  " for f in t.footnotes]
+    if t.caption:
+        lines += ["", f"_{t.caption}_"]
     return "\n".join(lines) + "\n"
 
 
