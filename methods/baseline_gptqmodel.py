@@ -17,10 +17,13 @@ quantizes on CPU with torch 2.13 / transformers 5.17): `make install-gptqmodel`.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -94,13 +97,15 @@ class GPTQModelGPTQ(Method):
         data = [{"input_ids": r.tolist(), "attention_mask": [1] * r.numel()} for r in rows]
         log.info("%s: GPTQModel on %d x %d tokens (%s)", self.name, len(rows), rows[0].numel(),
                  device)
-        with tempfile.TemporaryDirectory(prefix="ptqbench-gptqmodel-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="ptqbench-gptqmodel-") as tmp, \
+                _library_logs_under(Path(tmp) / "logs") as log_dir:
             model.save_pretrained(tmp, safe_serialization=True)
             _placeholder_tokenizer(model).save_pretrained(tmp)
             qmodel = GPTQModel.load(tmp, self.library_config(device),
                                     dtype=next(model.parameters()).dtype)
             qmodel.quantize(data, batch_size=1)
             self._read_back(model, spec, qmodel.model)
+            self.artifacts["gptqmodel_layers"] = library_layer_log(log_dir)
         from importlib.metadata import version
         self.artifacts["baseline"] = {"library": "gptqmodel", "version": version("gptqmodel")}
         return model
@@ -180,6 +185,41 @@ def _check_against_library(name: str, W_hat: Tensor, packed: nn.Module) -> None:
     if not err <= 2e-3 * float(W_hat.abs().max()):
         raise RuntimeError(f"{name}: decoded GPTQModel weights differ from its own "
                            f"dequantization by up to {err:.3g} (packing format changed?)")
+
+
+@contextmanager
+def _library_logs_under(log_dir: Path):
+    """GPTQModel writes one JSON log per processor run to `./logs/` of the working
+    directory; it goes to the run's temporary directory instead (and into the record)."""
+    from gptqmodel.looper import loop_processor
+    old = loop_processor._PROJECT_LOG_DIR
+    loop_processor._PROJECT_LOG_DIR = log_dir
+    try:
+        yield log_dir
+    finally:
+        loop_processor._PROJECT_LOG_DIR = old
+
+
+def library_layer_log(log_dir: Path) -> list[dict]:
+    """The library's per-linear log (concatenated JSON objects: layer, module, loss, damp,
+    samples, time) as a list of dicts; [] when it wrote none."""
+    rows: list[dict] = []
+    decoder = json.JSONDecoder()
+    for path in sorted(log_dir.glob("*.log")):
+        text, pos = path.read_text(), 0
+        while True:
+            while pos < len(text) and text[pos].isspace():
+                pos += 1
+            if pos >= len(text):
+                break
+            try:
+                obj, pos = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError:
+                break
+            if isinstance(obj, dict):
+                rows.append({k: obj[k] for k in ("layer", "module", "loss", "damp", "samples",
+                                                  "time") if k in obj})
+    return rows
 
 
 def _placeholder_tokenizer(model: nn.Module):

@@ -256,14 +256,18 @@ def test_awq_inputs_from_sets_what_the_next_block_calibrates_on(tiny, inputs_fro
         AWQConfig(inputs_from="bf16")
 
 
-def test_gptqmodel_baseline_runs_through_the_pipeline(compose_cfg):
+def test_gptqmodel_baseline_runs_through_the_pipeline(compose_cfg, tmp_path, monkeypatch):
     pytest.importorskip("gptqmodel", reason="make install-gptqmodel not run")
     cfg = compose_cfg(*TINY_QUICK, "method=gptqmodel_gptq", "bits=w4a16",
                       "calib.n_samples=2", "calib.seqlen=32")
+    monkeypatch.chdir(tmp_path)   # the library's own ./logs must not appear here
     rec = run_one(cfg)
     assert rec.status == "ok", rec.error
     assert rec.provenance["model_repr"] == {"FakeQuantLinear": 14}
     assert rec.artifacts["baseline"]["library"] == "gptqmodel"
+    layers = rec.artifacts["gptqmodel_layers"]
+    assert len(layers) == 14 and all(float(r["loss"]) >= 0 for r in layers)
+    assert not (tmp_path / "logs").exists()
 
 
 def test_gptqmodel_codes_equal_native_gptq(tiny):
