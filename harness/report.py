@@ -115,8 +115,7 @@ def records_frame(store) -> pd.DataFrame:
             "seqlen": ev.get("seqlen"),
             "max_windows": ev.get("max_windows"),
             "docs_per_task": "all" if ev.get("limit") in (None, 0) else str(ev.get("limit")),
-            "calib": (f"{calib.get('dataset')}-{calib.get('n_samples')}x{calib.get('seqlen')}"
-                      if calib else None),
+            "calib": calib_label(calib),
             "method_cfg": meth,
             "fptq_policy": policy_rows((r.get("artifacts") or {}).get("fptq_policy")),
         }
@@ -125,6 +124,16 @@ def records_frame(store) -> pd.DataFrame:
     df["method"] = [f"{m} ({v})" if v else m
                     for m, v in zip(df["method"], method_variants(df), strict=True)]
     return df
+
+
+def calib_label(calib: dict) -> str | None:
+    """"c4-128x2048"; a seed other than the default 0 is appended ("c4-32x512-seed1") so
+    runs on different calibration draws are never paired or merged as the same setting."""
+    if not calib:
+        return None
+    label = f"{calib.get('dataset')}-{calib.get('n_samples')}x{calib.get('seqlen')}"
+    seed = calib.get("seed", 0)
+    return label if seed in (0, None) else f"{label}-seed{seed}"
 
 
 def policy_rows(policy: Any) -> list[dict] | None:
@@ -358,11 +367,24 @@ def perplexity_table(df: pd.DataFrame) -> Table:
     """Rows model x method x bits; one column per dataset (WikiText-2, C4, PTB) plus Δ."""
     sets = ppl_datasets(df)
     cols = [Column(DATASET_LABELS.get(d, d), f"ppl_{d}") for d in sets]
-    merged = merge_rows(_rows_for(df, "ppl", [c.metric for c in cols]),
-                        ("model", "method", "bits"), [c.metric for c in cols])
-    return build_table(merged, "perplexity", "Perplexity (lower is better)",
-                       [("model", "Model"), ("method", "Method"), ("bits", "Bits")], cols,
+    rows = _rows_for(df, "ppl", [c.metric for c in cols])
+    labels = [("model", "Model"), ("method", "Method"), ("bits", "Bits")]
+    keys: tuple[str, ...] = ("model", "method", "bits")
+    if _several_calibrations(rows):     # seeds or sets apart: never merged into one row
+        rows = rows.assign(calib=rows["calib"].fillna("-").astype(str))
+        labels.append(("calib", "Calib"))
+        keys = (*keys, "calib")
+    merged = merge_rows(rows, keys, [c.metric for c in cols])
+    return build_table(merged, "perplexity", "Perplexity (lower is better)", labels, cols,
                        caption="Perplexity, GPTQ protocol (non-overlapping seqlen windows).")
+
+
+def _several_calibrations(df: pd.DataFrame) -> bool:
+    """More than one calibration setting among the quantized (non-fp16) records."""
+    if "calib" not in df.columns:
+        return False
+    quant = df[df["method"] != BASELINE_METHOD]
+    return quant["calib"].dropna().astype(str).nunique() > 1
 
 
 def perplexity_wide_table(df: pd.DataFrame) -> Table:
@@ -370,6 +392,10 @@ def perplexity_wide_table(df: pd.DataFrame) -> Table:
     sets = ppl_datasets(df)
     metrics = [f"ppl_{d}" for d in sets]
     sub = _rows_for(df, "ppl", metrics)
+    if _several_calibrations(sub):      # one column group per calibration setting
+        sub = sub.assign(method=[m if m == BASELINE_METHOD or not isinstance(c, str)
+                                 else f"{m} @{c}" for m, c in zip(sub["method"], sub["calib"],
+                                                                  strict=True)])
     merged = merge_rows(sub, ("model", "method", "bits"), metrics)
     if merged.empty:
         return Table("perplexity_wide", "Perplexity by method and bits", [], [], 0)

@@ -426,3 +426,22 @@ def test_accuracy_rows_stay_apart_per_docs_limit(tmp_path):
         "docs_per_task == '200'"))
     assert one.columns[:4] == ["Model", "Method", "Bits", "piqa"]
     assert "First 200 docs per task" in one.caption
+
+
+def test_perplexity_rows_stay_apart_per_calibration(tmp_path):
+    """Runs on other calibration draws (seeds) get their own rows, never the latest-wins
+    merge of one (model, method, bits) row; fp16 needs no calibration and stays one row."""
+    store = ResultStore(tmp_path / "runs")
+    rows = [("fp16", "w16a16", 0, 10.0), ("gptq", "w4a16", 0, 12.0), ("gptq", "w4a16", 1, 12.5)]
+    for i, (method, bits, seed, ppl) in enumerate(rows):
+        rec = _rec(i, "m", method, bits, metrics={"ppl_wikitext2": ppl},
+                   cfg_hash=f"{i:016d}")
+        rec.config["calib"]["seed"] = seed
+        store.write(rec)
+    df = R.records_frame(store)
+    t = R.perplexity_table(df)
+    assert t.columns[:4] == ["Model", "Method", "Bits", "Calib"]
+    assert cells(t, "m", "gptq", "w4a16", "c4-128x2048")["WikiText-2"] == "12.00"
+    assert cells(t, "m", "gptq", "w4a16", "c4-128x2048-seed1")["Δ WikiText-2"] == "+2.50"
+    wide = R.perplexity_wide_table(df)
+    assert "gptq @c4-128x2048-seed1 w4a16 WikiText-2" in wide.columns
