@@ -39,13 +39,8 @@ SEEDS=(-m experiment=alignment calib=c4-32x512 eval=ppl-capped sweep=alignment-c
 $PTQ "${SEEDS[@]}" method=gptq method.true_sequential=false
 $PTQ "${SEEDS[@]}" method=llmc_gptq
 $PTQ "${SEEDS[@]}" method=gptqmodel_gptq method.true_sequential=false
-# The cells outside 1% on 16 windows (32k tokens) instead of 4; quantized models from the cache
+# SmoothQuant's PTB cell on 16 windows (32k tokens) instead of 4
 W16=(-m experiment=alignment calib=c4-32x512 eval=ppl eval.max_windows=16 sweep=alignment-16windows)
-$PTQ "${W16[@]}" 'eval.datasets=[wikitext2]' bits=w4a16 method=awq_noclip method.inputs_from=fp
-$PTQ "${W16[@]}" 'eval.datasets=[wikitext2]' bits=w4a16 method=llmc_awq
-$PTQ "${W16[@]}" 'eval.datasets=[ptb]' bits=w4a16 method=gptq,gptqmodel_gptq method.symmetric=false \
-    method.true_sequential=false
-$PTQ "${W16[@]}" 'eval.datasets=[ptb]' bits=w4a16 method=llmc_gptq method.symmetric=false
 $PTQ "${W16[@]}" 'eval.datasets=[ptb]' bits=w8a8 method=smoothquant,llmc_smoothquant \
     method.act_mode=dynamic_token
 # Where RTN w8a8 (dynamic per-token) loses: one linear type quantized at a time
@@ -60,4 +55,6 @@ $PTQ model=smollm2-135m method=fp16 bits=w16a16 eval=commonsense eval.limit=200 
     sweep=accuracy-limit200
 # Commonsense at 200 docs per task for every method at w4a8 (main-sweep quantized models)
 $PTQ -m model=smollm2-135m method=rtn,fptq,smoothquant,gptq,awq bits=w4a8 calib=c4-32x512 \
+    eval=commonsense eval.limit=200 sweep=accuracy-limit200
+$PTQ -m model=smollm2-135m method=rtn,smoothquant bits=w8a8 calib=c4-32x512 \
     eval=commonsense eval.limit=200 sweep=accuracy-limit200
