@@ -12,6 +12,7 @@ the same model x method x bits); per metric the newest ok record that has it win
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -151,13 +152,40 @@ def _numeric(v: Any) -> Any:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
 
+def _with_defaults(cfg: dict) -> dict:
+    """A record made before an option existed ran with its default: fill the missing
+    fields from the config dataclass named by `_target_` (when it still imports)."""
+    target = cfg.get("_target_")
+    if not target:
+        return cfg
+    try:
+        from hydra.utils import get_class
+        cls = get_class(target)
+    except Exception:  # noqa: BLE001 - a renamed or removed class: keep the record as is
+        return cfg
+    if not dataclasses.is_dataclass(cls):
+        return cfg
+    out = dict(cfg)
+    for f in dataclasses.fields(cls):
+        if f.name not in out and f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+    return out
+
+
+def _default_of(target: Any, key: str) -> str | None:
+    """json text of the dataclass default of `key` for the config class `target`."""
+    filled = _with_defaults({"_target_": target}) if target else {}
+    return (json.dumps(_numeric(filled[key]), sort_keys=True, default=str)
+            if key in filled and key != "_target_" else None)
+
+
 def method_variants(df: pd.DataFrame) -> list[str]:
     """Per row, the method hyper-parameters that differ from the most common value among the
     records of the same method (e.g. "act_mode=dynamic_token"), so ablation runs of one
     method get distinct labels; "" for the common setting. A record without the key (made
     before the option existed) is not labelled by it."""
     out = [""] * len(df)
-    cfgs = [c if isinstance(c, dict) else {} for c in df["method_cfg"]]
+    cfgs = [_with_defaults(c) if isinstance(c, dict) else {} for c in df["method_cfg"]]
     for method in set(df["method"]):
         idx = [i for i, m in enumerate(df["method"]) if m == method]
         keys = sorted({k for i in idx for k in cfgs[i]} - _BITS_KEYS)
@@ -167,7 +195,9 @@ def method_variants(df: pd.DataFrame) -> list[str]:
                     for i in have]
             if len(set(vals)) < 2:
                 continue
-            common = max(set(vals), key=vals.count)
+            default = _default_of(cfgs[have[0]].get("_target_"), k)
+            # most common value; on a tie the config class's default stays unlabelled
+            common = max(sorted(set(vals)), key=lambda v: (vals.count(v), v == default))
             for i, v in zip(have, vals, strict=True):
                 if v != common:
                     out[i] = ", ".join(filter(None, [out[i], f"{k}={json.loads(v)}"]))
@@ -617,6 +647,19 @@ def _align_settings(r: pd.Series) -> tuple:
                  for k in _ALIGN_KEYS)
 
 
+_NOT_SETTINGS = {"name", "_target_", "keep_fp", "keep_w8", "keep_top_k_sensitive",
+                 "sensitivity_from", "sensitivity_groups"}
+
+
+def _shared_settings_agree(nat: pd.Series, lib: pd.Series) -> bool:
+    """Hyper-parameters both configs define (e.g. true_sequential for gptq and
+    gptqmodel_gptq, damp for every GPTQ) must be equal; a setting only one side has (the
+    native default true_sequential vs llm-compressor, which has none) does not block."""
+    a, b = (r["method_cfg"] if isinstance(r.get("method_cfg"), dict) else {} for r in (nat, lib))
+    return all(_key_text(_numeric(a[k])) == _key_text(_numeric(b[k]))
+               for k in (set(a) & set(b)) - _NOT_SETTINGS - set(_ALIGN_KEYS))
+
+
 def alignment_table(df: pd.DataFrame) -> Table:
     """Native method vs its reference-library run on the same model, bits, calibration,
     windows and grid settings: perplexity of each and the relative difference
@@ -634,7 +677,8 @@ def alignment_table(df: pd.DataFrame) -> Table:
         for col in same:
             natives = natives[natives[col].map(_key_text) == _key_text(lib[col])]
         for _, nat in natives.iterrows():
-            if _align_settings(nat) != _align_settings(lib):
+            if _align_settings(nat) != _align_settings(lib) or not _shared_settings_agree(
+                    nat, lib):
                 continue
             cells = [Cell(str(lib["model"])), Cell(str(lib["bits"])), Cell(str(lib["calib"])),
                      Cell(str(nat["method"])), Cell(str(lib["method"]))]
@@ -657,8 +701,8 @@ def alignment_table(df: pd.DataFrame) -> Table:
         header += [f"{lbl} native", f"{lbl} library", f"{lbl} rel. Δ"]
     header += ["quantize native (s)", "quantize library (s)"]
     foot = ["rel. Δ = native / library - 1; bold: within the 1% target. Pairs share model, "
-            "bits, calibration tokens, perplexity windows, group size, grid symmetry and "
-            "activation mode."]
+            "bits, calibration tokens, perplexity windows, group size, grid symmetry, "
+            "activation mode and every setting both methods define."]
     return Table("alignment", "Native vs reference library (like-for-like settings)", header,
                  rows, 5, foot if rows else [])
 

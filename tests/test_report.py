@@ -445,3 +445,24 @@ def test_perplexity_rows_stay_apart_per_calibration(tmp_path):
     assert cells(t, "m", "gptq", "w4a16", "c4-128x2048-seed1")["Δ WikiText-2"] == "+2.50"
     wide = R.perplexity_wide_table(df)
     assert "gptq @c4-128x2048-seed1 w4a16 WikiText-2" in wide.columns
+
+
+def test_alignment_pairs_require_equal_shared_settings(tmp_path):
+    """gptqmodel_gptq defines true_sequential like the native gptq, so only the native run
+    with the same value is its partner; llm-compressor's GPTQ has no such setting and pairs
+    with both."""
+    store = ResultStore(tmp_path)
+    runs = [("gptqmodel_gptq", False, 10.0), ("llmc_gptq", None, 10.2),
+            ("gptq", False, 10.05), ("gptq", True, 10.5)]
+    for i, (method, ts, ppl) in enumerate(runs):
+        rec = _rec(i, "m", method, "w4a16", cfg_hash=f"h{i}", metrics={"ppl_ptb": ppl})
+        rec.config["method"].update(symmetric=False, a_bits=16, damp=0.01)
+        if ts is not None:
+            rec.config["method"]["true_sequential"] = ts
+        store.write(rec)
+    t = R.alignment_table(R.records_frame(store))
+    pairs = sorted((r[4].text, r[3].text) for r in t.rows)
+    assert [lib for lib, _ in pairs] == ["gptqmodel_gptq", "llmc_gptq", "llmc_gptq"]
+    assert "true_sequential=False" in pairs[0][1] or pairs[0][1] == "gptq"
+    assert cells(t, "m", "w4a16", "c4-128x2048", pairs[0][1], "gptqmodel_gptq")["PTB native"] \
+        == "10.05"
