@@ -301,6 +301,11 @@ def merge_rows(df: pd.DataFrame, keys: Sequence[str], metrics: Sequence[str]) ->
     return pd.DataFrame(out)
 
 
+def _count_key(v: Any) -> tuple[int, int]:
+    """"5" < "200" < "all" (docs per task)."""
+    return (0, int(v)) if str(v).isdigit() else (1, 0)
+
+
 def build_table(merged: pd.DataFrame, name: str, title: str, label_cols: Sequence[tuple[str, str]],
                 columns: Sequence[Column], group_cols: Sequence[str] = ("model",),
                 delta: bool = True, baseline: Callable[[pd.Series], bool] | None = None,
@@ -314,7 +319,9 @@ def build_table(merged: pd.DataFrame, name: str, title: str, label_cols: Sequenc
     merged = merged.sort_values(
         [*group_cols, "method", "bits"],
         key=lambda s: s.map(method_key) if s.name == "method"
-        else s.map(bits_key) if s.name == "bits" else s.astype(str)).reset_index(drop=True)
+        else s.map(bits_key) if s.name == "bits"
+        else s.map(_count_key) if s.name == "docs_per_task"
+        else s.astype(str)).reset_index(drop=True)
     group_of = [tuple(r[g] for g in group_cols) for _, r in merged.iterrows()]
     base_rows = {g: r for g, (_, r) in zip(group_of, merged.iterrows(), strict=True)
                  if baseline(r) and r["status"] == "ok"}
