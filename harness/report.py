@@ -395,7 +395,13 @@ def _rows_for(df: pd.DataFrame, evaluator: str, metric_cols: Iterable[str]) -> p
 
 
 def ppl_datasets(df: pd.DataFrame) -> list[str]:
-    found = [c[4:] for c in df.columns if c.startswith("ppl_") and not c.endswith("_stderr")]
+    """Datasets with a GPTQ-protocol perplexity: ppl_* columns filled by records of the
+    `ppl` evaluator (lm-eval's word perplexity of LAMBADA is an accuracy-suite metric)."""
+    if "evaluators" in df.columns:
+        ran = df["evaluators"].map(lambda e: not isinstance(e, tuple) or not e or "ppl" in e)
+        df = df[ran]
+    found = [c[4:] for c in df.columns if c.startswith("ppl_") and not c.endswith("_stderr")
+             and df[c].notna().any()]
     order = list(DATASET_LABELS)
     return sorted(found, key=lambda d: (order.index(d) if d in order else len(order), d))
 
@@ -408,7 +414,9 @@ def perplexity_table(df: pd.DataFrame) -> Table:
     labels = [("model", "Model"), ("method", "Method"), ("bits", "Bits")]
     keys: tuple[str, ...] = ("model", "method", "bits")
     if _several_calibrations(rows):     # seeds or sets apart: never merged into one row
-        rows = rows.assign(calib=rows["calib"].fillna("-").astype(str))
+        # fp16 uses no calibration: one baseline row whatever its record's calib says
+        rows = rows.assign(calib=[("-" if m == BASELINE_METHOD or not isinstance(c, str) else c)
+                                  for m, c in zip(rows["method"], rows["calib"], strict=True)])
         labels.append(("calib", "Calib"))
         keys = (*keys, "calib")
     merged = merge_rows(rows, keys, [c.metric for c in cols])
