@@ -361,8 +361,10 @@ def build_table(merged: pd.DataFrame, name: str, title: str, label_cols: Sequenc
             cells.append(cell)
             if delta and c.delta:
                 bv = None if base is None else base.get(c.metric)
-                if baseline(r):
+                if baseline(r) and r["status"] == "ok":
                     cells.append(Cell("ref"))
+                elif baseline(r):       # a skipped/failed fp16 job is no reference
+                    cells.append(Cell(NOT_MEASURED))
                 elif _is_num(v) and _is_num(bv):
                     d = (v - bv) * c.scale
                     cells.append(Cell(f"{d:+.{c.digits}f}", d))

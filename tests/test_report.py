@@ -466,3 +466,14 @@ def test_alignment_pairs_require_equal_shared_settings(tmp_path):
     assert "true_sequential=False" in pairs[0][1] or pairs[0][1] == "gptq"
     assert cells(t, "m", "w4a16", "c4-128x2048", pairs[0][1], "gptqmodel_gptq")["PTB native"] \
         == "10.05"
+
+
+def test_skipped_baseline_job_is_not_a_reference(tmp_path):
+    store = ResultStore(tmp_path)
+    store.write(_rec(0, "m", "fp16", "w16a16", metrics={"ppl_ptb": 10.0}))
+    store.write(_rec(1, "m", "fp16", "w4a8", status="skipped",
+                     error="fp16 does not support w4a8 (supported: w16a16)"))
+    t = R.perplexity_table(R.records_frame(store))
+    assert cells(t, "m", "fp16", "w16a16")["Δ PTB"] == "ref"
+    row = cells(t, "m", "fp16", "w4a8")
+    assert row["PTB"].startswith("skipped") and row["Δ PTB"] == R.NOT_MEASURED
