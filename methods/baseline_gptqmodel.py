@@ -29,9 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from methods.arch import ModelSpec
-from methods.base import Calib, ConfigError, Method, QuantConfig, register
-from methods.layers import FakeQuantLinear, iter_block_linears, replace_linear
-from methods.primitives import QParams
+from methods.base import Calib, ConfigError, QuantConfig, register
+from methods.baselines import LibraryBaseline, library_version, replace_with_library_grid
+from methods.layers import iter_block_linears
+from methods.primitives import QParams, dequantize
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +60,14 @@ class GPTQModelGPTQConfig(QuantConfig):
 
 
 @register(GPTQModelGPTQConfig)
-class GPTQModelGPTQ(Method):
+class GPTQModelGPTQ(LibraryBaseline):
     name = "gptqmodel_gptq"
+    install_hint = INSTALL_HINT
     # Packing in 32-bit words along K: 2, 4 and 8 bits divide 32 (3-bit codes straddle words).
     supported_bits = frozenset({(4, 16), (8, 16), (2, 16)})
 
-    @property
-    def needs_calibration(self) -> bool:
-        return True
-
-    def check(self, spec: ModelSpec) -> str | None:
-        if not gptqmodel_available():
-            return INSTALL_HINT
-        return super().check(spec)
+    def library_available(self) -> bool:
+        return gptqmodel_available()
 
     def library_config(self, device: str):
         from gptqmodel.quantization.config import GPTQConfig
@@ -83,10 +79,7 @@ class GPTQModelGPTQ(Method):
                           offload_to_disk=False)   # keep the packed modules in memory
 
     def quantize(self, model: nn.Module, spec: ModelSpec, calib: Calib | None) -> nn.Module:
-        if not gptqmodel_available():
-            raise RuntimeError(INSTALL_HINT)
-        if not calib:
-            raise ValueError(f"{self.name} needs calibration data")
+        self.require_library_and_calibration(calib)
         # The library sizes its CPU pool as ceil(cores / 2) but asks for 2 loader workers:
         # on a 2-core host that raises ("requests 2 workers but parent 'cpu' only has 1").
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, (os.cpu_count() or 1) // 2)))
@@ -106,8 +99,8 @@ class GPTQModelGPTQ(Method):
             qmodel.quantize(data, batch_size=1)
             self._read_back(model, spec, qmodel.model)
             self.artifacts["gptqmodel_layers"] = library_layer_log(log_dir)
-        from importlib.metadata import version
-        self.artifacts["baseline"] = {"library": "gptqmodel", "version": version("gptqmodel")}
+        self.artifacts["baseline"] = {"library": "gptqmodel",
+                                      "version": library_version("gptqmodel")}
         return model
 
     @torch.no_grad()
@@ -121,19 +114,16 @@ class GPTQModelGPTQ(Method):
             if not torch.equal(groups_of_k, torch.arange(lin.in_features) // g):
                 raise RuntimeError(f"{full}: GPTQModel returned non-contiguous groups (g_idx); "
                                    "only static groups are representable")
-            _check_against_library(full, dequantize(q, z_stored, s), packed)
-            z = true_zero(z_stored, packed, c.w_bits)
-            W_hat = dequantize(q, z, s)
-            plain = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                              device=lin.weight.device, dtype=lin.weight.dtype)
-            plain.weight.copy_(W_hat.to(lin.weight.device))
-            if lin.bias is not None:
-                plain.bias.copy_(lin.bias)
+            _check_against_library(full, self._dequantize(q, z_stored, s), packed)
             # GPTQ's symmetric grid is a zero-point grid with z = 2^(b-1): keep z explicit.
-            replace_linear(model, full, FakeQuantLinear(
-                plain, w_bits=c.w_bits, group_size=c.group_size,
-                w_qparams=QParams(s.float(), z.float(), c.w_bits), a_bits=c.a_bits,
-                act_mode=c.act_mode))
+            qp = QParams(s.float(), true_zero(z_stored, packed, c.w_bits).float(), c.w_bits)
+            replace_with_library_grid(model, full, lin, self._dequantize(q, qp.zero, s), qp, c)
+
+    def _dequantize(self, q: Tensor, z: Tensor, s: Tensor) -> Tensor:
+        """W_hat [N, K] = (q - z) * s for codes q [N, K] and z, s [N, G] over contiguous
+        groups (G = 1: per channel)."""
+        qp = QParams(s.float().unsqueeze(-1), z.float().unsqueeze(-1), self.config.w_bits)
+        return dequantize(q, qp, "per_group", q.shape[1] // s.shape[1])
 
 
 def unpack_gptq(packed: nn.Module, bits: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -159,12 +149,6 @@ def unpack_gptq(packed: nn.Module, bits: int) -> tuple[Tensor, Tensor, Tensor]:
     z = unpack(packed.qzeros, 1)[:, :n].t()                           # [N, G]
     s = packed.scales.detach().cpu().t()                              # [N, G]
     return q.contiguous(), z.contiguous(), s.contiguous()
-
-
-def dequantize(q: Tensor, z: Tensor, s: Tensor) -> Tensor:
-    """W_hat [N, K] = (q - z) * s with z, s [N, G] expanded over contiguous groups."""
-    g = q.shape[1] // s.shape[1]
-    return (q.float() - z.float().repeat_interleave(g, 1)) * s.float().repeat_interleave(g, 1)
 
 
 def true_zero(z_stored: Tensor, packed: nn.Module, bits: int) -> Tensor:

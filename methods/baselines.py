@@ -79,15 +79,51 @@ class LLMCompressorSmoothQuantConfig(QuantConfig):
             raise ConfigError(f"llmc_smoothquant alpha={self.alpha} must be in [0, 1]")
 
 
-class _LLMCompressorMethod(Method):
+class LibraryBaseline(Method):
+    """A method run by a reference library on our model and calibration tokens. It needs
+    calibration; without the library installed it is skipped with `install_hint`."""
+
+    install_hint = ""
+
+    def library_available(self) -> bool:
+        raise NotImplementedError
+
     @property
     def needs_calibration(self) -> bool:
         return True
 
     def check(self, spec: ModelSpec) -> str | None:
-        if not llmcompressor_available():
-            return INSTALL_HINT
+        if not self.library_available():
+            return self.install_hint
         return super().check(spec)
+
+    def require_library_and_calibration(self, calib: Calib | None) -> None:
+        if not self.library_available():
+            raise RuntimeError(self.install_hint)
+        if not calib:
+            raise ValueError(f"{self.name} needs calibration data")
+
+
+def replace_with_library_grid(model: nn.Module, full: str, lin: nn.Linear, W_hat: torch.Tensor,
+                              qp: QParams, cfg: QuantConfig,
+                              act_scale: float | None = None) -> None:
+    """Swap block linear `full` for a FakeQuantLinear holding the library's dequantized
+    weights W_hat [N, K] on the library's grid `qp` (bias and dtype kept)."""
+    plain = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                      device=lin.weight.device, dtype=lin.weight.dtype)
+    plain.weight.copy_(W_hat.to(lin.weight.device))
+    if lin.bias is not None:
+        plain.bias.copy_(lin.bias)
+    replace_linear(model, full, FakeQuantLinear(
+        plain, w_bits=cfg.w_bits, group_size=cfg.group_size, w_qparams=qp,
+        a_bits=cfg.a_bits, act_mode=cfg.act_mode, act_scale=act_scale))
+
+
+class _LLMCompressorMethod(LibraryBaseline):
+    install_hint = INSTALL_HINT
+
+    def library_available(self) -> bool:
+        return llmcompressor_available()
 
     def modifiers(self, spec: ModelSpec, ignore: list[str]) -> list[Any]:
         """The llm-compressor recipe (modifier instances)."""
@@ -109,10 +145,7 @@ class _LLMCompressorMethod(Method):
         return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)
 
     def quantize(self, model: nn.Module, spec: ModelSpec, calib: Calib | None) -> nn.Module:
-        if not llmcompressor_available():
-            raise RuntimeError(INSTALL_HINT)
-        if not calib:
-            raise ValueError(f"{self.name} needs calibration data")
+        self.require_library_and_calibration(calib)
         from llmcompressor import oneshot
         from torch.utils.data import DataLoader
 
@@ -132,8 +165,8 @@ class _LLMCompressorMethod(Method):
                     num_calibration_samples=len(ids), max_seq_length=len(ids[0]),
                     shuffle_calibration_samples=False, pipeline="sequential")
         self.artifacts["baseline"] = {"library": "llmcompressor",
-                                      "version": _version("llmcompressor"),
-                                      "compressed_tensors": _version("compressed-tensors")}
+                                      "version": library_version("llmcompressor"),
+                                      "compressed_tensors": library_version("compressed-tensors")}
         return to_fake_quant(model, spec, self.config)
 
 
@@ -175,7 +208,7 @@ class _TokenIdsOnly:
         raise RuntimeError("calibration is passed as token ids; nothing to tokenize")
 
 
-def _version(dist: str) -> str:
+def library_version(dist: str) -> str:
     from importlib.metadata import version
     return version(dist)
 
@@ -193,11 +226,6 @@ def to_fake_quant(model: nn.Module, spec: ModelSpec, cfg: QuantConfig) -> nn.Mod
         wargs = qscheme.weights
         scale, zp = lin.weight_scale.detach(), getattr(lin, "weight_zero_point", None)
         W_hat = fake_quantize(lin.weight.detach(), scale, zp, wargs)
-        plain = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                          device=W_hat.device, dtype=lin.weight.dtype)
-        plain.weight.copy_(W_hat)
-        if lin.bias is not None:
-            plain.bias.copy_(lin.bias)
         zero = None
         if not wargs.symmetric and zp is not None:
             zero = zp.float() + 2 ** (wargs.num_bits - 1)
@@ -207,9 +235,7 @@ def to_fake_quant(model: nn.Module, spec: ModelSpec, cfg: QuantConfig) -> nn.Mod
         act_scale = None
         if cfg.quantizes_activations and cfg.act_mode == "static_tensor":
             act_scale = float(lin.input_scale.reshape(-1)[0])
-        replace_linear(model, full, FakeQuantLinear(
-            plain, w_bits=cfg.w_bits, group_size=cfg.group_size, w_qparams=qp,
-            a_bits=cfg.a_bits, act_mode=cfg.act_mode, act_scale=act_scale))
+        replace_with_library_grid(model, full, lin, W_hat, qp, cfg, act_scale)
     return model
 
 
