@@ -11,7 +11,6 @@ unsupported combination becomes `skipped` with the reason. The sweep goes on.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import gc
 import logging
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from harness import provenance
@@ -39,7 +38,7 @@ from harness.models import LoadedModel, ModelLoadError, load_model
 from harness.security import UnsafePathError, safe_name, scrub_secrets, within_root
 from harness.store import ResultStore, RunRecord, config_hash, new_run_id
 from harness.tracking import make_tracker
-from methods.base import ConfigError, Method, QuantConfig, build
+from methods.base import ConfigError, Method, QuantConfig, build, config_field_defaults
 
 log = logging.getLogger(__name__)
 
@@ -135,13 +134,10 @@ def build_method(method_cfg: DictConfig, runs_dir: str | None = None) -> Method:
 def _reject_foreign_settings(name: str | None, node: dict) -> None:
     """A multirun over methods applies `method.key=v` to every method; one whose config has
     no such field (`method=awq,llmc_awq method.inputs_from=fp`) is skipped, saying so."""
-    target = node.get("_target_")
-    if not target:
-        return
-    cls = get_class(target)
-    if not dataclasses.is_dataclass(cls):
-        return
-    known = {f.name for f in dataclasses.fields(cls)} | {"_target_"}
+    fields = config_field_defaults(node["_target_"]) if node.get("_target_") else None
+    if fields is None:
+        return          # instantiate() reports a target that does not resolve
+    known = set(fields) | {"_target_"}
     foreign = sorted(set(node) - known)
     if foreign:
         raise Skip(f"method {name} has no setting {', '.join(foreign)} (set for another "

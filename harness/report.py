@@ -152,38 +152,34 @@ def _numeric(v: Any) -> Any:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
 
+def _config_fields(target: Any) -> dict[str, Any] | None:
+    # imported here: methods.base pulls in torch, which tables of plain records never need
+    from methods.base import config_field_defaults
+    return config_field_defaults(target) if target else None
+
+
 def _with_defaults(cfg: dict) -> dict:
     """A record made before an option existed ran with its default: fill the missing
     fields from the config dataclass named by `_target_` (when it still imports)."""
-    target = cfg.get("_target_")
-    if not target:
+    fields = _config_fields(cfg.get("_target_"))
+    if not fields:
         return cfg
-    try:
-        from hydra.utils import get_class
-        cls = get_class(target)
-    except Exception:  # noqa: BLE001 - a renamed or removed class: keep the record as is
-        return cfg
-    if not dataclasses.is_dataclass(cls):
-        return cfg
-    out = dict(cfg)
-    for f in dataclasses.fields(cls):
-        if f.name not in out and f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-    return out
+    return {**{k: v for k, v in fields.items() if v is not dataclasses.MISSING}, **cfg}
 
 
 def _default_of(target: Any, key: str) -> str | None:
     """json text of the dataclass default of `key` for the config class `target`."""
-    filled = _with_defaults({"_target_": target}) if target else {}
-    return (json.dumps(_numeric(filled[key]), sort_keys=True, default=str)
-            if key in filled and key != "_target_" else None)
+    default = (_config_fields(target) or {}).get(key, dataclasses.MISSING)
+    return (None if default is dataclasses.MISSING
+            else json.dumps(_numeric(default), sort_keys=True, default=str))
 
 
 def method_variants(df: pd.DataFrame) -> list[str]:
     """Per row, the method hyper-parameters that differ from the most common value among the
     records of the same method (e.g. "act_mode=dynamic_token"), so ablation runs of one
     method get distinct labels; "" for the common setting. A record without the key (made
-    before the option existed) is not labelled by it."""
+    before the option existed) counts with the config class's default, or, when that class
+    no longer imports, is not labelled by it."""
     out = [""] * len(df)
     cfgs = [_with_defaults(c) if isinstance(c, dict) else {} for c in df["method_cfg"]]
     for method in set(df["method"]):

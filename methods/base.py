@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -163,6 +165,21 @@ def _load_builtin() -> None:
         except ModuleNotFoundError as e:
             if e.name != f"methods.{optional}":
                 raise
+
+
+@functools.cache
+def config_field_defaults(target: str) -> dict[str, Any] | None:
+    """{field: default} of the config dataclass at dotted path `target` (a Hydra
+    `_target_`); dataclasses.MISSING for fields without a plain default. None when the path
+    does not import or names no dataclass (a renamed class, a foreign target)."""
+    module, _, name = str(target).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        return None
+    return {f.name: f.default for f in dataclasses.fields(cls)}
 
 
 def build(config: QuantConfig) -> Method:
