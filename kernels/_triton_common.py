@@ -7,6 +7,7 @@ Imports triton at top; the rest of the package only imports this module lazily.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,21 @@ def _marker():
 
 INTERPRETED = type(_marker).__name__ == "InterpretedFunction"
 """True when kernels were decorated under TRITON_INTERPRET=1 (decided at import time)."""
+
+
+def _tune_bench(fn, quantiles=None):
+    """Autotuner timing: short runs (5 ms warm-up, 25 ms measured) so a sweep over many
+    shapes tunes in seconds; the benchmark itself times with longer runs."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
+def autotune(configs: list, key: list[str]):
+    """triton.autotune with the short timing above (GPU only; see use_autotune)."""
+    if "do_bench" in inspect.signature(triton.autotune).parameters:  # triton >= 3.2
+        return triton.autotune(configs=configs, key=key, do_bench=_tune_bench)
+    return triton.autotune(configs=configs, key=key)
 
 
 def use_autotune(device: torch.device) -> bool:

@@ -48,7 +48,7 @@ PEAKS = {
     "H100 NVL": {"hbm_gbs": 3900.0, "int8_tops": 1671.0, "fp16_tflops": 835.0},
     "H100": {"hbm_gbs": 3350.0, "int8_tops": 1979.0, "fp16_tflops": 989.0},  # SXM
 }
-E2E_7B = {"layers": 32, "hidden": 4096, "intermediate": 11008}
+E2E_7B = {"layers": 32, "hidden": 4096, "intermediate": 11008, "vocab": 32000, "decode_ctx": 512}
 
 Timer = Callable[[Callable[[], object]], float]
 
@@ -114,12 +114,28 @@ def environment() -> dict:
 
 
 def gpu_timer(quick: bool) -> Timer:
+    """CUDA-graph replay (median ms per call): what a serving stack that captures its decode
+    step sees; launch overhead of the Python wrappers is excluded for every variant alike.
+    Callers rotate through weight copies larger than L2 so replays stream from HBM."""
     import triton.testing
 
-    rep = 40 if quick else 100
+    rep = 20 if quick else 40
 
     def timer(fn):
-        return float(triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median"))
+        return float(triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median"))
+
+    return timer
+
+
+def eager_timer(quick: bool) -> Timer:
+    """Eager launches with an L2 flush before each call (triton do_bench, median ms):
+    includes each wrapper's Python / launch overhead."""
+    import triton.testing
+
+    rep = 20 if quick else 40
+
+    def timer(fn):
+        return float(triton.testing.do_bench(fn, warmup=5, rep=rep, return_mode="median"))
 
     return timer
 
@@ -158,34 +174,64 @@ class Impl:
             self.int_mm = None
 
 
-def make_problem(m: int, n: int, k: int, device: str, seed: int = 0) -> dict:
+L2_ROTATE_BYTES = 256 * 2**20  # weight copies cycled per call: > 4x the 50-60 MB L2 of H100/H200
+MAX_COPIES = 32
+
+
+class Rotation:
+    """Cycles through equally shaped weight copies: consecutive (graph-captured) calls read
+    different memory, so a weight smaller than L2 is not served from L2 in a timing loop."""
+
+    def __init__(self, items: list):
+        self.items, self.i = items, 0
+
+    def __call__(self):
+        item = self.items[self.i % len(self.items)]
+        self.i += 1
+        return item
+
+
+def n_copies(n: int, k: int, device: str) -> int:
+    """Copies so the smallest form (packed int4) of one weight set spans L2_ROTATE_BYTES."""
+    if device != "cuda":
+        return 1
+    return max(1, min(MAX_COPIES, math.ceil(L2_ROTATE_BYTES / (n * k / 2))))
+
+
+def make_problem(m: int, n: int, k: int, device: str, seed: int = 0, copies: int = 1) -> dict:
     g = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(m, k, device=device, generator=g).half()
-    w = (torch.randn(n, k, device=device, generator=g) * 0.02).half()
-    return {
-        "x": x,
-        "w16": w,
-        "w4": torch.randint(0, 256, (n, k // 2), device=device, dtype=torch.uint8, generator=g),
-        "w4_scale": (torch.rand(n, k // GROUP_SIZE, device=device, generator=g) * 0.01).half(),
-        "w8": torch.randint(-128, 128, (n, k), device=device, dtype=torch.int8, generator=g),
-        "w8_scale": torch.rand(n, device=device, generator=g) * 0.01,
-    }
+
+    def weights():
+        return {
+            "w16": (torch.randn(n, k, device=device, generator=g) * 0.02).half(),
+            "w4": torch.randint(0, 256, (n, k // 2), device=device, dtype=torch.uint8, generator=g),
+            "w4_scale": (torch.rand(n, k // GROUP_SIZE, device=device, generator=g) * 0.01).half(),
+            "w8": torch.randint(-128, 128, (n, k), device=device, dtype=torch.int8, generator=g),
+            "w8_scale": torch.rand(n, device=device, generator=g) * 0.01,
+        }
+
+    sets = [weights() for _ in range(copies)]
+    return {"x": x, **sets[0], "copies": sets}
 
 
 def gemm_variants(p: dict, impl: Impl) -> dict[str, Callable[[], object]]:
     x = p["x"]
     xq, xs = impl.quant(x)
-    w4, s4, w8, s8 = p["w4"], p["w4_scale"], p["w8"], p["w8_scale"]
+    rot = {name: Rotation([c[name] if isinstance(name, str) else tuple(c[k] for k in name)
+                           for c in p["copies"]])
+           for name in ("w16", ("w4", "w4_scale"), ("w8", "w8_scale"))}  # fmt: skip
+    w16, w4, w8 = rot["w16"], rot[("w4", "w4_scale")], rot[("w8", "w8_scale")]
     v = {
-        "fp16": lambda: F.linear(x, p["w16"]),
-        "w4a8": lambda: impl.w4a8(xq, xs, w4, s4, GROUP_SIZE),
-        "w4a8+quant": lambda: impl.w4a8(*impl.quant(x), w4, s4, GROUP_SIZE),
-        "w8a8": lambda: impl.w8a8(xq, xs, w8, s8),
-        "w8a8+quant": lambda: impl.w8a8(*impl.quant(x), w8, s8),
+        "fp16": lambda: F.linear(x, w16()),
+        "w4a8": lambda: impl.w4a8(xq, xs, *w4(), GROUP_SIZE),
+        "w4a8+quant": lambda: impl.w4a8(*impl.quant(x), *w4(), GROUP_SIZE),
+        "w8a8": lambda: impl.w8a8(xq, xs, *w8()),
+        "w8a8+quant": lambda: impl.w8a8(*impl.quant(x), *w8()),
         "quant_only": lambda: impl.quant(x),
     }
     if impl.int_mm is not None:
-        v["w8a8_int_mm"] = lambda: impl.int_mm(xq, xs, w8, s8)
+        v["w8a8_int_mm"] = lambda: impl.int_mm(xq, xs, *w8())
     return v
 
 
@@ -209,8 +255,8 @@ def check_correctness(p: dict, impl: Impl) -> dict:
     xq_r, xs_r = ref.quant_per_token_ref(x)
     res = {"quant_exact": bool(torch.equal(xq, xq_r) and torch.equal(xs, xs_r))}
     pairs = {
-        "w4a8": (impl.w4a8(xq, xs, p["w4"], p["w4_scale"], GROUP_SIZE),
-                 ref.w4a8_gemm_ref(xq, xs, p["w4"], p["w4_scale"], GROUP_SIZE)),
+        "w4a8": (impl.w4a8(xq, xs, p["w4"], p["w4_scale"], GROUP_SIZE),  # w4: kernel layout
+                 ref.w4a8_gemm_ref(xq, xs, ref.from_kernel_layout(p["w4"], GROUP_SIZE), p["w4_scale"], GROUP_SIZE)),
         "w8a8": (impl.w8a8(xq, xs, p["w8"], p["w8_scale"]),
                  ref.w8a8_gemm_ref(xq, xs, p["w8"], p["w8_scale"])),
     }  # fmt: skip
@@ -220,13 +266,25 @@ def check_correctness(p: dict, impl: Impl) -> dict:
     return res
 
 
-def bench_gemms(shapes: dict, ms: list[int], device: str, timer: Timer, impl: Impl, peaks) -> list[dict]:
+EAGER_VARIANTS = ("fp16", "w4a8+quant")
+
+
+def bench_gemms(shapes: dict, ms: list[int], device: str, timer: Timer, impl: Impl, peaks,
+                eager: Timer | None = None, deadline: float | None = None,
+                on_shape: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """One row per (shape, M): timings of every variant (graph replay on a GPU), eager
+    timings of EAGER_VARIANTS, a correctness check at the smallest M and M = 16.
+    Stops before a new shape once time.time() passes deadline (the rows so far are kept)."""
     rows = []
     for model, nks in shapes.items():
         for n, k in nks:
+            if deadline is not None and time.time() > deadline:
+                print(f"time budget reached: skipping {model} {n}x{k} and later shapes", flush=True)
+                return rows
             for m in ms:
-                p = make_problem(m, n, k, device)
-                row = {"model": model, "N": n, "K": k, "M": m, "ms": {}, "errors": {}}
+                p = make_problem(m, n, k, device, copies=n_copies(n, k, device))
+                row = {"model": model, "N": n, "K": k, "M": m, "copies": len(p["copies"]),
+                       "ms": {}, "ms_eager": {}, "errors": {}}  # fmt: skip
                 if m == min(ms) or m == 16:
                     try:
                         row["check"] = check_correctness(p, impl)
@@ -235,6 +293,8 @@ def bench_gemms(shapes: dict, ms: list[int], device: str, timer: Timer, impl: Im
                 for name, fn in gemm_variants(p, impl).items():
                     try:
                         row["ms"][name] = timer(fn)
+                        if eager is not None and name in EAGER_VARIANTS:
+                            row["ms_eager"][name] = eager(fn)
                     except Exception as e:
                         row["errors"][name] = repr(e)[:300]
                 add_metrics(row, peaks)
@@ -243,6 +303,8 @@ def bench_gemms(shapes: dict, ms: list[int], device: str, timer: Timer, impl: Im
                 del p
             if device == "cuda":
                 torch.cuda.empty_cache()
+            if on_shape is not None:
+                on_shape(rows)
     return rows
 
 
@@ -262,6 +324,9 @@ def add_metrics(row: dict, peaks: dict | None) -> None:
             row["pct_peak_bw"][name] = 100.0 * row["gbs"][name] / peaks["hbm_gbs"]
             if name.startswith("w") and name in row["tops"]:
                 row["pct_peak_int8"][name] = 100.0 * row["tops"][name] / peaks["int8_tops"]
+    eager = row.get("ms_eager", {})
+    if "fp16" in eager:
+        row["speedup_eager_vs_fp16"] = {n: eager["fp16"] / t for n, t in eager.items() if n != "fp16"}
 
 
 def _row_line(row: dict) -> str:
@@ -274,48 +339,116 @@ def _row_line(row: dict) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def _stack_shapes(hidden: int, inter: int) -> list[tuple[str, int, int]]:
-    h, i = hidden, inter
-    return [("q", h, h), ("k", h, h), ("v", h, h), ("o", h, h), ("gate", i, h), ("up", i, h), ("down", h, i)]
+class Decoder:
+    """LLaMA-shaped decoder with random weights: per layer RMSNorm, fused q/k/v linear,
+    rotary embedding, SDPA attention over a preallocated KV cache, o linear, RMSNorm, fused
+    gate/up linear, SiLU-gate, down linear, residuals; final RMSNorm + fp16 lm_head on the
+    last position. `linear` is fp16 (F.linear) or W4A8 (kernels.ops.w4a8_linear: per-token
+    int8 activation quantization + W4A8 GEMM, the runtime modules' path). q/k/v and gate/up
+    are fused into one linear each in both variants (one activation quantization per input).
+
+    Shapes: hidden H, heads H/128, intermediate I; caches [layers, B, heads, ctx, 128]."""
+
+    HEAD_DIM = 128
+
+    def __init__(self, dims: dict, layers: int, quant: str, device: str, max_batch: int,
+                 max_ctx: int, impl: Impl, seed: int = 0):
+        h, i = dims["hidden"], dims["intermediate"]
+        self.h, self.heads, self.quant, self.impl = h, h // self.HEAD_DIM, quant, impl
+        g = torch.Generator(device=device).manual_seed(seed)
+
+        def linear(n, k):
+            if quant == "fp16":
+                return (torch.randn(n, k, device=device, generator=g) * 0.02).half()
+            return (torch.randint(0, 256, (n, k // 2), device=device, dtype=torch.uint8, generator=g),
+                    (torch.rand(n, k // GROUP_SIZE, device=device, generator=g) * 2e-3).half())  # fmt: skip
+
+        self.layers = [{"qkv": linear(3 * h, h), "o": linear(h, h), "gate_up": linear(2 * i, h),
+                        "down": linear(h, i), "ln1": torch.ones(h, device=device, dtype=torch.half),
+                        "ln2": torch.ones(h, device=device, dtype=torch.half)}
+                       for _ in range(layers)]  # fmt: skip
+        self.ln_f = torch.ones(h, device=device, dtype=torch.half)
+        self.lm_head = (torch.randn(dims.get("vocab", 32000), h, device=device, generator=g) * 0.02).half()
+        shape = (layers, max_batch, self.heads, max_ctx, self.HEAD_DIM)
+        self.k_cache = torch.zeros(shape, device=device, dtype=torch.half)
+        self.v_cache = torch.zeros(shape, device=device, dtype=torch.half)
+        inv = 1.0 / (10000 ** (torch.arange(0, self.HEAD_DIM, 2, device=device).float() / self.HEAD_DIM))
+        ang = torch.outer(torch.arange(max_ctx, device=device).float(), inv)
+        self.cos, self.sin = ang.cos().half(), ang.sin().half()
+
+    def weight_bytes(self) -> int:
+        ts = [t for layer in self.layers for v in layer.values() for t in (v if isinstance(v, tuple) else (v,))]
+        return sum(t.numel() * t.element_size() for t in [*ts, self.ln_f, self.lm_head])
+
+    def linear(self, x: torch.Tensor, w) -> torch.Tensor:
+        if self.quant == "fp16":
+            return F.linear(x, w)
+        from kernels import ops
+
+        return ops.w4a8_linear(x, w[0], w[1], GROUP_SIZE, backend="auto" if x.is_cuda else "reference")
+
+    @staticmethod
+    def rms(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+    def rope(self, t: torch.Tensor, pos: int) -> torch.Tensor:  # t [B, heads, T, 128]
+        cos, sin = self.cos[pos:pos + t.shape[2]], self.sin[pos:pos + t.shape[2]]
+        t1, t2 = t[..., ::2], t[..., 1::2]
+        return torch.cat([t1 * cos - t2 * sin, t1 * sin + t2 * cos], dim=-1)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+        """x [B, T, H] hidden states of positions pos..pos+T-1 -> logits [B, vocab] of the last."""
+        b, t, h = x.shape
+        for li, layer in enumerate(self.layers):
+            qkv = self.linear(self.rms(x, layer["ln1"]), layer["qkv"])
+            q, k, v = (z.view(b, t, self.heads, self.HEAD_DIM).transpose(1, 2) for z in qkv.split(h, dim=-1))
+            q, k = self.rope(q, pos), self.rope(k, pos)
+            kc, vc = self.k_cache[li, :b], self.v_cache[li, :b]
+            kc[:, :, pos:pos + t].copy_(k)
+            vc[:, :, pos:pos + t].copy_(v)
+            a = F.scaled_dot_product_attention(q, kc[:, :, :pos + t], vc[:, :, :pos + t], is_causal=t > 1)
+            x = x + self.linear(a.transpose(1, 2).reshape(b, t, h), layer["o"])
+            gate, up = self.linear(self.rms(x, layer["ln2"]), layer["gate_up"]).chunk(2, dim=-1)
+            x = x + self.linear(F.silu(gate) * up, layer["down"])
+        return F.linear(self.rms(x[:, -1], self.ln_f), self.lm_head)
 
 
-def bench_e2e(device: str, timer: Timer, impl: Impl, layers: int, ms: list[int], dims: dict) -> dict:
-    """Per layer: q, k, v, o, gate, up, down linears (the non-linear parts are left out).
-    The W4A8 path quantizes each linear's input separately (as unfused runtime modules do)."""
-    shapes = _stack_shapes(dims["hidden"], dims["intermediate"])
-    g = torch.Generator(device=device).manual_seed(0)
-    w16 = [[(torch.randn(n, k, device=device, generator=g) * 0.02).half() for _, n, k in shapes]
-           for _ in range(layers)]  # fmt: skip
-    w4 = [[(torch.randint(0, 256, (n, k // 2), device=device, dtype=torch.uint8, generator=g),
-            (torch.rand(n, k // GROUP_SIZE, device=device, generator=g) * 0.01).half())
-           for _, n, k in shapes] for _ in range(layers)]  # fmt: skip
-
-    def layer_inputs(x, outs):  # q/k/v/gate/up read the residual stream, o reads v, down reads up
-        return {"q": x, "k": x, "v": x, "o": outs.get("v"), "gate": x, "up": x, "down": outs.get("up")}
-
-    def run(linear, weights, x):
-        for lw in weights:
-            outs = {}
-            for (name, _, _), w in zip(shapes, lw, strict=True):
-                outs[name] = linear(layer_inputs(x, outs)[name], w)
-            x = outs["down"]
-        return x
-
-    def fp16_linear(x, w):
-        return F.linear(x, w)
-
-    def w4a8_linear(x, w):
-        return impl.w4a8(*impl.quant(x), w[0], w[1], GROUP_SIZE)
-
-    res = {"layers": layers, **dims, "linears_per_layer": [s[0] for s in shapes], "ms": {}, "speedup": {}}
-    for m in ms:
-        x = torch.randn(m, dims["hidden"], device=device, generator=g).half()
-        t16 = timer(lambda x=x: run(fp16_linear, w16, x))
-        t4 = timer(lambda x=x: run(w4a8_linear, w4, x))
-        res["ms"][str(m)] = {"fp16": t16, "w4a8+quant": t4}
-        res["speedup"][str(m)] = t16 / t4
-        print(f"[e2e {layers} layers M={m}] fp16={t16:.3f}ms w4a8+quant={t4:.3f}ms "
-              f"speedup={t16 / t4:.2f}x", flush=True)  # fmt: skip
+def bench_e2e(device: str, timer: Timer, impl: Impl, layers: int, dims: dict,
+              decode_batches: list[int], decode_ctx: int, prefill_len: int,
+              eager: Timer | None = None) -> dict:
+    """Decode step (batch b, one new token after decode_ctx cached ones) and prefill
+    (batch 1, prefill_len tokens) of a LLaMA-shaped decoder, fp16 vs W4A8 (+ activation quant).
+    tokens/s = b / decode-step time."""
+    res = {"layers": layers, **dims, "decode_ctx": decode_ctx, "prefill_len": prefill_len,
+           "model": "Decoder (fused qkv / gate_up, SDPA, RoPE, RMSNorm; fp16 lm_head)",
+           "ms": {}, "speedup": {}, "tok_s": {}, "weight_gb": {}, "ms_eager": {}}  # fmt: skip
+    max_ctx = max(decode_ctx + 1, prefill_len)
+    g = torch.Generator(device=device).manual_seed(1)
+    cases = [(f"decode_b{b}", b, 1, decode_ctx) for b in decode_batches] + [(f"prefill_{prefill_len}", 1, prefill_len, 0)]
+    for quant in ("fp16", "w4a8+quant"):
+        model = Decoder(dims, layers, "fp16" if quant == "fp16" else "w4a8", device,
+                        max(decode_batches), max_ctx, impl)  # fmt: skip
+        res["weight_gb"][quant] = model.weight_bytes() / 1e9
+        for name, b, t, pos in cases:
+            x = (torch.randn(b, t, dims["hidden"], device=device, generator=g) * 0.5).half()
+            res["ms"].setdefault(name, {})[quant] = timer(lambda x=x, pos=pos: model.forward(x, pos))
+            if eager is not None:
+                res["ms_eager"].setdefault(name, {})[quant] = eager(lambda x=x, pos=pos: model.forward(x, pos))
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    for name, b, _, _ in cases:
+        t16, t4 = res["ms"][name]["fp16"], res["ms"][name]["w4a8+quant"]
+        res["speedup"][name] = t16 / t4
+        if name.startswith("decode"):
+            res["tok_s"][name] = {q: b / (ms * 1e-3) for q, ms in res["ms"][name].items()}
+        line = f"[e2e {layers} layers {name}] fp16={t16:.3f}ms w4a8+quant={t4:.3f}ms speedup={t16 / t4:.2f}x"
+        if name in res["ms_eager"]:
+            e = res["ms_eager"][name]
+            line += f" | eager fp16={e['fp16']:.3f}ms w4a8+quant={e['w4a8+quant']:.3f}ms"
+        print(line, flush=True)
     return res
 
 
@@ -414,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", help="PNG path for the speedup/roofline plot (needs matplotlib)")
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end stack")
     ap.add_argument("--allow-cpu", action="store_true", help="without a GPU: tiny smoke run")
+    ap.add_argument("--budget-min", type=float, default=None,
+                    help="start no new GEMM shape after this many minutes (results so far are kept)")
     args = ap.parse_args(argv)
 
     env = environment()
@@ -426,29 +561,46 @@ def main(argv: list[str] | None = None) -> int:
 
     import kernels._triton_common  # noqa: F401  (fails loudly here if triton is broken)
 
-    timer = gpu_timer(args.quick)
+    timer, eager = gpu_timer(args.quick), eager_timer(args.quick)
     impl = Impl(use_triton=True)
     shapes = {"llama2-7b": SHAPES["llama2-7b"]} if args.quick else SHAPES
     ms = QUICK_MS if args.quick else MS
     print(f"device: {env['device']}  driver: {env.get('driver')}  torch {env['torch']}  "
           f"triton {env['triton']}  peaks: {env['peaks'] or 'unknown'}", flush=True)  # fmt: skip
     t0 = time.time()
-    rows = bench_gemms(shapes, ms, "cuda", timer, impl, env["peaks"])
-    result = {"env": env, "config": {"group_size": GROUP_SIZE, "quick": args.quick, "timer": "do_bench median"},
-              "gemm": rows, "summary": _summary(rows)}  # fmt: skip
+    deadline = t0 + 60 * args.budget_min if args.budget_min else None
+    result = {"env": env, "config": {"group_size": GROUP_SIZE, "quick": args.quick, "ms": ms,
+                                     "timer": "CUDA-graph replay median (do_bench_cudagraph); "
+                                              "ms_eager: do_bench median with L2 flush",
+                                     "l2_rotate_bytes": L2_ROTATE_BYTES},
+              "gemm": []}  # fmt: skip
+
+    def save(rows: list[dict]) -> None:
+        result["gemm"], result["summary"] = rows, _summary(rows)
+        result["wall_s"] = time.time() - t0
+        write_json(result, args.out)
+
+    # 7B shapes first, then the end-to-end decoder, then the larger shapes within the budget
+    first, rest = dict(list(shapes.items())[:1]), dict(list(shapes.items())[1:])
+    rows = bench_gemms(first, ms, "cuda", timer, impl, env["peaks"], eager)
+    save(rows)
     if not args.no_e2e:
         layers = 8 if args.quick else E2E_7B["layers"]
-        dims = {k: E2E_7B[k] for k in ("hidden", "intermediate")}
+        dims = {k: E2E_7B[k] for k in ("hidden", "intermediate", "vocab")}
         try:
-            result["e2e_llama2_7b"] = bench_e2e("cuda", timer, impl, layers, [1, 16, 2048], dims)
+            result["e2e_llama2_7b"] = bench_e2e("cuda", timer, impl, layers, dims, [1, 16],
+                                                E2E_7B["decode_ctx"], 2048, eager)  # fmt: skip
         except Exception as e:
             result["e2e_llama2_7b"] = {"error": repr(e)[:500]}
-    result["wall_s"] = time.time() - t0
+            print(f"e2e failed: {e!r}", flush=True)
+        save(rows)
+    rows = rows + bench_gemms(rest, ms, "cuda", timer, impl, env["peaks"], eager, deadline,
+                              on_shape=lambda new: save(rows + new))  # fmt: skip
+    save(rows)
     print()
     print(markdown_table(rows, env["peaks"]))
     print()
     print(json.dumps(result["summary"], indent=1))
-    write_json(result, args.out)
     if args.plot and not plot_results(result, args.plot):
         print("matplotlib not importable: no plot written")
     return 0
@@ -472,8 +624,8 @@ def _cpu_smoke(args, env: dict) -> int:
     result = {"env": env, "config": {"group_size": GROUP_SIZE, "smoke": True}, "gemm": rows,
               "summary": _summary(rows)}  # fmt: skip
     if not args.no_e2e:
-        dims = {"hidden": 256, "intermediate": 512}
-        result["e2e_smoke"] = bench_e2e("cpu", cpu_timer, impl, 2, [1, 16], dims)
+        dims = {"hidden": 256, "intermediate": 512, "vocab": 512}
+        result["e2e_smoke"] = bench_e2e("cpu", cpu_timer, impl, 2, dims, [1, 4], 16, 32)
     print(markdown_table(rows, None))
     write_json(result, args.out)
     if args.plot and not plot_results(result, args.plot):

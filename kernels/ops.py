@@ -37,11 +37,13 @@ def triton_available() -> bool:
 def prepare_w4a8_weight(
     w_packed: Tensor, w_scale: Tensor, group_size: int
 ) -> tuple[Tensor, Tensor]:
-    """Runtime form of a W4A8 weight: (packed uint8 [N, K//2], scales fp16 [N, K//g]).
+    """Runtime form of a W4A8 weight: (kernel-layout uint8 [N, K//2], scales fp16 [N, K//g]).
 
-    The kernels read the public storage layout directly (K-major bytes are 32-128 B
-    contiguous per row and tile), so this only validates and makes the tensors contiguous;
-    it is the hook where a kernel-specific layout would go. Inverse: identity.
+    w_packed is in the packing layout (`reference.pack_int4`); the result is in the kernel
+    layout (`reference.to_kernel_layout`: halves of 128- or 64-value K chunks share a byte),
+    which the Triton kernel reads with plain loads. Group sizes that are not multiples of 64
+    keep the packing layout (they run on the reference path). Inverse:
+    `reference.from_kernel_layout(w, group_size)`.
     """
     if w_packed.dtype != torch.uint8 or w_packed.dim() != 2:
         raise TypeError(f"w_packed must be uint8 [N, K//2], got {w_packed.dtype} {tuple(w_packed.shape)}")
@@ -50,7 +52,8 @@ def prepare_w4a8_weight(
         raise ValueError(f"K={k} is not a multiple of group_size={group_size}")
     if w_scale.shape != (n, k // group_size):
         raise ValueError(f"w_scale must have shape [{n}, {k // group_size}], got {tuple(w_scale.shape)}")
-    return w_packed.contiguous(), w_scale.to(torch.float16).contiguous()
+    w = ref.to_kernel_layout(w_packed.contiguous(), group_size)
+    return w.contiguous(), w_scale.to(torch.float16).contiguous()
 
 
 def _use_triton(x: Tensor, backend: str) -> bool:
@@ -118,7 +121,8 @@ def w4a8_linear(
 ) -> Tensor:
     """y [..., N] = W4A8 linear of x [..., K]: int8 activations, int4 group-wise weights.
 
-    w_packed uint8 [N, K//2], w_scale [N, K // group_size] (public layout, see reference).
+    w_packed uint8 [N, K//2] and w_scale [N, K // group_size] as returned by
+    `prepare_w4a8_weight` (kernel layout).
     Triton needs group_size % 64 == 0; other group sizes use the reference on any device.
     """
     x2d, lead = _flatten(x, 2 * w_packed.shape[1])
@@ -130,7 +134,8 @@ def w4a8_linear(
 
         y = w4a8_gemm(xq, xs, w_packed, w_scale, group_size, bias, dtype)
     else:
-        y = ref.w4a8_gemm_ref(xq, xs, w_packed, w_scale, group_size, bias, dtype)
+        w_public = ref.from_kernel_layout(w_packed, group_size)
+        y = ref.w4a8_gemm_ref(xq, xs, w_public, w_scale, group_size, bias, dtype)
     return y.reshape(*lead, y.shape[-1])
 
 

@@ -5,6 +5,13 @@ Packing layout (the on-disk and in-memory format of every int4 weight here):
     packed uint8 [N, K // 2] byte j of row n = (W[n, 2j] & 0xF) | (W[n, 2j+1] & 0xF) << 4
 i.e. two values per byte along K (the reduction dim), low nibble first. Signed values
 are stored as 4-bit two's complement and sign-extended by `unpack_int4`.
+
+Kernel layout (what the W4A8 Triton kernel and the runtime modules hold; `to_kernel_layout`):
+K is cut into chunks of C = `kernel_layout_chunk(group_size)` (128, or 64) values, and byte
+j < C/2 of chunk c holds W[n, cC + j] (low nibble) and W[n, cC + C/2 + j] (high nibble).
+The kernel then multiplies the low nibbles with the activation columns cC .. cC+C/2-1 and
+the high nibbles with the next C/2, both plain contiguous loads, instead of splitting the
+activation tile into even and odd columns in registers (which cost ~2x on an H200).
 """
 
 from __future__ import annotations
@@ -31,6 +38,45 @@ def unpack_int4(packed: Tensor) -> Tensor:
     hi = (packed >> 4).to(torch.int8)
     both = torch.stack((lo, hi), dim=-1).flatten(-2)
     return torch.where(both >= 8, both - 16, both)
+
+
+def kernel_layout_chunk(group_size: int) -> int | None:
+    """K-chunk of the kernel weight layout: 128 if it divides group_size, else 64 if that
+    does; None (the weight stays in the packing layout, reference path only) otherwise."""
+    for chunk in (128, 64):
+        if group_size > 0 and group_size % chunk == 0:
+            return chunk
+    return None
+
+
+def _chunks(packed: Tensor, chunk: int) -> Tensor:
+    n, half_k = packed.shape
+    if (2 * half_k) % chunk:
+        raise ValueError(f"K={2 * half_k} is not a multiple of the layout chunk {chunk}")
+    return packed.reshape(n, 2 * half_k // chunk, chunk // 2)
+
+
+def to_kernel_layout(packed: Tensor, group_size: int) -> Tensor:
+    """Packing layout [N, K//2] uint8 -> kernel layout (same shape); identity when
+    `kernel_layout_chunk(group_size)` is None."""
+    chunk = kernel_layout_chunk(group_size)
+    if chunk is None:
+        return packed
+    w = unpack_int4(packed).reshape(packed.shape[0], -1, 2, chunk // 2).to(torch.int16) & 0xF
+    return (w[:, :, 0] | (w[:, :, 1] << 4)).to(torch.uint8).reshape(packed.shape)
+
+
+def from_kernel_layout(kpacked: Tensor, group_size: int) -> Tensor:
+    """Inverse of `to_kernel_layout`."""
+    chunk = kernel_layout_chunk(group_size)
+    if chunk is None:
+        return kpacked
+    c = _chunks(kpacked, chunk)
+    lo = (c & 0xF).to(torch.int8)
+    hi = (c >> 4).to(torch.int8)
+    w = torch.stack((lo, hi), dim=2).reshape(kpacked.shape[0], -1)  # [N, K] in K order
+    w = torch.where(w >= 8, w - 16, w)
+    return pack_int4(w)
 
 
 # --------------------------------------------------------------------------------------

@@ -2,34 +2,33 @@
 
     out[M, N] = x_scale[m] * sum_g ( float32( sum_{k in g} xq[m, k] * w[n, k] ) * w_scale[n, g] ) + bias[n]
 
-Inputs use the public storage format (see `kernels.reference`): xq int8 [M, K] row-major,
-w_packed uint8 [N, K//2] (nn.Linear orientation, byte j = w[2j] | w[2j+1] << 4),
-w_scale [N, K // group_size], x_scale fp32 [M] (dynamic per token) or [] (static per tensor).
+Inputs: xq int8 [M, K] row-major; w uint8 [N, K//2] in the *kernel layout*
+(`kernels.reference.to_kernel_layout`, made once by `ops.prepare_w4a8_weight`): K is cut into
+chunks of C = 128 (or 64) values and byte j of chunk c holds w[n, cC + j] in its low nibble
+and w[n, cC + C/2 + j] in its high nibble; w_scale [N, K // group_size]; x_scale fp32 [M]
+(dynamic per token) or [] (static per tensor).
 
 Blocked algorithm (one program per BLOCK_M x BLOCK_N output tile, grouped ordering for L2):
-  for each weight group g of this program's K range:                  (runtime loop)
-      acc_i = 0 (int32 [BLOCK_M, BLOCK_N])
-      for each BLOCK_K slice of the group:                            (unrolled)
-          x  = load xq[rm, k:k+BLOCK_K]          int8  [BLOCK_M, BLOCK_K]   contiguous
-          b  = load w_packed[rn, k/2:(k+BLOCK_K)/2]  uint8 [BLOCK_K/2, BLOCK_N] (K-major)
-          lo = sign-extended low nibbles  = w[n, k + 2j]     int8 [BLOCK_K/2, BLOCK_N]
-          hi = sign-extended high nibbles = w[n, k + 2j + 1]
-          xe, xo = even / odd columns of x (reshape [BLOCK_M, BLOCK_K/2, 2] + split)
-          acc_i += dot(xe, lo) + dot(xo, hi)     exact int32 (|acc| <= 1024 * group_size)
-      acc += float32(acc_i) * float32(w_scale[rn, g])                 per-group rescale
+  for each chunk c of this program's K range:                       (pipelined runtime loop)
+      x_lo = load xq[rm, cC : cC + C/2]        int8 [BLOCK_M, C/2]   contiguous
+      x_hi = load xq[rm, cC + C/2 : cC + C]    int8 [BLOCK_M, C/2]   contiguous
+      b    = load w[rn, cC/2 : cC/2 + C/2]     uint8 [C/2, BLOCK_N]  (K-major rows)
+      lo, hi = sign-extended low / high nibbles of b (arithmetic shifts in registers)
+      acc_i += dot(x_lo, lo) + dot(x_hi, hi)   exact int32 (|acc| <= 1024 * group_size)
+      at the last chunk of a weight group g: acc += float32(acc_i) * w_scale[rn, g]; acc_i = 0
   epilogue: acc *= x_scale (row vector or scalar); + bias; cast; store (masked).
-The nibbles are unpacked in registers ((b << 4) as int8 >> 4 and b as int8 >> 4, arithmetic
-shifts), so the weight stream stays 4 bits per value in global and shared memory; instead of
-interleaving lo/hi back into K order, the activation tile is de-interleaved (cheaper: it is
-the smaller operand in decode and needs no sign handling).
+The weight stream stays 4 bits per value in global and shared memory. An earlier version
+kept the packing layout (even/odd nibbles) and split the activation tile into even and odd
+columns in registers: on an H200 that ran at 0.5x of cuBLAS fp16 for prefill and ~1x for
+decode (results/bench/h200/bench_v1_parity_layout.json); the chunk layout makes both operands plain
+loads that feed the dots.
 
 Configs: decode (M <= 64) uses BLOCK_M = 16..64 and splits the weight groups over a second
 grid axis (split-K) until ~2 waves of programs exist; fp32 partials [SPLIT_K, M, N] are summed
 in a fixed order by a small reduction kernel (deterministic, no atomics). Prefill (M > 64)
-uses large tiles and no split. Autotuning (BLOCK_K, warps, stages, and the tile shape for
-prefill) runs only for compiled kernels on a GPU; under TRITON_INTERPRET=1 one small fixed
-config is used. BLOCK_K must divide group_size, and an int8 dot needs K >= 32, so
-group_size must be a multiple of 64 (64, 128, 256, ...).
+uses large tiles and no split. Autotuning (warps, stages, and the tile shape for prefill)
+runs only for compiled kernels on a GPU; under TRITON_INTERPRET=1 one small fixed config is
+used. An int8 dot needs K >= 32 per operand half, so group_size must be a multiple of 64.
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ import triton
 import triton.language as tl
 
 from kernels._triton_common import (
+    autotune,
     check_bias,
     check_out_dtype,
     check_tensor,
@@ -49,6 +49,7 @@ from kernels._triton_common import (
     next_pow2,
     require,
 )
+from kernels.reference import kernel_layout_chunk
 
 MIN_GROUP = 64
 
@@ -59,8 +60,8 @@ def _w4a8_kernel(
     M, N, K,
     stride_xm, stride_wn, stride_sn, stride_os, stride_om,
     GROUPS_PER_SPLIT, M_BUCKET,
-    GROUP_SIZE: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, CHUNK: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # -- tile coordinates: grouped ordering of (pid_m, pid_n) for L2 reuse; axis 1 = split-K
     pid = tl.program_id(0)
@@ -73,35 +74,43 @@ def _w4a8_kernel(
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_m)
     pid_n = (pid % num_pid_in_group) // group_m
 
+    HALF: tl.constexpr = CHUNK // 2
+    CHUNKS_PER_GROUP: tl.constexpr = GROUP_SIZE // CHUNK
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = rm < M
     mask_n = rn < N
-    rk = tl.arange(0, BLOCK_K)
-    rk2 = tl.arange(0, BLOCK_K // 2)
-    # K is a multiple of GROUP_SIZE, hence of BLOCK_K: only M / N edges need masks
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]  # [BLOCK_M, BLOCK_K]
-    w_ptrs = w_ptr + rn[None, :] * stride_wn + rk2[:, None]  # [BLOCK_K/2, BLOCK_N] bytes
+    rh = tl.arange(0, HALF)
+    # K is a multiple of GROUP_SIZE, hence of CHUNK: only M / N edges need masks
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + rh[None, :]  # [BLOCK_M, HALF]
+    w_ptrs = w_ptr + rn[None, :] * stride_wn + rh[:, None]  # [HALF, BLOCK_N] bytes
     x_mask = mask_m[:, None]
     w_mask = mask_n[None, :]
 
-    n_groups = K // GROUP_SIZE
-    g_start = pid_k * GROUPS_PER_SPLIT
-    g_end = min(g_start + GROUPS_PER_SPLIT, n_groups)
+    n_chunks = K // CHUNK
+    c_start = pid_k * GROUPS_PER_SPLIT * CHUNKS_PER_GROUP  # splits hold whole groups
+    c_end = min(c_start + GROUPS_PER_SPLIT * CHUNKS_PER_GROUP, n_chunks)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for g in range(g_start, g_end):
-        acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for kk in tl.static_range(0, GROUP_SIZE, BLOCK_K):
-            k0 = g * GROUP_SIZE + kk
-            x = tl.load(x_ptrs + k0, mask=x_mask, other=0)
-            b = tl.load(w_ptrs + k0 // 2, mask=w_mask, other=0)
-            lo = (b << 4).to(tl.int8) >> 4  # w[n, k0 + 2j]
-            hi = b.to(tl.int8) >> 4  # w[n, k0 + 2j + 1]
-            xe, xo = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
-            acc_i = tl.dot(xe, lo, acc_i, out_dtype=tl.int32)
-            acc_i = tl.dot(xo, hi, acc_i, out_dtype=tl.int32)
-        s = tl.load(ws_ptr + rn * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
-        acc += acc_i.to(tl.float32) * s[None, :]
+    acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for c in range(c_start, c_end):
+        x_lo = tl.load(x_ptrs + c * CHUNK, mask=x_mask, other=0)
+        x_hi = tl.load(x_ptrs + c * CHUNK + HALF, mask=x_mask, other=0)
+        b = tl.load(w_ptrs + c * HALF, mask=w_mask, other=0)
+        lo = (b << 4).to(tl.int8) >> 4  # w[n, cC + j]
+        hi = b.to(tl.int8) >> 4  # w[n, cC + HALF + j]
+        g = c // CHUNKS_PER_GROUP
+        if CHUNKS_PER_GROUP == 1:
+            acc_i = tl.dot(x_lo, lo, out_dtype=tl.int32)
+            acc_i = tl.dot(x_hi, hi, acc_i, out_dtype=tl.int32)
+            s = tl.load(ws_ptr + rn * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
+            acc += acc_i.to(tl.float32) * s[None, :]
+        else:  # several chunks per group: rescale once, at the group's last chunk
+            acc_i = tl.dot(x_lo, lo, acc_i, out_dtype=tl.int32)
+            acc_i = tl.dot(x_hi, hi, acc_i, out_dtype=tl.int32)
+            last = (rn * 0 + c % CHUNKS_PER_GROUP) == CHUNKS_PER_GROUP - 1  # [BLOCK_N]
+            s = tl.load(ws_ptr + rn * stride_sn + g, mask=mask_n & last, other=0.0).to(tl.float32)
+            acc += acc_i.to(tl.float32) * s[None, :]
+            acc_i = tl.where(last[None, :], 0, acc_i)
 
     # -- epilogue: activation scale, bias (added by split 0 only), cast, masked store
     if PER_TOKEN:
@@ -122,43 +131,41 @@ def _w4a8_kernel(
 # Configs
 # ----------------------------------------------------------------------------------------
 
-# decode: BLOCK_M / BLOCK_N / split-K picked by the wrapper; tune the K pipeline only
+# decode: BLOCK_M / BLOCK_N / split-K picked by the wrapper; tune the pipeline only
 _DECODE_TUNE = [
-    triton.Config({"BLOCK_K": bk, "GROUP_M": 1}, num_warps=w, num_stages=s)
-    for bk in (64, 128, 256)
+    triton.Config({"GROUP_M": 1}, num_warps=w, num_stages=s)
     for w in (2, 4)
-    for s in (3, 4)
+    for s in (2, 3, 4, 5)
 ]
-# prefill: whole tile shape (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages)
+# prefill: tile shape (BLOCK_M, BLOCK_N, GROUP_M, warps, stages)
 _PREFILL_TUNE = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-    for bm, bn, bk, w, s in (
-        (128, 128, 128, 8, 3),
-        (128, 128, 64, 4, 4),
-        (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3),
-        (64, 128, 128, 4, 4),
-        (128, 64, 128, 4, 4),
-        (64, 64, 128, 4, 5),
-        (128, 128, 256, 8, 2),
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in (
+        (128, 128, 8, 3),
+        (128, 128, 4, 4),
+        (128, 256, 8, 3),
+        (256, 128, 8, 3),
+        (64, 128, 4, 4),
+        (128, 64, 4, 4),
+        (64, 64, 4, 5),
+        (64, 256, 8, 3),
     )
 ]
 # interpreter / CPU: one small fixed config (dots still >= 16 x 16 x 32, as the GPU needs)
-_INTERP_CONFIG = {"BLOCK_K": 64, "GROUP_M": 4}
+_INTERP_CONFIG = {"GROUP_M": 4}
 
 
 @functools.cache
-def _tuned_kernel(mode: str, group_size: int):
-    """Autotuned wrapper of `_w4a8_kernel` restricted to BLOCK_K values dividing group_size."""
+def _tuned_kernel(mode: str):
+    """Autotuned wrapper of `_w4a8_kernel` for decode or prefill launches."""
     configs = _DECODE_TUNE if mode == "decode" else _PREFILL_TUNE
-    configs = [c for c in configs if group_size % c.kwargs["BLOCK_K"] == 0]
     key = ["N", "K", "GROUP_SIZE", "PER_TOKEN", "HAS_BIAS"]
     key += ["BLOCK_M", "BLOCK_N", "GROUPS_PER_SPLIT"] if mode == "decode" else ["M_BUCKET"]
-    return triton.autotune(configs=configs, key=key)(_w4a8_kernel)
+    return autotune(configs, key)(_w4a8_kernel)
 
 
 def check_w4a8_weight(w_packed: torch.Tensor, w_scale: torch.Tensor, group_size: int, device: torch.device) -> tuple[int, int]:
-    """Validate packed weight + scales; returns (N, K)."""
+    """Validate a kernel-layout weight + scales; returns (N, K)."""
     check_tensor(w_packed, "w_packed", torch.uint8, device, 2)
     n, k = w_packed.shape[0], 2 * w_packed.shape[1]
     require(isinstance(group_size, int) and group_size >= MIN_GROUP and group_size % MIN_GROUP == 0,
@@ -183,7 +190,8 @@ def w4a8_gemm(
 ) -> torch.Tensor:
     """out [M, N] = (xq [M, K] int8 @ int4 weights) with group, activation scales and bias.
 
-    x_scale fp32 [M] (per token) or [] (per tensor); w_packed uint8 [N, K//2]; w_scale
+    x_scale fp32 [M] (per token) or [] (per tensor); w_packed uint8 [N, K//2] in the kernel
+    layout (`ops.prepare_w4a8_weight`, `reference.to_kernel_layout`); w_scale
     fp16/bf16/fp32 [N, K // group_size]; bias [N] or None; out_dtype fp16 / bf16 / fp32.
     split_k: force the number of K splits (None: heuristic; only used for M <= 64).
     """
@@ -209,8 +217,9 @@ def w4a8_gemm(
             per_split, next_pow2(m),
         )  # fmt: skip
 
-    meta = {"GROUP_SIZE": group_size, "PER_TOKEN": per_token, "HAS_BIAS": bias is not None}
+    meta = {"GROUP_SIZE": group_size, "CHUNK": kernel_layout_chunk(group_size),
+            "PER_TOKEN": per_token, "HAS_BIAS": bias is not None}  # fmt: skip
     return launch_splitk_gemm(
         out, n_groups, split_k, make_args, meta, _w4a8_kernel,
-        lambda mode: _tuned_kernel(mode, group_size), {**_INTERP_CONFIG, "num_warps": 4},
+        _tuned_kernel, {**_INTERP_CONFIG, "num_warps": 4},
     )  # fmt: skip

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels._triton_common import (
+    autotune,
     check_bias,
     check_out_dtype,
     check_tensor,
@@ -108,8 +109,8 @@ _INTERP_CONFIG = {"BLOCK_K": 64, "GROUP_M": 4}
 def _tuned_kernel(mode: str):
     key = ["N", "K", "PER_TOKEN", "HAS_BIAS"]
     if mode == "decode":
-        return triton.autotune(_DECODE_TUNE, key=key + ["BLOCK_M", "BLOCK_N", "K_PER_SPLIT"])(_w8a8_kernel)
-    return triton.autotune(_PREFILL_TUNE, key=key + ["M_BUCKET"])(_w8a8_kernel)
+        return autotune(_DECODE_TUNE, key + ["BLOCK_M", "BLOCK_N", "K_PER_SPLIT"])(_w8a8_kernel)
+    return autotune(_PREFILL_TUNE, key + ["M_BUCKET"])(_w8a8_kernel)
 
 
 def _check(xq, x_scale, wq, w_scale, bias, out_dtype) -> tuple[int, int, int, bool]:

@@ -33,7 +33,7 @@ from methods.runtime import RUNTIME_KINDS, RuntimeLinear, empty_fake_quant, fake
 log = logging.getLogger(__name__)
 
 FORMAT = "ptqbench-quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: W4A8Linear.w_packed in the kernel layout (1: packing layout)
 CONFIG_FILE = "ptq_runtime.json"
 TENSORS_FILE = "model.safetensors"
 BaseModel = nn.Module | Callable[[], nn.Module] | None
@@ -147,6 +147,15 @@ def _empty_linear(layout: dict[str, Any], dtype: torch.dtype) -> nn.Module:
     return RUNTIME_KINDS[kind].empty(layout, dtype)
 
 
+def _upgrade_w4a8_layout(model: nn.Module) -> None:
+    """format_version 1 stored W4A8 weights in the packing layout: convert to the kernel's."""
+    from kernels.reference import to_kernel_layout
+
+    for mod in model.modules():
+        if isinstance(mod, RUNTIME_KINDS["W4A8Linear"]):
+            mod.w_packed.copy_(to_kernel_layout(mod.w_packed, mod.group_size))
+
+
 def load_runtime_checkpoint(path: str | Path, base: BaseModel = None, *,
                             verify: bool = True) -> nn.Module:
     """Rebuild the saved model: the fp architecture (from `base` or the stored HF config),
@@ -167,6 +176,8 @@ def load_runtime_checkpoint(path: str | Path, base: BaseModel = None, *,
         load_model(model, str(tensors), strict=True, device=str(device))
     except RuntimeError as e:
         raise CheckpointError(f"{tensors} does not fit the model architecture: {e}") from e
+    if int(config["format_version"]) < 2:
+        _upgrade_w4a8_layout(model)
     model.requires_grad_(False)
     log.info("loaded quantized checkpoint %s (%d quantized linears)", path,
              len(config["linears"]))

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels import ops
+from kernels.reference import kernel_layout_chunk
 from methods.arch import ModelSpec
 from methods.layers import FakeQuantLinear, iter_block_linears, replace_linear, runtime_scale_dtype
 from methods.primitives import QParams, pack_int4, unpack_int4
@@ -122,8 +123,9 @@ def _group_scales(fq: FakeQuantLinear, dtype: torch.dtype) -> Tensor:
 
 
 class W4A8Linear(RuntimeLinear):
-    """y = W4A8 GEMM: int8 activations x int4 weights (packed uint8 [N, K/2], low nibble =
-    even k) with fp16 group scales [N, K/g]; per-channel weights use g = K."""
+    """y = W4A8 GEMM: int8 activations x int4 weights (uint8 [N, K/2] in the kernel layout of
+    `kernels.reference.to_kernel_layout`, built from the packing layout by
+    `ops.prepare_w4a8_weight`) with fp16 group scales [N, K/g]; per-channel weights use g = K."""
 
     @classmethod
     def claims(cls, fq: FakeQuantLinear) -> bool:
@@ -160,7 +162,8 @@ class W4A8Linear(RuntimeLinear):
                                smooth_inv=self.smooth_inv, bias=self.bias, backend=_backend(x))
 
     def layout(self) -> dict[str, Any]:
-        return {**super().layout(), "w_bits": self.w_bits, "group_size": self.group_size}
+        return {**super().layout(), "w_bits": self.w_bits, "group_size": self.group_size,
+                "w_layout_chunk": kernel_layout_chunk(self.group_size)}
 
     @classmethod
     def empty(cls, layout: dict[str, Any], dtype: torch.dtype) -> W4A8Linear:

@@ -24,9 +24,12 @@ from torch.testing import assert_close  # noqa: E402
 from kernels import ops  # noqa: E402
 from kernels.reference import (  # noqa: E402
     ACT_SCALE_EPS,
+    from_kernel_layout,
+    kernel_layout_chunk,
     int_matmul,
     pack_int4,
     quant_per_tensor_ref,
+    to_kernel_layout,
     quant_per_token_ref,
     unpack_int4,
     w4a8_gemm_ref,
@@ -114,10 +117,20 @@ def test_pack_rejects_bad_input():
         unpack_int4(torch.zeros(2, 2, dtype=torch.int8))
 
 
-def test_prepare_w4a8_weight_is_identity_layout():
-    _, w, p, ws, _, _ = _w4_problem(1, 8, 128, 64, 0)
-    p2, ws2 = ops.prepare_w4a8_weight(p, ws.float(), 64)
-    assert torch.equal(unpack_int4(p2), w) and ws2.dtype == torch.float16
+@pytest.mark.parametrize("g,chunk", [(64, 64), (128, 128), (192, 64), (256, 128), (32, None)])
+def test_prepare_w4a8_weight_kernel_layout(g, chunk):
+    _, w, p, ws, _, _ = _w4_problem(1, 8, 768, g, 0)
+    kp, ws2 = ops.prepare_w4a8_weight(p, ws.float(), g)
+    assert kernel_layout_chunk(g) == chunk and ws2.dtype == torch.float16
+    assert torch.equal(from_kernel_layout(kp, g), p)
+    if chunk is None:  # reference-only group sizes keep the packing layout
+        assert torch.equal(kp, p)
+        return
+    # byte j of chunk c: w[c*C + j] in the low nibble, w[c*C + C/2 + j] in the high nibble
+    c, j = 1, 5
+    byte = int(kp[0, c * chunk // 2 + j])
+    lo, hi = byte & 0xF, byte >> 4
+    assert [v - 16 if v >= 8 else v for v in (lo, hi)] == [int(w[0, c * chunk + j]), int(w[0, c * chunk + chunk // 2 + j])]
     with pytest.raises(ValueError):
         ops.prepare_w4a8_weight(p, ws, 96)
 
@@ -188,7 +201,8 @@ def test_quant_per_token_ref_semantics():
 # ---------------------------------------------------------------------------------------
 
 W4_GRID = [(1, 40, 128, 64), (2, 72, 256, 128), (7, 40, 256, 64), (16, 72, 128, 64),
-           (33, 40, 256, 128), (70, 72, 256, 64)]  # fmt: skip
+           (33, 40, 256, 128), (70, 72, 256, 64),
+           (5, 40, 512, 256), (3, 24, 384, 192)]  # several layout chunks per group  # fmt: skip
 OUT_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 
@@ -201,21 +215,21 @@ def test_w4a8_kernel_vs_ref(device, idx):
         x_scale = xs if per_token else xs[:1].clone().reshape(())
         b = bias if use_bias else None
         out_dtype = OUT_DTYPES[(idx + j) % 3]
-        y = w4a8_gemm(xq, x_scale, p, ws, g, bias=b, out_dtype=out_dtype)
+        y = w4a8_gemm(xq, x_scale, to_kernel_layout(p, g), ws, g, bias=b, out_dtype=out_dtype)
         r = w4a8_gemm_ref(xq.cpu(), x_scale.cpu(), p.cpu(), ws.cpu(), g,
                           bias=None if b is None else b.cpu(), out_dtype=out_dtype)  # fmt: skip
         _close(y, r)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("split_k", [1, 2, 3])
-def test_w4a8_kernel_exact_int32(device, split_k):
+@pytest.mark.parametrize("split_k,g", [(1, 64), (2, 64), (3, 64), (2, 128)])
+def test_w4a8_kernel_exact_int32(device, split_k, g):
     """Unit scales + fp32 output expose the integer accumulation: must be exact."""
-    m, n, k, g = 7, 40, 256, 64
+    m, n, k = 7, 40, 512
     xq, w, p, _, _, _ = _w4_problem(m, n, k, g, seed=11, device=device)
     ones = torch.ones(n, k // g, dtype=torch.float16, device=device)
     one = torch.tensor(1.0, device=device)
-    y = w4a8_gemm(xq, one, p, ones, g, out_dtype=torch.float32, split_k=split_k)
+    y = w4a8_gemm(xq, one, to_kernel_layout(p, g), ones, g, out_dtype=torch.float32, split_k=split_k)
     exact = (xq.cpu().long() @ w.cpu().long().t()).float()
     assert torch.equal(y.cpu(), exact)
     # worst case: xq = -128, w = -8 everywhere
@@ -269,13 +283,17 @@ def test_ops_linear_triton_vs_reference(device):
     _, _, p, ws, _, bias = _w4_problem(1, n, k, g, seed=5, device=device)
     x = torch.randn(2, 3, k, generator=_gen(9)).half().to(device)
     smooth = (torch.rand(k, generator=_gen(8)) + 0.5).to(device)
+    kp, ws16 = ops.prepare_w4a8_weight(p, ws, g)  # kernel layout, as the runtime modules hold
     for mode, scale in (("dynamic_token", None), ("static_tensor", 0.02)):
         kw = dict(act_mode=mode, act_scale=scale, smooth_inv=smooth, bias=bias)
-        y = ops.w4a8_linear(x, p, ws, g, backend="triton", **kw)
-        r = ops.w4a8_linear(x.cpu(), p.cpu(), ws.cpu(), g, backend="reference",
+        y = ops.w4a8_linear(x, kp, ws16, g, backend="triton", **kw)
+        r = ops.w4a8_linear(x.cpu(), kp.cpu(), ws16.cpu(), g, backend="reference",
                             **{**kw, "smooth_inv": smooth.cpu(), "bias": bias.cpu()})  # fmt: skip
         assert y.shape == (2, 3, n) and y.dtype == torch.float16
         _close(y, r)
+        xq, xs = ops.quantize_activations(x.cpu().reshape(-1, k), mode, scale, smooth.cpu())
+        direct = w4a8_gemm_ref(xq, xs, p.cpu(), ws16.cpu(), g, bias=bias.cpu())  # packing layout
+        assert torch.equal(r.reshape(-1, n), direct)
     wq = _randint(-128, 128, (n, k), 4).to(device)
     wsc = (torch.rand(n, generator=_gen(4)) * 0.01).to(device)
     y = ops.w8a8_linear(x, wq, wsc, backend="triton", out_dtype=torch.float32)

@@ -52,7 +52,9 @@ def runtime_of(model, spec):
 
 @torch.no_grad()
 def logits(model):
-    return model(input_ids=TOKENS).logits
+    """Logits on the model's device, returned on the CPU (the GPU tests compare across devices)."""
+    device = next(model.parameters()).device
+    return model(input_ids=TOKENS.to(device)).logits.cpu()
 
 
 def assert_logits_agree(sim, rt, rel_tol, top1_min):
@@ -216,7 +218,9 @@ def test_codes_recovered_exactly_and_scales_are_fp16():
     torch.testing.assert_close(fq.w_scale, qp.scale.reshape(16, 2).half().float(), rtol=0, atol=0)
     rt = W4A8Linear.from_fake_quant(fq)
     from methods.primitives import unpack_int4
-    torch.testing.assert_close(unpack_int4(rt.w_packed).int(), codes, rtol=0, atol=0)
+    from kernels.reference import from_kernel_layout
+    w_public = from_kernel_layout(rt.w_packed, rt.group_size)
+    torch.testing.assert_close(unpack_int4(w_public).int(), codes, rtol=0, atol=0)
     assert rt.w_scale.dtype == torch.float16 and rt.w_packed.dtype == torch.uint8
 
 
@@ -279,7 +283,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
         rt.model.layers[0].input_layernorm.weight.mul_(1.5)
     path = save_runtime_checkpoint(rt, spec, tmp_path / "ckpt", {"method": {"name": "rtn"}})
     config = json.loads((path / "ptq_runtime.json").read_text())
-    assert config["format_version"] == 1 and config["meta"]["method"]["name"] == "rtn"
+    assert config["format_version"] == 2 and config["meta"]["method"]["name"] == "rtn"
     assert config["linears"]["model.layers.0.self_attn.q_proj"]["smooth"] is True
     assert config["linears"]["model.layers.1.mlp.down_proj"]["kind"] == "FakeQuantLinear"
 
@@ -293,6 +297,31 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
             torch.testing.assert_close(sd[k], v, rtol=0, atol=0)
             assert sd[k].dtype == v.dtype, k
         torch.testing.assert_close(logits(loaded), logits(rt), rtol=0, atol=0)
+
+
+def test_checkpoint_version1_w4a8_packing_layout_is_upgraded(tmp_path):
+    """format_version 1 stored W4A8 weights in the packing layout; loading converts them."""
+    from kernels.reference import from_kernel_layout
+
+    cfg = RTNConfig(w_bits=4, a_bits=8, group_size=64, act_mode="dynamic_token")
+    sim, spec = simulated(cfg, hidden_size=128, intermediate_size=256)
+    rt, _ = runtime_of(sim, spec)
+    old = copy.deepcopy(rt)
+    n_w4 = 0
+    for mod in old.modules():
+        if isinstance(mod, W4A8Linear):
+            mod.w_packed.copy_(from_kernel_layout(mod.w_packed, mod.group_size))
+            n_w4 += 1
+    assert n_w4 > 0
+    path = save_runtime_checkpoint(old, spec, tmp_path / "v1")
+    cfg_file = path / "ptq_runtime.json"
+    config = json.loads(cfg_file.read_text())
+    assert all(v["w_layout_chunk"] == 64 for v in config["linears"].values() if v["kind"] == "W4A8Linear")
+    cfg_file.write_text(json.dumps({**config, "format_version": 1}))
+    loaded = load_runtime_checkpoint(path)
+    for (name, a), b in zip(rt.state_dict().items(), loaded.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(logits(loaded), logits(rt), rtol=0, atol=0)
 
 
 def test_checkpoint_refuses_overwrite_and_detects_corruption(tmp_path):
