@@ -547,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", help="PNG path for the speedup/roofline plot (needs matplotlib)")
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end stack")
     ap.add_argument("--allow-cpu", action="store_true", help="without a GPU: tiny smoke run")
+    ap.add_argument("--models", nargs="+", choices=sorted(SHAPES), help="GEMM shape sets (default: all)")
     ap.add_argument("--budget-min", type=float, default=None,
                     help="start no new GEMM shape after this many minutes (results so far are kept)")
     args = ap.parse_args(argv)
@@ -563,7 +564,8 @@ def main(argv: list[str] | None = None) -> int:
 
     timer, eager = gpu_timer(args.quick), eager_timer(args.quick)
     impl = Impl(use_triton=True)
-    shapes = {"llama2-7b": SHAPES["llama2-7b"]} if args.quick else SHAPES
+    models = args.models or (["llama2-7b"] if args.quick else list(SHAPES))
+    shapes = {name: SHAPES[name] for name in models}
     ms = QUICK_MS if args.quick else MS
     print(f"device: {env['device']}  driver: {env.get('driver')}  torch {env['torch']}  "
           f"triton {env['triton']}  peaks: {env['peaks'] or 'unknown'}", flush=True)  # fmt: skip

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from kernels._triton_common import (
+    INTERPRETED,
     autotune,
     check_bias,
     check_out_dtype,
@@ -53,6 +54,36 @@ from kernels.reference import kernel_layout_chunk
 
 MIN_GROUP = 64
 
+# Sign-extend the low / high nibble of each byte of a 32-bit word into four int8s:
+# t = 4-bit fields (0..15) in the low half of each byte; (t & 0x08) * 30 = 0xF0 sets the
+# upper half of the bytes whose field is negative (no carries: 240 < 256).
+_NIBBLE_ASM = """{{
+.reg .b32 t, m;
+{shift}
+and.b32 t, t, 0x0F0F0F0F;
+and.b32 m, t, 0x08080808;
+mul.lo.u32 m, m, 30;
+or.b32 $0, t, m;
+}}"""
+_LO_ASM = tl.constexpr(_NIBBLE_ASM.format(shift="mov.b32 t, $1;"))
+_HI_ASM = tl.constexpr(_NIBBLE_ASM.format(shift="shr.u32 t, $1, 4;"))
+
+
+@triton.jit
+def _unpack_nibbles(b, FAST: tl.constexpr):
+    """uint8 [R, C] -> (int8 low nibbles, int8 high nibbles), sign-extended.
+
+    FAST (compiled): 32-bit word ops on four bytes at once (inline PTX; ~5 instructions per
+    8 values); otherwise (interpreter, which runs no PTX) per-byte arithmetic shifts, which
+    compile to byte permutes and cost ~7 instructions per value."""
+    if FAST:
+        lo = tl.inline_asm_elementwise(_LO_ASM, "=r,r", [b], dtype=tl.int8, is_pure=True, pack=4)
+        hi = tl.inline_asm_elementwise(_HI_ASM, "=r,r", [b], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        lo = (b << 4).to(tl.int8) >> 4
+        hi = b.to(tl.int8) >> 4
+    return lo, hi
+
 
 @triton.jit
 def _w4a8_kernel(
@@ -62,7 +93,11 @@ def _w4a8_kernel(
     GROUPS_PER_SPLIT, M_BUCKET,
     GROUP_SIZE: tl.constexpr, CHUNK: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    FAST_UNPACK: tl.constexpr = False, ABLATE: tl.constexpr = 0,
 ):  # fmt: skip
+    # ABLATE (profiling only, wrong results when set; kernels.ablate): 1 = no nibble unpack
+    # (the packed bytes go to both dots as int8), 2 = no per-group rescale (one int32
+    # accumulator over the whole K range, one rescale at the end)
     # -- tile coordinates: grouped ordering of (pid_m, pid_n) for L2 reuse; axis 1 = split-K
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -96,10 +131,16 @@ def _w4a8_kernel(
         x_lo = tl.load(x_ptrs + c * CHUNK, mask=x_mask, other=0)
         x_hi = tl.load(x_ptrs + c * CHUNK + HALF, mask=x_mask, other=0)
         b = tl.load(w_ptrs + c * HALF, mask=w_mask, other=0)
-        lo = (b << 4).to(tl.int8) >> 4  # w[n, cC + j]
-        hi = b.to(tl.int8) >> 4  # w[n, cC + HALF + j]
+        if ABLATE % 2 == 1:
+            lo = b.to(tl.int8)
+            hi = lo
+        else:  # lo = w[n, cC + j], hi = w[n, cC + HALF + j]
+            lo, hi = _unpack_nibbles(b, FAST_UNPACK)
         g = c // CHUNKS_PER_GROUP
-        if CHUNKS_PER_GROUP == 1:
+        if ABLATE // 2 % 2 == 1:
+            acc_i = tl.dot(x_lo, lo, acc_i, out_dtype=tl.int32)
+            acc_i = tl.dot(x_hi, hi, acc_i, out_dtype=tl.int32)
+        elif CHUNKS_PER_GROUP == 1:
             acc_i = tl.dot(x_lo, lo, out_dtype=tl.int32)
             acc_i = tl.dot(x_hi, hi, acc_i, out_dtype=tl.int32)
             s = tl.load(ws_ptr + rn * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
@@ -111,6 +152,10 @@ def _w4a8_kernel(
             s = tl.load(ws_ptr + rn * stride_sn + g, mask=mask_n & last, other=0.0).to(tl.float32)
             acc += acc_i.to(tl.float32) * s[None, :]
             acc_i = tl.where(last[None, :], 0, acc_i)
+
+    if ABLATE // 2 % 2 == 1:
+        s = tl.load(ws_ptr + rn * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
+        acc = acc_i.to(tl.float32) * s[None, :]
 
     # -- epilogue: activation scale, bias (added by split 0 only), cast, masked store
     if PER_TOKEN:
@@ -159,7 +204,7 @@ _INTERP_CONFIG = {"GROUP_M": 4}
 def _tuned_kernel(mode: str):
     """Autotuned wrapper of `_w4a8_kernel` for decode or prefill launches."""
     configs = _DECODE_TUNE if mode == "decode" else _PREFILL_TUNE
-    key = ["N", "K", "GROUP_SIZE", "PER_TOKEN", "HAS_BIAS"]
+    key = ["N", "K", "GROUP_SIZE", "PER_TOKEN", "HAS_BIAS", "FAST_UNPACK", "ABLATE"]
     key += ["BLOCK_M", "BLOCK_N", "GROUPS_PER_SPLIT"] if mode == "decode" else ["M_BUCKET"]
     return autotune(configs, key)(_w4a8_kernel)
 
@@ -187,6 +232,7 @@ def w4a8_gemm(
     out_dtype: torch.dtype = torch.float16,
     *,
     split_k: int | None = None,
+    _ablate: int = 0,
 ) -> torch.Tensor:
     """out [M, N] = (xq [M, K] int8 @ int4 weights) with group, activation scales and bias.
 
@@ -194,6 +240,8 @@ def w4a8_gemm(
     layout (`ops.prepare_w4a8_weight`, `reference.to_kernel_layout`); w_scale
     fp16/bf16/fp32 [N, K // group_size]; bias [N] or None; out_dtype fp16 / bf16 / fp32.
     split_k: force the number of K splits (None: heuristic; only used for M <= 64).
+    _ablate: profiling switch of `kernels.ablate`: 4 = the per-byte shift unpack instead of
+    the 32-bit one (same results); 1, 2 (+4) time the kernel without a stage (wrong results).
     """
     check_tensor(xq, "xq", torch.int8, xq.device, 2)
     device = xq.device
@@ -218,7 +266,8 @@ def w4a8_gemm(
         )  # fmt: skip
 
     meta = {"GROUP_SIZE": group_size, "CHUNK": kernel_layout_chunk(group_size),
-            "PER_TOKEN": per_token, "HAS_BIAS": bias is not None}  # fmt: skip
+            "PER_TOKEN": per_token, "HAS_BIAS": bias is not None,
+            "FAST_UNPACK": not INTERPRETED and _ablate < 4, "ABLATE": _ablate % 4}  # fmt: skip
     return launch_splitk_gemm(
         out, n_groups, split_k, make_args, meta, _w4a8_kernel,
         _tuned_kernel, {**_INTERP_CONFIG, "num_warps": 4},

@@ -1,0 +1,70 @@
+"""Where the W4A8 GEMM's time goes: the kernel timed with one stage left out.
+
+    python -m kernels.ablate [--out results/bench/<device>/ablate.json]
+
+Variants of `kernels.w4a8_gemm` (CUDA-graph replay over weight copies larger than L2, as in
+`kernels.bench`), next to cuBLAS fp16 at the same shape:
+  full          the kernel as shipped (32-bit nibble unpack)
+  shift_unpack  per-byte arithmetic-shift unpack (the earlier code path; same results)
+  no_unpack     packed bytes fed to the dots as int8 (no unpack; wrong results)
+  no_rescale    one int32 accumulator over K, one rescale at the end (wrong results)
+  neither       no unpack and no per-group rescale (wrong results)
+The difference to `full` is the cost of the stage left out. Needs a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+VARIANTS = {"full": 0, "shift_unpack": 4, "no_unpack": 1, "no_rescale": 2, "neither": 3}
+SHAPES = [(4096, 4096), (11008, 4096)]
+MS = [1, 16, 1024, 4096]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kernels.ablate", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", help="JSON path")
+    ap.add_argument("--ms", type=int, nargs="+", default=MS)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernels.ablate needs a CUDA GPU (none found); nothing measured.")
+        return 0
+    import torch.nn.functional as F
+
+    from kernels import bench
+    from kernels.quant_per_token import quant_per_token
+    from kernels.w4a8_gemm import w4a8_gemm
+
+    timer = bench.gpu_timer(quick=True)
+    env = bench.environment()
+    rows = []
+    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}", flush=True)
+    for n, k in SHAPES:
+        for m in args.ms:
+            p = bench.make_problem(m, n, k, "cuda", copies=bench.n_copies(n, k, "cuda"))
+            xq, xs = quant_per_token(p["x"])
+            w16 = bench.Rotation([c["w16"] for c in p["copies"]])
+            w4 = bench.Rotation([(c["w4"], c["w4_scale"]) for c in p["copies"]])
+            row = {"N": n, "K": k, "M": m, "ms": {"fp16": timer(lambda: F.linear(p["x"], w16()))}}
+            for name, code in VARIANTS.items():
+                row["ms"][name] = timer(lambda code=code: w4a8_gemm(xq, xs, *w4(), bench.GROUP_SIZE, _ablate=code))
+            full = row["ms"]["full"]
+            row["share_of_full"] = {name: 1.0 - t / full for name, t in row["ms"].items()
+                                    if name not in ("fp16", "full")}  # fmt: skip
+            rows.append(row)
+            print(f"[{n}x{k} M={m}] " + " ".join(f"{k_}={v * 1e3:.1f}us" for k_, v in row["ms"].items()), flush=True)
+            del p
+            torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"env": env, "variants": VARIANTS, "rows": rows}, f, indent=1, default=str)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
