@@ -190,16 +190,18 @@ def plot_fptq_policy(rows: Sequence[dict], stem: str | os.PathLike,
 
 
 def load_bench(bench_dir: str | os.PathLike) -> list[tuple[str, dict]]:
-    """kernels/bench.py JSON results (files with a `gemm` list); others are ignored."""
+    """kernels/bench.py JSON results (files with a `gemm` list) in bench_dir and its
+    subfolders (one per device); others are ignored. Stem: the relative path joined by '_'."""
     out = []
-    for f in sorted(Path(bench_dir).glob("*.json")) if Path(bench_dir).is_dir() else []:
+    root = Path(bench_dir)
+    for f in sorted(root.rglob("*.json")) if root.is_dir() else []:
         try:
             data = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError) as e:
             log.warning("skipping unreadable bench file %s: %s", f, e)
             continue
         if isinstance(data, dict) and isinstance(data.get("gemm"), list):
-            out.append((f.stem, data))
+            out.append(("_".join(f.relative_to(root).with_suffix("").parts), data))
     return out
 
 

@@ -259,6 +259,8 @@ def test_cli_end_to_end(store, tmp_path, capsys):
                                                            "speedup_vs_fp16": {"w4a8+quant": 2}},
                                                           {"N": 8, "K": 8, "M": 4,
                                                            "speedup_vs_fp16": {"w4a8+quant": 3}}]}))
+    (bench / "h200").mkdir()  # one folder per device
+    (bench / "h200" / "bench.json").write_text((bench / "h100.json").read_text())
     out_root = tmp_path / "reports"
     rc = main(["--runs", str(store.root), "--name", "syn", "--out-root", str(out_root),
                "--references", str(_refs(tmp_path)), "--bench", str(bench),
@@ -272,7 +274,7 @@ def test_cli_end_to_end(store, tmp_path, capsys):
         assert (d / "tables" / f"{name}.tex").stat().st_size > 0
         assert f"tables/{name}.csv" in md
     for plot in ("ppl_vs_bits", "cost", "accuracy_vs_latency", "fptq_policy_llama-2-7b_w4a8_fptq",
-                 "kernel_speedup_h100"):
+                 "kernel_speedup_h100", "kernel_speedup_h200_bench"):
         assert (d / "plots" / f"{plot}.png").exists() and (d / "plots" / f"{plot}.svg").exists()
         assert f"](plots/{plot}.png)" in md
     assert "r02-01234567" in md  # superseded run listed
