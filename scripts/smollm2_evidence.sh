@@ -58,3 +58,9 @@ $PTQ -m model=smollm2-135m method=rtn,fptq,smoothquant,gptq,awq bits=w4a8 calib=
     eval=commonsense eval.limit=200 sweep=accuracy-limit200
 $PTQ -m model=smollm2-135m method=rtn,smoothquant bits=w8a8 calib=c4-32x512 \
     eval=commonsense eval.limit=200 sweep=accuracy-limit200
+# ... and at w4a16 for the weight-only methods
+$PTQ -m model=smollm2-135m method=rtn,gptq,awq bits=w4a16 calib=c4-32x512 \
+    eval=commonsense eval.limit=200 sweep=accuracy-limit200
+# MMLU 5-shot beyond the pipeline check: 5 questions per subject (285), fp16 vs FPTQ w4a8
+$PTQ -m model=smollm2-135m method=fp16,fptq bits=w16a16,w4a8 calib=c4-32x512 \
+    eval=mmlu eval.limit=5 eval.batch_size=4 sweep=mmlu-limit5
