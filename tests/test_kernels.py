@@ -117,6 +117,25 @@ def test_pack_rejects_bad_input():
         unpack_int4(torch.zeros(2, 2, dtype=torch.int8))
 
 
+def test_nibble_word_trick_matches_unpack():
+    """The compiled W4A8 kernel sign-extends nibbles four bytes per 32-bit word (inline PTX
+    in kernels.w4a8_gemm: t = (v >> shift) & 0x0F0F0F0F; t | ((t & 0x08080808) * 30)). The
+    same arithmetic on every byte value equals unpack_int4 (the PTX itself runs in the gpu
+    tests only: the interpreter executes no PTX)."""
+    pytest.importorskip("triton")
+    from kernels.w4a8_gemm import _HI_ASM, _LO_ASM
+
+    assert "0x0F0F0F0F" in _LO_ASM.value and "mul.lo.u32 m, m, 30" in _HI_ASM.value
+    b = torch.arange(256, dtype=torch.int64)
+    words = b | (b.roll(1) << 8) | (b.roll(2) << 16) | (b.roll(3) << 24)
+    want = unpack_int4(torch.stack([(words >> (8 * j)) & 0xFF for j in range(4)], 1).to(torch.uint8))
+    for half, shift in ((0, 0), (1, 4)):
+        t = (words >> shift) & 0x0F0F0F0F
+        r = (t | ((t & 0x08080808) * 30)) & 0xFFFFFFFF
+        got = torch.stack([(r >> (8 * j)) & 0xFF for j in range(4)], 1).to(torch.uint8).view(torch.int8)
+        assert torch.equal(got, want[:, half::2])
+
+
 @pytest.mark.parametrize("g,chunk", [(64, 64), (128, 128), (192, 64), (256, 128), (32, None)])
 def test_prepare_w4a8_weight_kernel_layout(g, chunk):
     _, w, p, ws, _, _ = _w4_problem(1, 8, 768, g, 0)
