@@ -3,7 +3,8 @@ and Acceleration"; reference: mit-han-lab/llm-awq awq/quantize/auto_scale.py, au
 
 Per block, for each LinearGroup (linears sharing one input X [tokens, K]) in table order:
   1. scale search: s = mean_t|X|^r (optionally duo: / mean|W_norm|^(1-r)), normalised by
-     sqrt(max s * min s), for r on a grid of n_grid values in [0, 1); the loss is the MSE of
+     sqrt(max s * min s), for r on a grid of n_grid values in [0, 1) (ratio_grid=half_open, llm-awq)
+     or [0, 1] (closed, llm-compressor); the loss is the MSE of
      the inspected module's output (the group's common parent, e.g. self_attn / mlp, or the
      single linear for o / down) with every linear of the group at Q(W diag(s)) diag(s)^-1
      against the full-precision output. The best s is folded into the feeder (norm weight,
@@ -58,7 +59,8 @@ log = logging.getLogger(__name__)
 class AWQConfig(QuantConfig):
     group_size: int | None = 128
     symmetric: bool = False                    # paper: zero point (asymmetric) INT4 g128
-    n_grid: int = 20                           # ratios r = i / n_grid, i < n_grid
+    n_grid: int = 20                           # number of scale exponents r searched
+    ratio_grid: str = "half_open"              # r = i/n_grid, i < n (llm-awq); closed: i/(n-1)
     duo_scaling: bool = False                  # llm-awq: activations only; AutoAWQ: duo
     fold_linear: bool = True                   # v->o and up->down scales (llm-awq)
     gqa_shared_scale: bool = False             # v->o under GQA with s shared across repeats
@@ -83,6 +85,20 @@ class AWQConfig(QuantConfig):
             raise ConfigError("awq clip_n_tokens must be >= 1")
         if self.inputs_from not in ("quantized", "fp"):
             raise ConfigError(f"awq inputs_from={self.inputs_from!r}: use quantized or fp")
+        if self.ratio_grid not in RATIO_GRIDS:
+            raise ConfigError(f"awq ratio_grid={self.ratio_grid!r}: use one of {sorted(RATIO_GRIDS)}")
+
+    def ratios(self) -> list[float]:
+        """The exponents r of s = mean|X|^r tried by the scale search, in order."""
+        return RATIO_GRIDS[self.ratio_grid](self.n_grid)
+
+
+# half_open: llm-awq / AutoAWQ auto_scale (0, 0.05, ..., 0.95 for n = 20);
+# closed: llm-compressor's AWQModifier (0, 1/19, ..., 1 for n = 20), which includes r = 1
+RATIO_GRIDS = {
+    "half_open": lambda n: [i / n for i in range(n)],
+    "closed": lambda n: [i / (n - 1) for i in range(n)],
+}
 
 
 def _fake_quant_weight(W: Tensor, cfg: QuantConfig) -> Tensor:
@@ -245,7 +261,8 @@ class AWQ(Method[AWQConfig]):
         mod = block.get_submodule(inspect_path(g)) if inspect_path(g) else block
         originals = {n: lin.weight.data.clone() for n, lin in linears.items()}
         losses, best, best_s = [], float("inf"), None
-        for r in [i / c.n_grid for i in range(c.n_grid)]:
+        ratios = c.ratios()
+        for r in ratios:
             s = x_mean.pow(r).clamp_min(1e-4)
             if w_mean is not None:
                 s = s / w_mean.pow(1 - r).clamp_min(1e-4)
@@ -270,7 +287,7 @@ class AWQ(Method[AWQConfig]):
                                      "loss; check the calibration inputs")
         self._apply_scale(block, spec, g, best_s)
         cap.X[:] = [X / best_s.to(X) for X in cap.X]
-        ratio = losses.index(best) / c.n_grid
+        ratio = ratios[losses.index(best)]
         return {"group": g.role, "ratio": ratio, "loss": best, "loss_r0": losses[0],
                 "s_max": float(best_s.max()), "s_min": float(best_s.min())}
 

@@ -60,12 +60,16 @@ class LLMCompressorAWQConfig(QuantConfig):
     group_size: int | None = 128
     symmetric: bool = False
     n_grid: int = 20
+    ratio_grid: str = "closed"      # fixed by the library: r = i / (n_grid - 1), r = 1 included
     duo_scaling: bool = False       # the library allows duo scaling only per channel
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.n_grid < 2:
             raise ConfigError(f"llmc_awq n_grid={self.n_grid} must be >= 2")
+        if self.ratio_grid != "closed":
+            raise ConfigError(f"llmc_awq ratio_grid={self.ratio_grid!r}: the library searches "
+                              "r = i / (n_grid - 1), i < n_grid ('closed'); only that is available")
 
 
 @dataclass(frozen=True)
