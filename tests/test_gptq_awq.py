@@ -300,3 +300,27 @@ def test_gptqmodel_without_library_is_skipped_with_install_hint(tiny, monkeypatc
     _, spec, _, _ = tiny
     reason = build(g.GPTQModelGPTQConfig(w_bits=4, group_size=32)).check(spec)
     assert reason and "make install-gptqmodel" in reason
+
+
+@pytest.mark.parametrize("ratio_grid", ["closed", "half_open"])
+def test_llmcompressor_awq_codes_equal_native_awq_on_its_grid(tiny, ratio_grid):
+    """Like for like (no clip search, fp calibration inputs, asymmetric) the native AWQ and
+    llm-compressor's AWQModifier pick the same scales when the native search uses the
+    library's exponent grid r = i / (n - 1) ('closed'); on llm-awq's r = i / n
+    ('half_open', the native default) they part from block 0 on (tiny-llama: 62-100% equal
+    codes in block 0, 63-100% in block 1)."""
+    pytest.importorskip("llmcompressor", reason="baselines extra not installed")
+    from methods.baselines import LLMCompressorAWQConfig
+    model, spec, calib, _ = tiny
+    kw = dict(w_bits=4, group_size=32, symmetric=False, n_grid=20)
+    lib = build(LLMCompressorAWQConfig(**kw)).quantize(copy.deepcopy(model), spec, calib)
+    nat = build(AWQConfig(**kw, clip=False, inputs_from="fp", ratio_grid=ratio_grid)).quantize(
+        copy.deepcopy(model), spec, calib)
+    agree = {}
+    for (name, a), (_, b) in zip(lib.named_modules(), nat.named_modules(), strict=True):
+        if isinstance(a, FakeQuantLinear):
+            agree[name] = float((a.codes() == b.codes()).float().mean())
+    if ratio_grid == "closed":   # every scale, grid and code equal (tiny-llama, 2 blocks)
+        assert all(v == 1.0 for v in agree.values()), agree
+    else:                        # another exponent wins somewhere already in block 0
+        assert min(v for n, v in agree.items() if ".layers.0." in n) < 1.0, agree
