@@ -667,8 +667,11 @@ _NOT_SETTINGS = {"name", "_target_", "keep_fp", "keep_w8", "keep_top_k_sensitive
 def _shared_settings_agree(nat: pd.Series, lib: pd.Series) -> bool:
     """Hyper-parameters both configs define (e.g. true_sequential for gptq and
     gptqmodel_gptq, damp for every GPTQ) must be equal; a setting only one side has (the
-    native default true_sequential vs llm-compressor, which has none) does not block."""
-    a, b = (r["method_cfg"] if isinstance(r.get("method_cfg"), dict) else {} for r in (nat, lib))
+    native default true_sequential vs llm-compressor, which has none) does not block. A
+    record made before a setting existed counts with its config class's default (AWQ's
+    ratio_grid: native half_open, llm-compressor's fixed closed grid)."""
+    a, b = (_with_defaults(r["method_cfg"]) if isinstance(r.get("method_cfg"), dict) else {}
+            for r in (nat, lib))
     return all(_key_text(_numeric(a[k])) == _key_text(_numeric(b[k]))
                for k in (set(a) & set(b)) - _NOT_SETTINGS - set(_ALIGN_KEYS))
 

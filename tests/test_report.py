@@ -472,6 +472,26 @@ def test_alignment_pairs_require_equal_shared_settings(tmp_path):
         == "10.05"
 
 
+def test_alignment_pairs_fill_settings_older_records_lack(tmp_path):
+    """Records made before AWQ's ratio_grid existed ran with each class's default: the old
+    native run (half_open) is no partner of llm-compressor's (fixed closed grid), the new
+    native run with ratio_grid=closed is."""
+    store = ResultStore(tmp_path)
+    runs = [("llmc_awq", "methods.baselines.LLMCompressorAWQConfig", None, 10.0),
+            ("awq_noclip", "methods.awq.AWQConfig", None, 9.7),
+            ("awq_noclip", "methods.awq.AWQConfig", "closed", 10.01)]
+    for i, (method, target, grid, ppl) in enumerate(runs):
+        rec = _rec(i, "m", method, "w4a16", cfg_hash=f"h{i}", metrics={"ppl_ptb": ppl})
+        rec.config["method"].update(symmetric=False, a_bits=16, _target_=target, n_grid=20)
+        if grid is not None:
+            rec.config["method"]["ratio_grid"] = grid
+        store.write(rec)
+    t = R.alignment_table(R.records_frame(store))
+    assert [(r[3].text, r[4].text) for r in t.rows] == [
+        ("awq_noclip (ratio_grid=closed)", "llmc_awq")]
+    assert cells(t, "m", "w4a16", "c4-128x2048")["PTB rel. Δ"] == "+0.10%"
+
+
 def test_skipped_baseline_job_is_not_a_reference(tmp_path):
     store = ResultStore(tmp_path)
     store.write(_rec(0, "m", "fp16", "w16a16", metrics={"ppl_ptb": 10.0}))
