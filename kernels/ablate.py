@@ -49,9 +49,11 @@ def main(argv: list[str] | None = None) -> int:
             xq, xs = quant_per_token(p["x"])
             w16 = bench.Rotation([c["w16"] for c in p["copies"]])
             w4 = bench.Rotation([(c["w4"], c["w4_scale"]) for c in p["copies"]])
-            row = {"N": n, "K": k, "M": m, "ms": {"fp16": timer(lambda: F.linear(p["x"], w16()))}}
+            x = p["x"]
+            row = {"N": n, "K": k, "M": m, "ms": {"fp16": timer(lambda x=x, w16=w16: F.linear(x, w16()))}}
             for name, code in VARIANTS.items():
-                row["ms"][name] = timer(lambda code=code: w4a8_gemm(xq, xs, *w4(), bench.GROUP_SIZE, _ablate=code))
+                row["ms"][name] = timer(lambda code=code, xq=xq, xs=xs, w4=w4: w4a8_gemm(
+                    xq, xs, *w4(), bench.GROUP_SIZE, _ablate=code))
             full = row["ms"]["full"]
             row["share_of_full"] = {name: 1.0 - t / full for name, t in row["ms"].items()
                                     if name not in ("fp16", "full")}  # fmt: skip

@@ -17,6 +17,7 @@ Timings: triton.testing.do_bench (median, ms). Needs torch + triton only.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -433,10 +434,11 @@ def bench_e2e(device: str, timer: Timer, impl: Impl, layers: int, dims: dict,
         res["weight_gb"][quant] = model.weight_bytes() / 1e9
         for name, b, t, pos in cases:
             x = (torch.randn(b, t, dims["hidden"], device=device, generator=g) * 0.5).half()
-            res["ms"].setdefault(name, {})[quant] = timer(lambda x=x, pos=pos: model.forward(x, pos))
+            step = functools.partial(model.forward, x, pos)
+            res["ms"].setdefault(name, {})[quant] = timer(step)
             if eager is not None:
-                res["ms_eager"].setdefault(name, {})[quant] = eager(lambda x=x, pos=pos: model.forward(x, pos))
-        del model
+                res["ms_eager"].setdefault(name, {})[quant] = eager(step)
+        del model, step
         if device == "cuda":
             torch.cuda.empty_cache()
     for name, b, _, _ in cases:

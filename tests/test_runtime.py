@@ -217,8 +217,8 @@ def test_codes_recovered_exactly_and_scales_are_fp16():
     torch.testing.assert_close(fq.codes(), codes, rtol=0, atol=0)
     torch.testing.assert_close(fq.w_scale, qp.scale.reshape(16, 2).half().float(), rtol=0, atol=0)
     rt = W4A8Linear.from_fake_quant(fq)
-    from methods.primitives import unpack_int4
     from kernels.reference import from_kernel_layout
+    from methods.primitives import unpack_int4
     w_public = from_kernel_layout(rt.w_packed, rt.group_size)
     torch.testing.assert_close(unpack_int4(w_public).int(), codes, rtol=0, atol=0)
     assert rt.w_scale.dtype == torch.float16 and rt.w_packed.dtype == torch.uint8
