@@ -219,10 +219,10 @@ def make_problem(m: int, n: int, k: int, device: str, seed: int = 0, copies: int
 def gemm_variants(p: dict, impl: Impl) -> dict[str, Callable[[], object]]:
     x = p["x"]
     xq, xs = impl.quant(x)
-    rot = {name: Rotation([c[name] if isinstance(name, str) else tuple(c[k] for k in name)
-                           for c in p["copies"]])
-           for name in ("w16", ("w4", "w4_scale"), ("w8", "w8_scale"))}  # fmt: skip
-    w16, w4, w8 = rot["w16"], rot[("w4", "w4_scale")], rot[("w8", "w8_scale")]
+    copies = p["copies"]
+    w16 = Rotation([c["w16"] for c in copies])
+    w4 = Rotation([(c["w4"], c["w4_scale"]) for c in copies])
+    w8 = Rotation([(c["w8"], c["w8_scale"]) for c in copies])
     v = {
         "fp16": lambda: F.linear(x, w16()),
         "w4a8": lambda: impl.w4a8(xq, xs, *w4(), GROUP_SIZE),

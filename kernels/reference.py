@@ -11,7 +11,8 @@ K is cut into chunks of C = `kernel_layout_chunk(group_size)` (128, or 64) value
 j < C/2 of chunk c holds W[n, cC + j] (low nibble) and W[n, cC + C/2 + j] (high nibble).
 The kernel then multiplies the low nibbles with the activation columns cC .. cC+C/2-1 and
 the high nibbles with the next C/2, both plain contiguous loads, instead of splitting the
-activation tile into even and odd columns in registers (which cost ~2x on an H200).
+activation tile into even and odd columns in registers (on an H200 the two ran within 5%
+of each other: results/bench/h200/README.md; the layout is kept for the simpler kernel).
 """
 
 from __future__ import annotations
@@ -49,34 +50,29 @@ def kernel_layout_chunk(group_size: int) -> int | None:
     return None
 
 
-def _chunks(packed: Tensor, chunk: int) -> Tensor:
+def _swap_chunk_order(packed: Tensor, group_size: int, *, to_kernel: bool) -> Tensor:
+    """Reorder the int4 values of each K chunk between K order (packing layout: byte j holds
+    values 2j, 2j+1) and halves order (kernel layout: byte j holds values j, C/2 + j)."""
+    chunk = kernel_layout_chunk(group_size)
+    if chunk is None:
+        return packed
     n, half_k = packed.shape
     if (2 * half_k) % chunk:
         raise ValueError(f"K={2 * half_k} is not a multiple of the layout chunk {chunk}")
-    return packed.reshape(n, 2 * half_k // chunk, chunk // 2)
+    w = unpack_int4(packed)  # [N, K]: the nibbles in byte order
+    src = (n, -1, 2, chunk // 2) if to_kernel else (n, -1, chunk // 2, 2)
+    return pack_int4(w.reshape(src).transpose(-1, -2).reshape(n, -1))
 
 
 def to_kernel_layout(packed: Tensor, group_size: int) -> Tensor:
     """Packing layout [N, K//2] uint8 -> kernel layout (same shape); identity when
     `kernel_layout_chunk(group_size)` is None."""
-    chunk = kernel_layout_chunk(group_size)
-    if chunk is None:
-        return packed
-    w = unpack_int4(packed).reshape(packed.shape[0], -1, 2, chunk // 2).to(torch.int16) & 0xF
-    return (w[:, :, 0] | (w[:, :, 1] << 4)).to(torch.uint8).reshape(packed.shape)
+    return _swap_chunk_order(packed, group_size, to_kernel=True)
 
 
 def from_kernel_layout(kpacked: Tensor, group_size: int) -> Tensor:
     """Inverse of `to_kernel_layout`."""
-    chunk = kernel_layout_chunk(group_size)
-    if chunk is None:
-        return kpacked
-    c = _chunks(kpacked, chunk)
-    lo = (c & 0xF).to(torch.int8)
-    hi = (c >> 4).to(torch.int8)
-    w = torch.stack((lo, hi), dim=2).reshape(kpacked.shape[0], -1)  # [N, K] in K order
-    w = torch.where(w >= 8, w - 16, w)
-    return pack_int4(w)
+    return _swap_chunk_order(kpacked, group_size, to_kernel=False)
 
 
 # --------------------------------------------------------------------------------------

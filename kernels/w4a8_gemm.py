@@ -13,15 +13,14 @@ Blocked algorithm (one program per BLOCK_M x BLOCK_N output tile, grouped orderi
       x_lo = load xq[rm, cC : cC + C/2]        int8 [BLOCK_M, C/2]   contiguous
       x_hi = load xq[rm, cC + C/2 : cC + C]    int8 [BLOCK_M, C/2]   contiguous
       b    = load w[rn, cC/2 : cC/2 + C/2]     uint8 [C/2, BLOCK_N]  (K-major rows)
-      lo, hi = sign-extended low / high nibbles of b (arithmetic shifts in registers)
+      lo, hi = sign-extended low / high nibbles of b (four per 32-bit word, in registers)
       acc_i += dot(x_lo, lo) + dot(x_hi, hi)   exact int32 (|acc| <= 1024 * group_size)
       at the last chunk of a weight group g: acc += float32(acc_i) * w_scale[rn, g]; acc_i = 0
   epilogue: acc *= x_scale (row vector or scalar); + bias; cast; store (masked).
-The weight stream stays 4 bits per value in global and shared memory. An earlier version
-kept the packing layout (even/odd nibbles) and split the activation tile into even and odd
-columns in registers: on an H200 that ran at 0.5x of cuBLAS fp16 for prefill and ~1x for
-decode (results/bench/h200/bench_v1_parity_layout.json); the chunk layout makes both operands plain
-loads that feed the dots.
+The weight stream stays 4 bits per value in global and shared memory. On an H200
+(results/bench/h200/README.md) the earlier per-byte shift unpack ran at ~1x cuBLAS fp16 for
+decode and 0.5x for prefill, with the packing layout and with this one alike; the 32-bit
+unpack brought 1.5-1.9x and 0.7x.
 
 Configs: decode (M <= 64) uses BLOCK_M = 16..64 and splits the weight groups over a second
 grid axis (split-K) until ~2 waves of programs exist; fp32 partials [SPLIT_K, M, N] are summed
