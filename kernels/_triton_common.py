@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from kernels.validate import static_scale
+
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 RINT_MAGIC = 12582912.0  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 to nearest-even in fp32
@@ -172,11 +174,13 @@ def check_tensor(
 
 
 def check_x_scale(x_scale: torch.Tensor, m: int, device: torch.device) -> bool:
-    """Validate x_scale fp32 [M] (per token) or [] / [1] (per tensor); returns per_token."""
+    """Validate x_scale fp32 [M] (per token; NaN marks rows of non-finite activations) or
+    [] / [1] (per tensor: finite and > 0; [1] with M = 1 counts as per token); returns per_token."""
     require(isinstance(x_scale, torch.Tensor), "x_scale must be a torch.Tensor", TypeError)
     require(x_scale.dtype == torch.float32, f"x_scale must be float32, got {x_scale.dtype}", TypeError)
     require(x_scale.device == device, f"x_scale is on {x_scale.device}, expected {device}")
-    if x_scale.numel() == 1 and x_scale.dim() <= 1:
+    if x_scale.dim() == 0 or (x_scale.shape == (1,) and m != 1):
+        static_scale(x_scale, "x_scale")
         return False
     require(x_scale.shape == (m,), f"x_scale must have shape [{m}] or [], got {tuple(x_scale.shape)}")
     require(x_scale.is_contiguous(), "x_scale must be contiguous")

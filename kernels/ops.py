@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from kernels import reference as ref
+from kernels.validate import static_scale
 
 ActMode = Literal["dynamic_token", "static_tensor"]
 Backend = Literal["auto", "triton", "reference", "int_mm"]
@@ -77,7 +78,9 @@ def quantize_activations(
     smooth_inv: Tensor | None = None,
     use_triton: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """x [M, K] float -> (xq int8 [M, K], x_scale fp32 [M] (dynamic) or [] (static))."""
+    """x [M, K] float -> (xq int8 [M, K], x_scale fp32 [M]): the dynamic per-token scales, or
+    the static act_scale (finite, > 0, else ValueError) repeated per row; NaN in the rows of x
+    holding NaN / inf, so those output rows come out NaN on every backend."""
     if smooth_inv is not None:
         smooth_inv = smooth_inv.to(x2d.device).contiguous()
     if act_mode == "dynamic_token":
@@ -91,12 +94,12 @@ def quantize_activations(
     if act_mode == "static_tensor":
         if act_scale is None:
             raise ValueError("act_mode='static_tensor' needs act_scale (calibrated, > 0)")
-        s = torch.as_tensor(act_scale, dtype=torch.float32, device=x2d.device).reshape(())
+        s = static_scale(act_scale, "act_scale", x2d.device)
         if use_triton:
-            from kernels.quant_per_token import quant_per_tensor
+            from kernels.quant_per_token import quant_static
 
-            return quant_per_tensor(x2d, s, smooth_inv), s
-        return ref.quant_per_tensor_ref(x2d, s, smooth_inv), s
+            return quant_static(x2d, s, smooth_inv)
+        return ref.quant_static_ref(x2d, s, smooth_inv)
     raise ValueError(f"act_mode must be 'dynamic_token' or 'static_tensor', got {act_mode!r}")
 
 

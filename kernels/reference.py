@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kernels.validate import static_scale
+
 
 def pack_int4(q: Tensor) -> Tensor:
     """[..., K] int in [-8, 7] -> [..., K//2] uint8, low nibble = even index."""
@@ -85,6 +87,11 @@ ACT_SCALE_EPS = 1e-8
 
 INT8_MAX = 127.0
 
+# Non-finite activations (every backend alike): a row of x' = x * smooth_inv holding a NaN or
+# +-inf gets scale NaN (dynamic per token) or its row of the static scale set to NaN, and
+# code 0 wherever x' or the scale is not finite; the GEMM epilogue multiplies by that scale,
+# so exactly the affected output rows are NaN. Codes never depend on how a backend casts NaN.
+
 
 def _smoothed(x: Tensor, smooth_inv: Tensor | None) -> Tensor:
     """x' = float32(x) * float32(smooth_inv): one fp32 rounding, as in the kernels."""
@@ -96,9 +103,17 @@ def _smoothed(x: Tensor, smooth_inv: Tensor | None) -> Tensor:
     return xs
 
 
-def _round_clamp_int8(v: Tensor) -> Tensor:
-    """round-half-to-even then clamp to [-128, 127]; equal to clamp-then-round (integer bounds)."""
+def _codes(xs: Tensor, scale: Tensor) -> Tensor:
+    """int8 codes of x' [M, K] at scale [M, 1] or []: round half to even, clamp to
+    [-128, 127] (equal to clamp-then-round: integer bounds); 0 where x' or scale is not finite."""
+    ok = torch.isfinite(xs) & torch.isfinite(scale)
+    v = torch.where(ok, xs / scale, torch.zeros((), dtype=xs.dtype, device=xs.device))
     return torch.round(v).clamp_(-128, 127).to(torch.int8)
+
+
+def _finite_rows(xs: Tensor) -> Tensor:
+    """bool [M]: rows of x' [M, K] without NaN / inf."""
+    return torch.isfinite(xs).all(dim=1)
 
 
 def quant_per_token_ref(
@@ -107,29 +122,40 @@ def quant_per_token_ref(
     """Dynamic symmetric per-token int8 quantization.
 
     x [M, K] float, smooth_inv [K] (LAE / SmoothQuant inverse smoothing factors) or None.
-    x' = x * smooth_inv;  scale[m] = max(max_k |x'[m, k]| / 127, eps)  (fp32)
-    xq = clamp(round_half_even(x' / scale), -128, 127).  Returns (xq int8 [M, K], scale fp32 [M]).
-    All steps are single correctly-rounded fp32 ops, so the Triton kernel matches bit for bit.
+    x' = x * smooth_inv;  scale[m] = max(max_k |x'[m, k]| / 127, eps)  (fp32; NaN for a row
+    with a non-finite x'), xq = clamp(round_half_even(x' / scale), -128, 127) (0 in such rows).
+    Returns (xq int8 [M, K], scale fp32 [M]). All steps are single correctly-rounded fp32 ops,
+    so the Triton kernel matches bit for bit.
     """
     if x.dim() != 2:
         raise ValueError(f"quant_per_token_ref expects x [M, K], got shape {tuple(x.shape)}")
     xs = _smoothed(x, smooth_inv)
     amax = xs.abs().amax(dim=1) if xs.shape[1] else xs.new_zeros(xs.shape[0])
     scale = (amax / INT8_MAX).clamp_min(eps)
-    return _round_clamp_int8(xs / scale[:, None]), scale
+    scale = torch.where(_finite_rows(xs), scale, torch.full_like(scale, float("nan")))
+    return _codes(xs, scale[:, None]), scale
+
+
+def quant_static_ref(
+    x: Tensor, scale: float | Tensor, smooth_inv: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Static symmetric per-tensor int8 quantization with the scale handed on per row:
+    (xq = clamp(round(x * smooth_inv / scale)) int8 [M, K], x_scale fp32 [M] = scale, NaN in
+    rows with a non-finite x'). `scale` (python float or 1-element tensor, finite and > 0,
+    else ValueError) is rounded to fp32 first, as the kernel receives it."""
+    if x.dim() != 2:
+        raise ValueError(f"quant_static_ref expects x [M, K], got shape {tuple(x.shape)}")
+    s = static_scale(scale, "scale", x.device)
+    xs = _smoothed(x, smooth_inv)
+    rows = torch.where(_finite_rows(xs), s, torch.full((), float("nan"), device=x.device))
+    return _codes(xs, s), rows.expand(x.shape[0]).contiguous()
 
 
 def quant_per_tensor_ref(
     x: Tensor, scale: float | Tensor, smooth_inv: Tensor | None = None
 ) -> Tensor:
-    """Static symmetric per-tensor int8 quantization: clamp(round(x * smooth_inv / scale)).
-
-    `scale` (python float or 0-d tensor) is rounded to fp32 first, as the kernel receives it.
-    """
-    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
-    if s.numel() != 1:
-        raise ValueError(f"per-tensor scale must be a scalar, got shape {tuple(s.shape)}")
-    return _round_clamp_int8(_smoothed(x, smooth_inv) / s.reshape(()))
+    """The codes of `quant_static_ref`: clamp(round(x * smooth_inv / scale)) int8 [M, K]."""
+    return quant_static_ref(x, scale, smooth_inv)[0]
 
 
 # --------------------------------------------------------------------------------------
@@ -205,9 +231,11 @@ _ACC_DTYPES = (torch.float32, torch.float64)
 
 def _check_x_scale(x_scale: Tensor, m: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """[M] per-token or [] / [1] per-tensor -> tensor (fp32 values, in `dtype`)
-    broadcastable to [M, N]."""
-    if x_scale.dim() == 0 or x_scale.shape == (1,):
-        return x_scale.to(torch.float32).to(dtype).reshape(())
+    broadcastable to [M, N] ([1] with M = 1 is per token). A per-tensor scale must be finite
+    and > 0 (ValueError); per-row scales may hold NaN (rows of non-finite activations, which
+    then come out NaN)."""
+    if x_scale.dim() == 0 or (x_scale.shape == (1,) and m != 1):
+        return static_scale(x_scale, "x_scale").to(dtype)
     if x_scale.shape != (m,):
         raise ValueError(f"x_scale must have shape [{m}] or [], got {tuple(x_scale.shape)}")
     return x_scale.to(torch.float32).to(dtype)[:, None]

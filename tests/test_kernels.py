@@ -401,3 +401,90 @@ def test_reference_modules_import_without_triton():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], cwd=root, env=env, check=True, timeout=120)
+
+
+# ---------------------------------------------------------------------------------------
+# bad static scales and non-finite activations (the same on every backend)
+# ---------------------------------------------------------------------------------------
+
+BAD_SCALES = [0.0, -0.02, float("nan"), float("inf"), 1e-46]  # 1e-46 flushes to 0 in fp32
+
+
+@pytest.mark.parametrize("bad", BAD_SCALES + [torch.tensor(0.0), torch.tensor(float("nan"))],
+                         ids=lambda v: f"t{float(v)}" if isinstance(v, torch.Tensor) else str(v))
+def test_bad_static_activation_scale_is_refused(bad):
+    n, k, g = 40, 256, 128
+    _, _, p, ws, _, _ = _w4_problem(1, n, k, g, seed=3)
+    kp, ws16 = ops.prepare_w4a8_weight(p, ws, g)
+    x = torch.randn(3, k)
+    wq, wsc = _randint(-128, 128, (n, k), 4), torch.rand(n, generator=_gen(4)) * 0.01
+    backends = ["reference"] + (["triton"] if INTERPRETED else [])
+    for backend in backends:
+        with pytest.raises(ValueError, match="act_scale"):
+            ops.w4a8_linear(x, kp, ws16, g, act_mode="static_tensor", act_scale=bad, backend=backend)
+        with pytest.raises(ValueError, match="act_scale"):
+            ops.w8a8_linear(x, wq, wsc, act_mode="static_tensor", act_scale=bad, backend=backend)
+    with pytest.raises(ValueError, match="scale"):
+        quant_per_tensor_ref(x, bad)
+    xq = _randint(-128, 128, (3, k), 5)
+    s = torch.as_tensor(bad, dtype=torch.float32)
+    with pytest.raises(ValueError, match="x_scale"):
+        w4a8_gemm_ref(xq, s, p, ws, g)
+    with pytest.raises(ValueError, match="x_scale"):
+        w8a8_gemm_ref(xq, s, wq, wsc)
+    if HAS_TRITON:
+        with pytest.raises(ValueError, match="scale"):
+            quant_per_tensor(x, bad)
+        with pytest.raises(ValueError, match="x_scale"):
+            w4a8_gemm(xq, s, kp, ws16, g)
+        with pytest.raises(ValueError, match="x_scale"):
+            w8a8_gemm(xq, s, wq, wsc)
+
+
+def test_static_scale_checked_once_per_version():
+    """A scale tensor that passed is not read again (no stream sync per call on a GPU) until
+    it is modified in place."""
+    from kernels.validate import static_scale
+
+    s = torch.tensor(0.5)
+    static_scale(s, "act_scale")
+    s.zero_()  # in-place change: checked again
+    with pytest.raises(ValueError, match="act_scale"):
+        static_scale(s, "act_scale")
+
+
+def _nonfinite_x(k: int, dtype=torch.float16) -> torch.Tensor:
+    x = torch.randn(6, k, generator=_gen(7)).to(dtype)
+    x[1, 3] = float("nan")
+    x[2, 0] = float("inf")
+    x[4, k - 1] = float("-inf")
+    return x
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode,scale", [("dynamic_token", None), ("static_tensor", 0.03)])
+def test_nonfinite_activations_give_nan_rows_on_every_backend(device, mode, scale):
+    """NaN / inf in a row of x -> that output row is NaN, the other rows are unchanged, on the
+    Triton path and the reference alike (codes and scales equal bit for bit, NaN included)."""
+    n, k, g = 40, 256, 128
+    _, _, p, ws, _, bias = _w4_problem(1, n, k, g, seed=5)
+    kp, ws16 = ops.prepare_w4a8_weight(p, ws, g)
+    x = _nonfinite_x(k)
+    smooth = torch.rand(k, generator=_gen(8)) + 0.5
+    bad = torch.tensor([False, True, True, False, True, False])
+    xq_r, xs_r = ops.quantize_activations(x, mode, scale, smooth, use_triton=False)
+    xq_t, xs_t = ops.quantize_activations(x.to(device), mode, scale, smooth.to(device), use_triton=True)
+    assert torch.equal(xq_t.cpu(), xq_r) and not xq_r[~torch.isfinite(x)].any()
+    assert_close(xs_t.cpu(), xs_r, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(xs_r.isnan(), bad)
+    wq, wsc = _randint(-128, 128, (n, k), 4), torch.rand(n, generator=_gen(4)) * 0.01
+    kw = dict(act_mode=mode, act_scale=scale, bias=bias)
+    for run in (lambda dev, b: ops.w4a8_linear(x.to(dev), kp.to(dev), ws16.to(dev), g, backend=b,
+                                               smooth_inv=smooth.to(dev), **{**kw, "bias": bias.to(dev)}),
+                lambda dev, b: ops.w8a8_linear(x.to(dev), wq.to(dev), wsc.to(dev), backend=b,
+                                               smooth_inv=smooth.to(dev), **{**kw, "bias": bias.to(dev)})):
+        r = run("cpu", "reference")
+        y = run(device, "triton").cpu()
+        assert r[bad].isnan().all() and y[bad].isnan().all()
+        assert torch.isfinite(r[~bad]).all()
+        _close(y[~bad], r[~bad])
