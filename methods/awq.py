@@ -40,9 +40,8 @@ from methods.blockwise import (
     to_device,
     walk_blocks,
 )
-from methods.layers import replace_linear
-from methods.primitives import compute_qparams, dequantize, quantize, weight_granularity
-from methods.rtn import quantize_linear_rtn
+from methods.layers import config_for, replace_linear, round_and_wrap
+from methods.primitives import fake_quantize_weight
 from methods.smoothing import (
     fold_into_linear_rows,
     fold_into_norm,
@@ -99,12 +98,6 @@ RATIO_GRIDS = {
     "half_open": lambda n: [i / n for i in range(n)],
     "closed": lambda n: [i / (n - 1) for i in range(n)],
 }
-
-
-def _fake_quant_weight(W: Tensor, cfg: QuantConfig) -> Tensor:
-    gran = weight_granularity(cfg.group_size)
-    qp = compute_qparams(W, cfg.w_bits, cfg.symmetric, gran, cfg.group_size)
-    return dequantize(quantize(W, qp, gran, cfg.group_size), qp, gran, cfg.group_size, W.dtype)
 
 
 def inspect_path(group: LinearGroup) -> str:
@@ -176,9 +169,12 @@ class AWQ(Method[AWQConfig]):
         fp_inputs = self.config.inputs_from == "fp"
 
         def on_block(i: int, block: nn.Module, inputs: BlockInputs) -> None:
+            # each linear's own config (None: kept in full precision), by full name
+            cfgs = {rel: config_for(self.config, f"{prefix}.{i}.{rel}")
+                    for rel in spec.table.linear_names()}
             caps = self._capture(block, spec, inputs)
             for g in spec.table.groups:
-                row = self._search_and_apply_scale(block, spec, g, caps[g.role], inputs)
+                row = self._search_and_apply_scale(block, spec, g, caps[g.role], inputs, cfgs)
                 if row:
                     scales.append({"block": i, **row})
             if fp_inputs:   # X_i's statistics, then X_{i+1} from the scaled fp block
@@ -187,16 +183,15 @@ class AWQ(Method[AWQConfig]):
                     inputs.advance(block)
             if self.config.clip:
                 for g in spec.table.groups:
-                    self._clip_group(block, g, caps[g.role].X, f"{prefix}.{i}")
+                    self._clip_group(block, g, caps[g.role].X, cfgs)
             del caps
             if not fp_inputs:
                 stats = collect_block_stats(block, inputs, spec.table.linear_names())
             for rel, st in stats.items():
-                full = f"{prefix}.{i}.{rel}"
-                all_stats[full] = st
-                if not self.config.keeps(full):
-                    replace_linear(block, rel, quantize_linear_rtn(
-                        block.get_submodule(rel), self.config, st))
+                all_stats[f"{prefix}.{i}.{rel}"] = st
+                if cfgs[rel] is not None:
+                    replace_linear(block, rel, round_and_wrap(
+                        block.get_submodule(rel), cfgs[rel], act_range=st.tensor_max))
 
         store = torch.device("cpu") if self.config.offload_inputs else None
         walk_blocks(model, spec, calib, on_block, desc="awq blocks", store_device=store,
@@ -229,8 +224,8 @@ class AWQ(Method[AWQConfig]):
 
     @torch.no_grad()
     def _search_and_apply_scale(self, block: nn.Module, spec: ModelSpec, g: LinearGroup,
-                                cap: _GroupCapture, inputs: BlockInputs
-                                ) -> dict[str, Any] | None:
+                                cap: _GroupCapture, inputs: BlockInputs,
+                                cfgs: dict[str, AWQConfig | None]) -> dict[str, Any] | None:
         ok, why = self._foldable(block, spec, g)
         if not ok:
             log.debug("awq: no scale for %s (%s)", g.role, why)
@@ -238,7 +233,7 @@ class AWQ(Method[AWQConfig]):
         c = self.config
         dev = inputs.compute_device
         linears = {n: block.get_submodule(n) for n in g.linears}
-        quantized = [n for n in g.linears if not c.keeps(n)]
+        quantized = {n: cfgs[n] for n in g.linears if cfgs[n] is not None}
         K = next(iter(linears.values())).in_features
         x_mean = torch.zeros(K, device=dev)
         n_tok = 0
@@ -267,10 +262,11 @@ class AWQ(Method[AWQConfig]):
             if w_mean is not None:
                 s = s / w_mean.pow(1 - r).clamp_min(1e-4)
             s = s / (s.max() * s.min()).sqrt()
-            for n in quantized:
+            for n, cn in quantized.items():
                 W = originals[n]
-                linears[n].weight.data = _fake_quant_weight(W * s.to(W).unsqueeze(0), c) \
-                    / s.to(W).unsqueeze(0)
+                linears[n].weight.data = fake_quantize_weight(
+                    W * s.to(W).unsqueeze(0), cn.w_bits, cn.group_size, cn.symmetric
+                ) / s.to(W).unsqueeze(0)
             err, count = 0.0, 0
             for X, call, Y in zip(cap.X, cap.calls, cap.Y, strict=True):
                 out = _call(mod, X.to(dev), _to(call, dev))
@@ -307,9 +303,9 @@ class AWQ(Method[AWQConfig]):
 
     @torch.no_grad()
     def _clip_group(self, block: nn.Module, g: LinearGroup, Xs: list[Tensor],
-                    block_name: str) -> None:
+                    cfgs: dict[str, AWQConfig | None]) -> None:
         c = self.config
-        todo = [n for n in g.linears if n not in c.clip_skip and not c.keeps(f"{block_name}.{n}")]
+        todo = [n for n in g.linears if n not in c.clip_skip and cfgs[n] is not None]
         if not todo:
             return
         lin0 = block.get_submodule(todo[0])
@@ -318,7 +314,7 @@ class AWQ(Method[AWQConfig]):
         X = X[:: max(1, X.shape[0] // c.clip_n_tokens)].to(lin0.weight.device).float()
         for n in todo:
             lin = block.get_submodule(n)
-            lin.weight.data = awq_clip(lin.weight.data, X, c).to(lin.weight.dtype)
+            lin.weight.data = awq_clip(lin.weight.data, X, cfgs[n]).to(lin.weight.dtype)
 
 
 @torch.no_grad()
@@ -338,7 +334,8 @@ def awq_clip(W: Tensor, X: Tensor, cfg: AWQConfig, oc_batch: int = 64) -> Tensor
         for i in range(int(cfg.clip_max_shrink * cfg.clip_n_grid)):
             max_val = org_max * (1 - i / cfg.clip_n_grid)
             Wc = torch.clamp(Wg, -max_val, max_val)
-            Wq = _fake_quant_weight(Wc.reshape(-1, K), cfg).view_as(Wg)
+            Wq = fake_quantize_weight(Wc.reshape(-1, K), cfg.w_bits, cfg.group_size,
+                                      cfg.symmetric).view_as(Wg)
             err = (torch.einsum("tGg,nGg->ntG", Xg, Wq) - ref).pow(2).mean(1).unsqueeze(-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)

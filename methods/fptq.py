@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from methods.arch import LinearGroup, ModelSpec
 from methods.base import Calib, ConfigError, LinearStats, Method, QuantConfig, register
 from methods.blockwise import BlockInputs, collect_block_stats, input_hooks, walk_blocks
-from methods.layers import replace_linear
+from methods.layers import config_for, replace_linear, round_and_wrap
 from methods.smoothing import (
     S_MIN,
     fold_group_scale,
@@ -47,13 +47,7 @@ from methods.smoothing import (
     needs_kv_sharing,
     share_across_kv_repeat,
 )
-from methods.smoothquant import (
-    group_input_max,
-    rtn_fake_quant_linear,
-    scale_summary,
-    smoothquant_scale,
-    wrap_linear,
-)
+from methods.smoothquant import group_input_max, scale_summary, smoothquant_scale
 
 log = logging.getLogger(__name__)
 
@@ -312,12 +306,15 @@ class FPTQ(Method[FPTQConfig]):
 
     # -------------------------------------------------------------- weights
 
+    def _linear_configs(self, d: GroupDecision, prefix: str) -> dict[str, FPTQConfig]:
+        """The group's quantized linears with their own configs (keep_fp / keep_w8)."""
+        return {n: c for n in d.group.linears
+                if (c := config_for(self.config, f"{prefix}.{d.block}.{n}")) is not None}
+
     def _quantize_rtn(self, block: nn.Module, d: GroupDecision, prefix: str) -> None:
-        for name in d.group.linears:
-            if not self.config.keeps(f"{prefix}.{d.block}.{name}"):
-                lin = block.get_submodule(name)
-                replace_linear(block, name,
-                               rtn_fake_quant_linear(lin, self.config, d.act_mode, d.act_range))
+        for name, cfg in self._linear_configs(d, prefix).items():
+            replace_linear(block, name, round_and_wrap(
+                block.get_submodule(name), cfg, act_mode=d.act_mode, act_range=d.act_range))
 
     def _quantize_gptq(self, block: nn.Module, d: GroupDecision, inputs: BlockInputs,
                        prefix: str) -> None:
@@ -325,24 +322,22 @@ class FPTQ(Method[FPTQConfig]):
         block already quantized; solve; free."""
         from methods.gptq import GPTQSolver
 
-        cfg = self.config
-        names = [n for n in d.group.linears if not cfg.keeps(f"{prefix}.{d.block}.{n}")]
-        if not names:
+        cfgs = self._linear_configs(d, prefix)
+        if not cfgs:
             return
-        solvers = {n: GPTQSolver(block.get_submodule(n).weight.data) for n in names}
-        with input_hooks({n: block.get_submodule(n) for n in names},
+        solvers = {n: GPTQSolver(block.get_submodule(n).weight.data) for n in cfgs}
+        with input_hooks({n: block.get_submodule(n) for n in cfgs},
                          lambda n, x: solvers[n].add_batch(x)):
             for x, kw in inputs.samples():
                 block(x, **kw)
-        for n in names:
-            lin = block.get_submodule(n)
-            W_hat, qp, _info = solvers[n].solve(
+        for n, cfg in cfgs.items():
+            solved = solvers[n].solve(
                 bits=cfg.w_bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
                 act_order=cfg.gptq_act_order, static_groups=cfg.gptq_static_groups,
-                block_size=cfg.gptq_block_size, damp=cfg.gptq_damp)
+                block_size=cfg.gptq_block_size, damp=cfg.gptq_damp)[:2]
             solvers[n].free()
-            lin.weight.data = W_hat.to(lin.weight.dtype).reshape(lin.weight.shape)
-            replace_linear(block, n, wrap_linear(lin, cfg, qp, d.act_mode, d.act_range))
+            replace_linear(block, n, round_and_wrap(block.get_submodule(n), cfg, solved=solved,
+                                                    act_mode=d.act_mode, act_range=d.act_range))
 
     # -------------------------------------------------------------- KV cache
 

@@ -36,7 +36,7 @@ from methods.blockwise import (
     stats_table,
     walk_blocks,
 )
-from methods.layers import FakeQuantLinear, replace_linear
+from methods.layers import FakeQuantLinear, config_for, replace_linear, round_and_wrap
 from methods.primitives import QParams, compute_qparams, qrange
 
 log = logging.getLogger(__name__)
@@ -220,17 +220,18 @@ class GPTQ(Method[GPTQConfig]):
 
         def on_block(i: int, block: nn.Module, inputs: BlockInputs) -> None:
             for step in gptq_sequence(spec, c.true_sequential):
-                todo = [n for n in step if not c.keeps(f"{prefix}.{i}.{n}")]
+                todo = {n: lin_cfg for n in step
+                        if (lin_cfg := config_for(c, f"{prefix}.{i}.{n}")) is not None}
                 hess, stats = HessianAccumulator(), StatsAccumulator()
                 hook = chain_hooks(hess, stats)
                 run_block_hooked(block, inputs, {n: (hook if n in todo else stats)
                                                  for n in step})
                 for rel, st in stats.result().items():
                     all_stats[f"{prefix}.{i}.{rel}"] = st
-                for rel in todo:
+                for rel, lin_cfg in todo.items():
                     H, n = hess.pop(rel)
                     new, info = self.quantize_linear(block.get_submodule(rel), H, n,
-                                                     all_stats[f"{prefix}.{i}.{rel}"])
+                                                     all_stats[f"{prefix}.{i}.{rel}"], lin_cfg)
                     replace_linear(block, rel, new)
                     layers.append({"linear": f"{prefix}.{i}.{rel}", **info})
 
@@ -243,18 +244,15 @@ class GPTQ(Method[GPTQConfig]):
             log.warning("gptq: %d linears needed extra damping: %s", len(retried), retried)
         return model
 
-    def quantize_linear(self, linear: nn.Linear, H: Tensor, n: int, stats: LinearStats
+    def quantize_linear(self, linear: nn.Linear, H: Tensor, n: int, stats: LinearStats,
+                        cfg: GPTQConfig | None = None
                         ) -> tuple[FakeQuantLinear, dict[str, Any]]:
-        c = self.config
+        """Solve `linear` on its Hessian H over n tokens at cfg (the linear's own config
+        from `config_for`; default: the method's) and wrap it."""
+        c = cfg or self.config
         solver = GPTQSolver(linear.weight.data)
         solver.set_hessian(H, n)
         W_hat, qp, info = solver.solve(c.w_bits, c.group_size, c.symmetric, c.act_order,
                                        c.static_groups, c.block_size, c.damp, c.max_damp_retries)
         solver.free()
-        linear.weight.data = W_hat
-        act_scale = None
-        if c.quantizes_activations and c.act_mode == "static_tensor":
-            act_scale = FakeQuantLinear.static_scale_from_max(stats.tensor_max, c.a_bits)
-        return FakeQuantLinear(linear, w_bits=c.w_bits, group_size=c.group_size, w_qparams=qp,
-                               a_bits=c.a_bits, act_mode=c.act_mode, act_scale=act_scale), info
-
+        return round_and_wrap(linear, c, act_range=stats.tensor_max, solved=(W_hat, qp)), info

@@ -18,8 +18,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from methods.arch import ModelSpec, set_module
-from methods.base import QuantConfig
-from methods.primitives import QParams, fake_quantize_activation, qrange, recover_codes
+from methods.base import ActMode, QuantConfig
+from methods.primitives import (
+    QParams,
+    fake_quantize_activation,
+    qrange,
+    recover_codes,
+    round_weight,
+)
 
 # Weights of <= 4 bits run int4-packed with fp16 group scales (kernels/README.md); wider
 # ones keep fp32 scales. FakeQuantLinear snaps its scales to this dtype so the simulated
@@ -131,6 +137,40 @@ def config_for(cfg: QuantConfig, full_name: str) -> QuantConfig | None:
     precision = precision_for(cfg, full_name)
     if precision == "fp":
         return None
-    if precision == "w8" and cfg.w_bits < 8:
+    if precision == "w8" and (cfg.w_bits != 8 or cfg.group_size):
         return dataclasses.replace(cfg, w_bits=8, group_size=None, keep_fp=(), keep_w8=())
     return cfg
+
+
+def round_and_wrap(linear: nn.Linear, cfg: QuantConfig, *, act_range: float | None = None,
+                   act_mode: ActMode | None = None,
+                   solved: tuple[Tensor, QParams] | None = None,
+                   clip_ratio: float = 1.0) -> FakeQuantLinear:
+    """The step every method ends a block linear with: W onto cfg's weight grid, then
+    wrapped with cfg's input quantizer. Mutates linear.weight; returns the module to swap in.
+
+    cfg        the linear's own config, from `config_for` (w8 per-channel under keep_w8)
+    solved     (W_hat [N, K], qparams) a solver already put on the grid (GPTQ); None: round
+               W to nearest at cfg.w_bits / group_size / symmetric, range * clip_ratio
+    act_mode   overrides cfg.act_mode (FPTQ picks it per linear group)
+    act_range  calibrated v = max|X| of the input as the quantized model sees it; needed
+               for static per-tensor activations (scale v / (2^(b-1) - 1))
+    """
+    qp = None
+    if solved is not None:
+        if not cfg.quantizes_weights:
+            raise ValueError(f"solved weights given for a w{cfg.w_bits} config")
+        W_hat, qp = solved
+        linear.weight.data = W_hat.to(linear.weight.dtype).reshape(linear.weight.shape)
+    elif cfg.quantizes_weights:
+        linear.weight.data, qp = round_weight(linear.weight.data, cfg.w_bits, cfg.group_size,
+                                              cfg.symmetric, clip_ratio)
+    mode = act_mode or cfg.act_mode
+    act_scale = None
+    if cfg.quantizes_activations and mode == "static_tensor":
+        if act_range is None:
+            raise ValueError("static per-tensor activation quantization needs a calibrated "
+                             "range act_range = max|X| (collect calibration statistics)")
+        act_scale = FakeQuantLinear.static_scale_from_max(act_range, cfg.a_bits)
+    return FakeQuantLinear(linear, w_bits=cfg.w_bits, group_size=cfg.group_size, w_qparams=qp,
+                           a_bits=cfg.a_bits, act_mode=mode, act_scale=act_scale)

@@ -27,7 +27,8 @@ EPS = 1e-8
 
 __all__ = [
     "QParams", "qrange", "compute_qparams", "quantize", "dequantize", "fake_quantize",
-    "pack_int4", "unpack_int4", "quantize_weight", "recover_codes",
+    "pack_int4", "unpack_int4", "quantize_weight", "round_weight", "fake_quantize_weight",
+    "recover_codes",
     "quantize_activation", "fake_quantize_activation",
 ]
 
@@ -120,11 +121,17 @@ def quantize_weight(W: Tensor, bits: int, group_size: int | None, symmetric: boo
     return quantize(W, qp, gran, group_size), qp
 
 
+def round_weight(W: Tensor, bits: int, group_size: int | None, symmetric: bool = True,
+                 clip_ratio: float = 1.0) -> tuple[Tensor, QParams]:
+    """Round-to-nearest W [N, K] -> (W_hat = (q - z) * s [N, K] in W's dtype, qparams)."""
+    q, qp = quantize_weight(W, bits, group_size, symmetric, clip_ratio)
+    return dequantize(q, qp, weight_granularity(group_size), group_size, W.dtype), qp
+
+
 def fake_quantize_weight(W: Tensor, bits: int, group_size: int | None,
                          symmetric: bool = True, clip_ratio: float = 1.0) -> Tensor:
-    gran = weight_granularity(group_size)
-    q, qp = quantize_weight(W, bits, group_size, symmetric, clip_ratio)
-    return dequantize(q, qp, gran, group_size, W.dtype)
+    """W_hat of `round_weight` alone."""
+    return round_weight(W, bits, group_size, symmetric, clip_ratio)[0]
 
 
 def quantize_activation(x: Tensor, bits: int, mode: str,

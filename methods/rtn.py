@@ -10,32 +10,12 @@ from torch import nn
 from methods.arch import ModelSpec
 from methods.base import Calib, LinearStats, Method, QuantConfig, register
 from methods.blockwise import collect_block_stats, stats_table, walk_blocks
-from methods.layers import FakeQuantLinear, config_for, iter_block_linears, replace_linear
-from methods.primitives import compute_qparams, dequantize, quantize, weight_granularity
+from methods.layers import config_for, iter_block_linears, replace_linear, round_and_wrap
 
 
 @dataclass(frozen=True)
 class RTNConfig(QuantConfig):
     pass
-
-
-def quantize_linear_rtn(linear: nn.Linear, cfg: QuantConfig, stats: LinearStats | None,
-                        clip_ratio: float = 1.0) -> FakeQuantLinear:
-    """Round W to the grid and wrap it with the input quantizer cfg asks for."""
-    qp = None
-    if cfg.quantizes_weights:
-        gran = weight_granularity(cfg.group_size)
-        W = linear.weight.data
-        qp = compute_qparams(W, cfg.w_bits, cfg.symmetric, gran, cfg.group_size, clip_ratio)
-        linear.weight.data = dequantize(quantize(W, qp, gran, cfg.group_size), qp, gran,
-                                        cfg.group_size, W.dtype)
-    act_scale = None
-    if cfg.quantizes_activations and cfg.act_mode == "static_tensor":
-        if stats is None:
-            raise ValueError("static activation scales need calibration statistics")
-        act_scale = FakeQuantLinear.static_scale_from_max(stats.tensor_max, cfg.a_bits)
-    return FakeQuantLinear(linear, w_bits=cfg.w_bits, group_size=cfg.group_size, w_qparams=qp,
-                           a_bits=cfg.a_bits, act_mode=cfg.act_mode, act_scale=act_scale)
 
 
 @register(RTNConfig)
@@ -51,7 +31,7 @@ class RTN(Method[RTNConfig]):
         if not self.needs_calibration:
             for _, _, full, lin in iter_block_linears(model, spec):
                 if (cfg := config_for(self.config, full)) is not None:
-                    replace_linear(model, full, quantize_linear_rtn(lin, cfg, None))
+                    replace_linear(model, full, round_and_wrap(lin, cfg))
             return model
         if not calib:
             raise ValueError("rtn with static activation scales needs calibration data")
@@ -65,7 +45,7 @@ class RTN(Method[RTNConfig]):
                 all_stats[full] = st
                 if (cfg := config_for(self.config, full)) is not None:
                     lin = block.get_submodule(rel)
-                    replace_linear(block, rel, quantize_linear_rtn(lin, cfg, st))
+                    replace_linear(block, rel, round_and_wrap(lin, cfg, act_range=st.tensor_max))
 
         walk_blocks(model, spec, calib, on_block, desc="rtn blocks")
         self.artifacts["activation_stats"] = stats_table(all_stats)

@@ -24,8 +24,7 @@ from torch import Tensor, nn
 from methods.arch import LinearGroup, ModelSpec
 from methods.base import Calib, ConfigError, LinearStats, Method, QuantConfig, register
 from methods.blockwise import BlockInputs, collect_block_stats, stats_table, walk_blocks
-from methods.layers import FakeQuantLinear, replace_linear
-from methods.primitives import dequantize, quantize_weight, weight_granularity
+from methods.layers import config_for, replace_linear, round_and_wrap
 from methods.smoothing import (
     S_MIN,
     fold_group_scale,
@@ -58,30 +57,6 @@ def smoothquant_scale(x_max: Tensor, w_max: Tensor, alpha: float) -> Tensor:
 def group_input_max(stats: dict[str, LinearStats], group: LinearGroup) -> Tensor:
     """Per-channel max|X_j| [K] of the input the group's linears share."""
     return torch.stack([stats[n].channel_max for n in group.linears]).amax(dim=0)
-
-
-def rtn_fake_quant_linear(linear: nn.Linear, cfg: QuantConfig, act_mode: str,
-                          act_range: float | None) -> FakeQuantLinear:
-    """Round W to cfg's weight grid; int fake-quant of X in act_mode (static: scale from
-    act_range = max|X| of the input as the quantized model will see it)."""
-    qp = None
-    if cfg.quantizes_weights:
-        W = linear.weight.data
-        codes, qp = quantize_weight(W, cfg.w_bits, cfg.group_size, cfg.symmetric)
-        linear.weight.data = dequantize(codes, qp, weight_granularity(cfg.group_size),
-                                        cfg.group_size, W.dtype)
-    return wrap_linear(linear, cfg, qp, act_mode, act_range)
-
-
-def wrap_linear(linear: nn.Linear, cfg: QuantConfig, qp: Any, act_mode: str,
-                act_range: float | None) -> FakeQuantLinear:
-    act_scale = None
-    if cfg.quantizes_activations and act_mode == "static_tensor":
-        if act_range is None:
-            raise ValueError("static per-tensor activation quantization needs a calibrated range")
-        act_scale = FakeQuantLinear.static_scale_from_max(act_range, cfg.a_bits)
-    return FakeQuantLinear(linear, w_bits=cfg.w_bits, group_size=cfg.group_size, w_qparams=qp,
-                           a_bits=cfg.a_bits, act_mode=act_mode, act_scale=act_scale)
 
 
 def scale_summary(s: Tensor | None) -> dict[str, float | None]:
@@ -147,11 +122,11 @@ class SmoothQuant(Method[SmoothQuantConfig]):
         out = []
         for name in group.linears:
             full = f"{spec.table.blocks}.{i}.{name}"
-            kept = cfg.keeps(full)
-            if not kept:
+            lin_cfg = config_for(cfg, full)
+            if lin_cfg is not None:
                 lin = block.get_submodule(name)
-                replace_linear(block, name, rtn_fake_quant_linear(lin, cfg, cfg.act_mode, v_after))
+                replace_linear(block, name, round_and_wrap(lin, lin_cfg, act_range=v_after))
             out.append({"block": i, "linear": full, "role": group.role, "v": v,
                         "v_after": v_after, "smoothed": s is not None, "reason": reason,
-                        "kept_fp": kept, **scale_summary(s)})
+                        "kept_fp": lin_cfg is None, **scale_summary(s)})
         return out

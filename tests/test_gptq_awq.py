@@ -146,7 +146,8 @@ def test_awq_scaling_keeps_full_precision_function(tiny):
     for block in spec.blocks(model):
         before = inputs.run(block)
         caps = method._capture(block, spec, inputs)
-        rows = [method._search_and_apply_scale(block, spec, g, caps[g.role], inputs)
+        cfgs = dict.fromkeys(spec.table.linear_names(), method.config)
+        rows = [method._search_and_apply_scale(block, spec, g, caps[g.role], inputs, cfgs)
                 for g in spec.table.groups]
         assert all(r is not None for r in rows), rows           # all four groups scaled
         assert any(r["ratio"] > 0 for r in rows)

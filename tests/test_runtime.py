@@ -17,7 +17,7 @@ from kernels import reference as kref
 from methods.arch import ModelSpec
 from methods.base import build
 from methods.checkpoint import CheckpointError, load_runtime_checkpoint, save_runtime_checkpoint
-from methods.layers import FakeQuantLinear, iter_block_linears, replace_linear
+from methods.layers import FakeQuantLinear, iter_block_linears, replace_linear, round_and_wrap
 from methods.primitives import (
     compute_qparams,
     dequantize,
@@ -25,7 +25,7 @@ from methods.primitives import (
     quantize_weight,
     recover_codes,
 )
-from methods.rtn import RTNConfig, quantize_linear_rtn
+from methods.rtn import RTNConfig
 from methods.runtime import W4A8Linear, W8A8Linear, WeightOnlyLinear, convert_to_runtime
 from tests.conftest import REPO, TINY_QUICK
 
@@ -137,8 +137,8 @@ def test_one_linear_with_outlier_rows_agrees_to_fp32_rounding(monkeypatch):
     fp32 rounding (and bit for bit with exact accumulation)."""
     torch.manual_seed(0)
     lin = nn.Linear(128, 48)
-    fq = quantize_linear_rtn(lin, RTNConfig(w_bits=4, a_bits=8, group_size=64,
-                                            act_mode="dynamic_token"), None)
+    fq = round_and_wrap(lin, RTNConfig(w_bits=4, a_bits=8, group_size=64,
+                                 act_mode="dynamic_token"))
     x = torch.randn(6, 128)
     x[1, 5] = 3000.0
     x[3, 77] = -2500.0
@@ -213,7 +213,7 @@ def test_codes_recovered_exactly_and_scales_are_fp16():
     lin = nn.Linear(64, 16, bias=False)
     cfg = RTNConfig(w_bits=4, a_bits=8, group_size=32, act_mode="dynamic_token")
     codes, qp = quantize_weight(lin.weight.data, 4, 32)
-    fq = quantize_linear_rtn(copy.deepcopy(lin), cfg, None)
+    fq = round_and_wrap(copy.deepcopy(lin), cfg)
     torch.testing.assert_close(fq.codes(), codes, rtol=0, atol=0)
     torch.testing.assert_close(fq.w_scale, qp.scale.reshape(16, 2).half().float(), rtol=0, atol=0)
     rt = W4A8Linear.from_fake_quant(fq)
@@ -226,7 +226,7 @@ def test_codes_recovered_exactly_and_scales_are_fp16():
 
 def test_off_grid_or_out_of_range_weights_are_refused():
     torch.manual_seed(0)
-    fq = quantize_linear_rtn(nn.Linear(64, 8), RTNConfig(w_bits=4, group_size=32), None)
+    fq = round_and_wrap(nn.Linear(64, 8), RTNConfig(w_bits=4, group_size=32))
     fq.weight.data += 0.3 * fq.w_scale.repeat_interleave(32, dim=1)
     with pytest.raises(ValueError, match="off their 4-bit grid"):
         WeightOnlyLinear.from_fake_quant(fq)
@@ -241,7 +241,7 @@ def test_bad_inputs_give_clear_errors():
         W4A8Linear(q, torch.ones(8, 2), 48, act_mode="dynamic_token", act_scale=None,
                    smooth_inv=None, bias=None)
     cfg = RTNConfig(w_bits=4, a_bits=8, group_size=32, symmetric=False, act_mode="dynamic_token")
-    fq = quantize_linear_rtn(nn.Linear(64, 8), cfg, None)
+    fq = round_and_wrap(nn.Linear(64, 8), cfg)
     with pytest.raises(ValueError, match="symmetric=true"):
         W4A8Linear.from_fake_quant(fq)
     with pytest.raises(ValueError, match="does not run w4a8"):
@@ -271,7 +271,7 @@ def _mixed_model():
         if rel == "mlp.down_proj":
             lin = nn.Linear(mod.in_features, mod.out_features, bias=False)
             lin.weight.data = mod.weight.data.clone()
-            replace_linear(sim, full, quantize_linear_rtn(lin, asym, None))
+            replace_linear(sim, full, round_and_wrap(lin, asym))
     rt, report = runtime_of(sim, spec)
     assert report["converted"] == {"W4A8Linear": 12} and len(report["kept"]) == 2
     return rt, spec
