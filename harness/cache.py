@@ -2,14 +2,15 @@
 
 An entry holds a job's SIMULATED quantized model, keyed by what determines it: the model
 config, the method config, the calibration config (when the method calibrates), the seed,
-the torch version and the method's code version (sha256 of its source files):
+the torch version and the method's code version (`Method.code_version`: sha256 of the
+source files its modules import):
 
     <cache.dir>/<key>/model.safetensors   full state_dict (folded norms differ from the base)
                       artifacts.json       method.artifacts (stats, policy tables)
-                      manifest.json        FakeQuantLinear layout + sha256 of both files
+                      manifest.json        FakeQuantLinear.layout() per linear + sha256 of both files
 
-A reuse loads a fresh base model, swaps in `FakeQuantLinear` modules as the manifest
-lists them and loads the state dict strictly. Writers build the entry in a unique temp
+A reuse loads a fresh base model, swaps in `FakeQuantLinear.empty(layout)` modules as the
+manifest lists them and loads the state dict strictly. Writers build the entry in a unique temp
 directory (manifest last) and rename it into place; if another writer got there first
 the existing entry is kept. An entry whose manifest is missing or unreadable, or whose
 checksums do not match, is never used: it is moved aside and rebuilt.
@@ -44,11 +45,8 @@ from methods.layers import FakeQuantLinear, iter_block_linears, replace_linear
 log = logging.getLogger(__name__)
 
 CacheStatus = Literal["hit", "miss", "rebuilt", "off"]
-FORMAT = 1
+FORMAT = 2      # 2: manifest layouts are FakeQuantLinear.layout() (1: the cache's own fields)
 MANIFEST, WEIGHTS, ARTIFACTS = "manifest.json", "model.safetensors", "artifacts.json"
-# Shared method code: a change here can change any method's quantized weights.
-SHARED_METHOD_SOURCES = ("base", "primitives", "layers", "blockwise", "smoothing", "arch")
-METHODS_DIR = Path(__file__).resolve().parent.parent / "methods"
 
 
 class CacheEntryError(RuntimeError):
@@ -65,32 +63,11 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-def method_source_files(method: Method) -> list[Path]:
-    """The method's module (and its config's), plus the shared methods/*.py it builds on."""
-    files = set()
-    for cls in (type(method), type(method.config)):
-        mod = __import__(cls.__module__, fromlist=["_"])
-        if getattr(mod, "__file__", None):
-            files.add(Path(mod.__file__).resolve())
-    for name in SHARED_METHOD_SOURCES:
-        path = METHODS_DIR / f"{name}.py"
-        if path.is_file():
-            files.add(path.resolve())
-    return sorted(files)
-
-
-def code_version(method: Method) -> str:
-    h = hashlib.sha256()
-    for path in method_source_files(method):
-        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
-
-
 def cache_key_parts(model_cfg: Mapping, method_cfg: Mapping, calib_cfg: Mapping | None,
                     seed: int, method: Method) -> dict[str, Any]:
     return {"format": FORMAT, "model": dict(model_cfg), "method": dict(method_cfg),
             "calib": dict(calib_cfg) if calib_cfg is not None else None, "seed": int(seed),
-            "code_version": code_version(method), "torch": torch.__version__.split("+")[0]}
+            "code_version": method.code_version(), "torch": torch.__version__.split("+")[0]}
 
 
 def cache_key(parts: Mapping[str, Any]) -> str:
@@ -100,52 +77,27 @@ def cache_key(parts: Mapping[str, Any]) -> str:
 
 # ---------------------------------------------------------------- layout of FakeQuantLinear
 
-def _shape(t: torch.Tensor | None) -> list[int] | None:
-    return None if t is None else list(t.shape)
-
-
 def fake_quant_layout(model: nn.Module, spec: ModelSpec) -> dict[str, dict[str, Any]]:
-    """{full name: constructor fields} for every block linear that is a FakeQuantLinear.
+    """{full name: FakeQuantLinear.layout()} for every block linear that is one.
     Raises CacheEntryError for module types the cache cannot rebuild."""
     layout = {}
     for _, _, full, mod in iter_block_linears(model, spec):
         if type(mod) is FakeQuantLinear:
-            layout[full] = {
-                "in_features": mod.in_features, "out_features": mod.out_features,
-                "bias": mod.bias is not None, "w_bits": mod.w_bits,
-                "group_size": mod.group_size, "a_bits": mod.a_bits, "act_mode": mod.act_mode,
-                "act_scale": mod.act_scale is not None, "smooth_inv": _shape(mod.smooth_inv),
-                "w_scale": _shape(mod.w_scale), "w_zero": _shape(mod.w_zero),
-                "dtypes": {n: str(b.dtype).removeprefix("torch.")
-                           for n, b in mod.named_buffers(recurse=False) if b is not None}}
+            layout[full] = mod.layout()
         elif type(mod) is not nn.Linear:
             raise CacheEntryError(f"{full} is a {type(mod).__name__}; the cache rebuilds only "
                                   "nn.Linear and FakeQuantLinear block linears")
     return layout
 
 
-def _rebuild_fake_quant(linear: nn.Linear, fields: Mapping[str, Any]) -> FakeQuantLinear:
-    """A FakeQuantLinear with the recorded buffers present (values come from the state dict)."""
-    if (linear.in_features, linear.out_features) != (fields["in_features"],
-                                                     fields["out_features"]):
+def _rebuild_fake_quant(linear: nn.Linear, layout: Mapping[str, Any]) -> FakeQuantLinear:
+    """An empty FakeQuantLinear of `layout` in place of the base `linear` (values come from
+    the state dict)."""
+    if (linear.in_features, linear.out_features) != (layout["in_features"],
+                                                     layout["out_features"]):
         raise CacheEntryError(f"linear is {linear.in_features}->{linear.out_features}, entry "
-                              f"has {fields['in_features']}->{fields['out_features']}")
-    dev = linear.weight.device
-    smooth = fields["smooth_inv"]
-    fq = FakeQuantLinear(
-        linear, w_bits=fields["w_bits"], group_size=fields["group_size"],
-        a_bits=fields["a_bits"], act_mode=fields["act_mode"],
-        act_scale=1.0 if fields["act_scale"] else None,
-        smooth_inv=None if smooth is None else torch.empty(smooth, device=dev))
-    for name in ("w_scale", "w_zero"):
-        if fields[name] is not None:
-            setattr(fq, name, torch.empty(fields[name], device=dev))
-    for name, dtype in fields.get("dtypes", {}).items():   # load_state_dict keeps our dtypes
-        buf = getattr(fq, name)
-        if buf is not None:
-            setattr(fq, name, buf.to(getattr(torch, dtype)))
-    fq.w_symmetric = fields["w_zero"] is None
-    return fq
+                              f"has {layout['in_features']}->{layout['out_features']}")
+    return FakeQuantLinear.empty(layout, linear.weight.dtype).to(linear.weight.device)
 
 
 # ---------------------------------------------------------------- the cache

@@ -11,13 +11,17 @@ No method is chosen by comparing strings outside this registry.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import fnmatch
 import functools
+import hashlib
 import importlib
+import importlib.util
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from torch import Tensor, nn
@@ -141,6 +145,65 @@ class Method(ABC, Generic[C]):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "class": type(self).__qualname__,
                 **dataclasses.asdict(self.config)}
+
+    # Modules imported by a computed name (importlib), which the import scan of `code_files`
+    # cannot see, whose code still shapes this method's quantized model.
+    extra_code_modules: ClassVar[tuple[str, ...]] = ()
+
+    def code_files(self) -> list[Path]:
+        """Source files that determine this method's quantized model: the modules of the
+        method class and its config, every `methods.*` module they import (at any depth,
+        imports inside functions included) and `extra_code_modules`."""
+        roots = {type(self).__module__, type(self.config).__module__, *self.extra_code_modules}
+        return source_closure(roots)
+
+    def code_version(self) -> str:
+        """sha256 (16 hex) over `code_files`: any edit to them changes it (cache keys)."""
+        h = hashlib.sha256()
+        for path in self.code_files():
+            h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        return h.hexdigest()[:16]
+
+
+CODE_PACKAGES = ("methods",)
+
+
+def _module_file(name: str) -> Path | None:
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):       # e.g. methods.gptq.GPTQSolver: not a module
+        return None
+    origin = getattr(spec, "origin", None)
+    return Path(origin).resolve() if origin and origin.endswith(".py") else None
+
+
+def _imports(path: Path) -> set[str]:
+    """Dotted module names (and `from m import x` -> m.x candidates) imported in `path`."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return {n for n in names if n.split(".")[0] in CODE_PACKAGES}
+
+
+def source_closure(modules: Iterable[str]) -> list[Path]:
+    """Files of `modules` and of every CODE_PACKAGES module they import, transitively."""
+    todo, seen = list(modules), set()
+    files: set[Path] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = _module_file(name)
+        if path is None or path in files:
+            continue
+        files.add(path)
+        todo.extend(_imports(path))
+    return sorted(files)
 
 
 _REGISTRY: dict[type[QuantConfig], type[Method]] = {}

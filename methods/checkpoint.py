@@ -27,8 +27,14 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from methods.arch import ModelSpec
-from methods.layers import FakeQuantLinear, iter_block_linears, replace_linear
-from methods.runtime import RUNTIME_KINDS, RuntimeLinear, empty_fake_quant, fake_quant_layout
+from methods.layers import (
+    FakeQuantLinear,
+    dtype_from_name,
+    dtype_name,
+    iter_block_linears,
+    replace_linear,
+)
+from methods.runtime import LINEAR_KINDS, RUNTIME_KINDS, RuntimeLinear
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +57,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def linear_layouts(model: nn.Module, spec: ModelSpec) -> dict[str, dict[str, Any]]:
     """{full name: layout} for every quantized block linear; plain nn.Linear are omitted."""
     out: dict[str, dict[str, Any]] = {}
     for _, _, full, mod in iter_block_linears(model, spec):
-        if isinstance(mod, RuntimeLinear):
+        if isinstance(mod, (RuntimeLinear, FakeQuantLinear)):
             out[full] = mod.layout()
-        elif isinstance(mod, FakeQuantLinear):
-            out[full] = fake_quant_layout(mod)
     return out
 
 
@@ -77,7 +77,7 @@ def save_runtime_checkpoint(model: nn.Module, spec: ModelSpec, path: str | Path,
     hf_config = json.loads(model.config.to_json_string()) if hasattr(model, "config") else None
     config = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "model": {"name": spec.name, "family": spec.table.family, "dtype": _dtype_name(dtype),
+        "model": {"name": spec.name, "family": spec.table.family, "dtype": dtype_name(dtype),
                   "num_layers": spec.num_layers, "hf_config": hf_config},
         "meta": meta or {},
         "linears": linear_layouts(model, spec),
@@ -133,18 +133,18 @@ def _skeleton(config: dict[str, Any], base: BaseModel) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
     hf.pop("quantization_config", None)      # e.g. GGUF dequantization: weights come from here
     hf_cfg = AutoConfig.for_model(hf.pop("model_type"), **hf)
-    dtype = getattr(torch, config["model"]["dtype"])
+    dtype = dtype_from_name(config["model"]["dtype"])
     return AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
 
 
 def _empty_linear(layout: dict[str, Any], dtype: torch.dtype) -> nn.Module:
     kind = layout["kind"]
-    if kind == "FakeQuantLinear":
-        return empty_fake_quant(layout, dtype)
-    if kind not in RUNTIME_KINDS:
-        raise CheckpointError(f"unknown linear kind {kind!r}; known: "
-                              f"{sorted(RUNTIME_KINDS) + ['FakeQuantLinear']}")
-    return RUNTIME_KINDS[kind].empty(layout, dtype)
+    if kind not in LINEAR_KINDS:
+        raise CheckpointError(f"unknown linear kind {kind!r}; known: {sorted(LINEAR_KINDS)}")
+    try:
+        return LINEAR_KINDS[kind].empty(layout, dtype)
+    except ValueError as e:
+        raise CheckpointError(f"linear layout {layout}: {e}") from e
 
 
 def _upgrade_w4a8_layout(model: nn.Module) -> None:

@@ -10,8 +10,8 @@ or dynamic per-token.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from typing import Literal
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,23 @@ PACKED_SCALE_DTYPE = torch.float16
 
 def runtime_scale_dtype(w_bits: int) -> torch.dtype:
     return PACKED_SCALE_DTYPE if w_bits <= PACKED_W_BITS else torch.float32
+
+
+# dtypes a stored layout may name (a layout is data read from disk: never getattr(torch, x))
+DTYPES: dict[str, torch.dtype] = {str(d).removeprefix("torch."): d for d in (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64,
+    torch.int8, torch.uint8, torch.int32, torch.int64)}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one a quantized model stores; "
+                         f"known: {sorted(DTYPES)}")
+    return DTYPES[name]
 
 
 class FakeQuantLinear(nn.Module):
@@ -79,6 +96,46 @@ class FakeQuantLinear(nn.Module):
             qg = qg - self.w_zero.float()[..., None]
         self.w_scale = s
         self.weight.data = (qg * s[..., None]).view_as(q).to(self.weight.dtype)
+
+    # ------------------------------------------------------------ layout (one schema)
+    def layout(self) -> dict[str, Any]:
+        """JSON description from which `empty` rebuilds a module of the same shapes and
+        buffer dtypes; the fields RuntimeLinear.layout has mean the same here."""
+        return {"kind": type(self).__name__, "in_features": self.in_features,
+                "out_features": self.out_features, "w_bits": self.w_bits,
+                "group_size": self.group_size,
+                "scale_groups": None if self.w_scale is None else int(self.w_scale.shape[1]),
+                "zero_point": self.w_zero is not None, "a_bits": self.a_bits,
+                "act_mode": self.act_mode,
+                "act_scale": None if self.act_scale is None else float(self.act_scale),
+                "smooth": self.smooth_inv is not None, "bias": self.bias is not None,
+                "dtypes": {n: dtype_name(b.dtype)
+                           for n, b in self.named_buffers(recurse=False) if b is not None}}
+
+    @classmethod
+    def empty(cls, layout: Mapping[str, Any], dtype: torch.dtype) -> FakeQuantLinear:
+        """Module with the shapes and buffer dtypes of `layout`, weight and bias in `dtype`,
+        placeholder values (zero weights, unit scales) to load a state dict into. Layouts
+        without "dtypes" (checkpoints before it was recorded) get fp32 buffers."""
+        k, n = layout["in_features"], layout["out_features"]
+        lin = nn.Linear(k, n, bias=layout["bias"], dtype=dtype)
+        nn.init.zeros_(lin.weight)           # zero weights are on any grid (codes 0)
+        qp = None
+        if layout["scale_groups"]:
+            g = layout["scale_groups"]
+            qp = QParams(torch.ones(n, g), torch.zeros(n, g) if layout["zero_point"] else None,
+                         layout["w_bits"])
+        fq = cls(lin, w_bits=layout["w_bits"], group_size=layout["group_size"], w_qparams=qp,
+                 a_bits=layout["a_bits"], act_mode=layout["act_mode"],
+                 act_scale=None if layout["act_scale"] is None else 1.0,
+                 smooth_inv=torch.ones(k) if layout["smooth"] else None)
+        for name, dname in layout.get("dtypes", {}).items():
+            buf = fq._buffers.get(name)
+            if buf is None:
+                raise ValueError(f"layout names a dtype for {name!r}, which this "
+                                 f"{layout['kind']} does not hold")
+            fq._buffers[name] = buf.to(dtype_from_name(dname))
+        return fq
 
     def codes(self) -> Tensor:
         """Integer weight codes q [N, K] int32 (asymmetric: in [0, 2^b - 1], W = (q - z) s)."""

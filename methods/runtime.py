@@ -29,7 +29,7 @@ from kernels import ops
 from kernels.reference import kernel_layout_chunk
 from methods.arch import ModelSpec
 from methods.layers import FakeQuantLinear, iter_block_linears, replace_linear, runtime_scale_dtype
-from methods.primitives import QParams, pack_int4, unpack_int4
+from methods.primitives import pack_int4, unpack_int4
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +299,9 @@ class WeightOnlyLinear(RuntimeLinear):
 
 RUNTIME_FORMS: tuple[type[RuntimeLinear], ...] = (W4A8Linear, W8A8Linear, WeightOnlyLinear)
 RUNTIME_KINDS: dict[str, type[RuntimeLinear]] = {c.__name__: c for c in RUNTIME_FORMS}
+# every block-linear module a stored layout can name: kind -> class with layout() / empty()
+LINEAR_KINDS: dict[str, type[RuntimeLinear] | type[FakeQuantLinear]] = {
+    **RUNTIME_KINDS, FakeQuantLinear.__name__: FakeQuantLinear}
 
 
 def runtime_form(fq: FakeQuantLinear) -> tuple[type[RuntimeLinear] | None, str]:
@@ -344,29 +347,3 @@ def convert_to_runtime(model: nn.Module, spec: ModelSpec,
     if report is not None:
         report.update(converted=converted, kept=kept)
     return model
-
-
-# ------------------------------------------------------------ FakeQuantLinear layouts (checkpoints)
-
-def fake_quant_layout(fq: FakeQuantLinear) -> dict[str, Any]:
-    return {"kind": "FakeQuantLinear", "in_features": fq.in_features,
-            "out_features": fq.out_features, "w_bits": fq.w_bits, "group_size": fq.group_size,
-            "scale_groups": None if fq.w_scale is None else fq.w_scale.shape[1],
-            "zero_point": fq.w_zero is not None, "a_bits": fq.a_bits, "act_mode": fq.act_mode,
-            "act_scale": None if fq.act_scale is None else float(fq.act_scale),
-            "smooth": fq.smooth_inv is not None, "bias": fq.bias is not None}
-
-
-def empty_fake_quant(layout: dict[str, Any], dtype: torch.dtype) -> FakeQuantLinear:
-    k, n = layout["in_features"], layout["out_features"]
-    lin = nn.Linear(k, n, bias=layout["bias"], dtype=dtype)
-    nn.init.zeros_(lin.weight)       # zero weights are on any grid (codes 0)
-    qp = None
-    if layout["scale_groups"]:
-        g = layout["scale_groups"]
-        qp = QParams(torch.ones(n, g), torch.zeros(n, g) if layout["zero_point"] else None,
-                     layout["w_bits"])
-    return FakeQuantLinear(lin, w_bits=layout["w_bits"], group_size=layout["group_size"],
-                           w_qparams=qp, a_bits=layout["a_bits"], act_mode=layout["act_mode"],
-                           act_scale=None if layout["act_scale"] is None else 1.0,
-                           smooth_inv=torch.ones(k) if layout["smooth"] else None)

@@ -116,3 +116,50 @@ def test_round_and_wrap_rtn_equals_the_solved_path_and_checks_static_ranges():
     with pytest.raises(ValueError, match="solved weights"):
         round_and_wrap(copy.deepcopy(lin), RTNConfig(a_bits=8, act_mode="dynamic_token"),
                        solved=(W_hat, qp))
+
+
+def _fake_quant_variants() -> dict[str, FakeQuantLinear]:
+    torch.manual_seed(0)
+    out = {
+        "w4-g32-static": round_and_wrap(nn.Linear(64, 16), RTNConfig(
+            w_bits=4, a_bits=8, group_size=32), act_range=5.0),
+        "w8-asym-dynamic": round_and_wrap(nn.Linear(64, 16, bias=False), RTNConfig(
+            w_bits=8, a_bits=8, symmetric=False, act_mode="dynamic_token")),
+        "w16a8": round_and_wrap(nn.Linear(64, 16), RTNConfig(a_bits=8,
+                                                             act_mode="dynamic_token")),
+        "w3-weight-only": round_and_wrap(nn.Linear(64, 16), RTNConfig(w_bits=3, group_size=32)),
+    }
+    smoothed = round_and_wrap(nn.Linear(64, 16), RTNConfig(w_bits=4, a_bits=8, group_size=32),
+                              act_range=2.0)
+    smoothed.register_buffer("smooth_inv", torch.rand(64) + 0.5)
+    out["smoothed"] = smoothed
+    out["bf16"] = round_and_wrap(nn.Linear(64, 16), RTNConfig(
+        w_bits=4, a_bits=8, group_size=32), act_range=5.0).to(torch.bfloat16)
+    return out
+
+
+@pytest.mark.parametrize("name", list(_fake_quant_variants()))
+def test_fake_quant_layout_rebuilds_the_same_module(name):
+    import json
+
+    fq = _fake_quant_variants()[name]
+    layout = json.loads(json.dumps(fq.layout()))        # what a manifest stores
+    empty = FakeQuantLinear.empty(layout, fq.weight.dtype)
+    empty.load_state_dict(fq.state_dict(), strict=True)
+    sd = empty.state_dict()
+    for key, v in fq.state_dict().items():
+        assert sd[key].dtype == v.dtype, key
+        assert_close(sd[key], v, rtol=0, atol=0, msg=key)
+    assert empty.layout() == layout and empty.w_symmetric == fq.w_symmetric
+    x = torch.randn(3, 64, dtype=fq.weight.dtype)
+    assert_close(empty(x), fq(x), rtol=0, atol=0)
+
+
+def test_fake_quant_layout_refuses_unknown_dtypes_and_buffers():
+    layout = _fake_quant_variants()["w4-g32-static"].layout()
+    with pytest.raises(ValueError, match="dtype 'os.system'"):
+        FakeQuantLinear.empty({**layout, "dtypes": {"w_scale": "os.system"}}, torch.float32)
+    with pytest.raises(ValueError, match="w_zero"):
+        FakeQuantLinear.empty({**layout, "dtypes": {"w_zero": "float32"}}, torch.float32)
+    old = {k: v for k, v in layout.items() if k != "dtypes"}     # older checkpoints
+    assert FakeQuantLinear.empty(old, torch.float32).w_scale.dtype == torch.float32
