@@ -92,11 +92,12 @@ def _w4a8_kernel(
     GROUPS_PER_SPLIT, M_BUCKET,
     GROUP_SIZE: tl.constexpr, CHUNK: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-    FAST_UNPACK: tl.constexpr = False, ABLATE: tl.constexpr = 0,
+    FAST_UNPACK: tl.constexpr = False,
+    SKIP_UNPACK: tl.constexpr = False, SKIP_RESCALE: tl.constexpr = False,
 ):  # fmt: skip
-    # ABLATE (profiling only, wrong results when set; kernels.ablate): 1 = no nibble unpack
-    # (the packed bytes go to both dots as int8), 2 = no per-group rescale (one int32
-    # accumulator over the whole K range, one rescale at the end)
+    # SKIP_* are profiling switches set only by kernels.ablate (wrong results when set):
+    # SKIP_UNPACK feeds the packed bytes to both dots as int8; SKIP_RESCALE keeps one int32
+    # accumulator over the whole K range with one rescale at the end
     # -- tile coordinates: grouped ordering of (pid_m, pid_n) for L2 reuse; axis 1 = split-K
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -130,13 +131,13 @@ def _w4a8_kernel(
         x_lo = tl.load(x_ptrs + c * CHUNK, mask=x_mask, other=0)
         x_hi = tl.load(x_ptrs + c * CHUNK + HALF, mask=x_mask, other=0)
         b = tl.load(w_ptrs + c * HALF, mask=w_mask, other=0)
-        if ABLATE % 2 == 1:
+        if SKIP_UNPACK:
             lo = b.to(tl.int8)
             hi = lo
         else:  # lo = w[n, cC + j], hi = w[n, cC + HALF + j]
             lo, hi = _unpack_nibbles(b, FAST_UNPACK)
         g = c // CHUNKS_PER_GROUP
-        if ABLATE // 2 % 2 == 1:
+        if SKIP_RESCALE:
             acc_i = tl.dot(x_lo, lo, acc_i, out_dtype=tl.int32)
             acc_i = tl.dot(x_hi, hi, acc_i, out_dtype=tl.int32)
         elif CHUNKS_PER_GROUP == 1:
@@ -152,7 +153,7 @@ def _w4a8_kernel(
             acc += acc_i.to(tl.float32) * s[None, :]
             acc_i = tl.where(last[None, :], 0, acc_i)
 
-    if ABLATE // 2 % 2 == 1:
+    if SKIP_RESCALE:
         s = tl.load(ws_ptr + rn * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
         acc = acc_i.to(tl.float32) * s[None, :]
 
@@ -203,7 +204,7 @@ _INTERP_CONFIG = {"GROUP_M": 4}
 def _tuned_kernel(mode: str):
     """Autotuned wrapper of `_w4a8_kernel` for decode or prefill launches."""
     configs = _DECODE_TUNE if mode == "decode" else _PREFILL_TUNE
-    key = ["N", "K", "GROUP_SIZE", "PER_TOKEN", "HAS_BIAS", "FAST_UNPACK", "ABLATE"]
+    key = ["N", "K", "GROUP_SIZE", "PER_TOKEN", "HAS_BIAS", "FAST_UNPACK", "SKIP_UNPACK", "SKIP_RESCALE"]
     key += ["BLOCK_M", "BLOCK_N", "GROUPS_PER_SPLIT"] if mode == "decode" else ["M_BUCKET"]
     return autotune(configs, key)(_w4a8_kernel)
 
@@ -231,7 +232,6 @@ def w4a8_gemm(
     out_dtype: torch.dtype = torch.float16,
     *,
     split_k: int | None = None,
-    _ablate: int = 0,
 ) -> torch.Tensor:
     """out [M, N] = (xq [M, K] int8 @ int4 weights) with group, activation scales and bias.
 
@@ -239,9 +239,14 @@ def w4a8_gemm(
     layout (`ops.prepare_w4a8_weight`, `reference.to_kernel_layout`); w_scale
     fp16/bf16/fp32 [N, K // group_size]; bias [N] or None; out_dtype fp16 / bf16 / fp32.
     split_k: force the number of K splits (None: heuristic; only used for M <= 64).
-    _ablate: profiling switch of `kernels.ablate`: 4 = the per-byte shift unpack instead of
-    the 32-bit one (same results); 1, 2 (+4) time the kernel without a stage (wrong results).
     """
+    return launch_w4a8(xq, x_scale, w_packed, w_scale, group_size, bias, out_dtype, split_k, {})
+
+
+def launch_w4a8(xq, x_scale, w_packed, w_scale, group_size, bias, out_dtype, split_k,
+                flags: dict) -> torch.Tensor:  # fmt: skip
+    """`w4a8_gemm` with extra kernel constexprs `flags` (kernels.ablate: SKIP_UNPACK,
+    SKIP_RESCALE, FAST_UNPACK=False); the production wrapper passes none."""
     check_tensor(xq, "xq", torch.int8, xq.device, 2)
     device = xq.device
     m, kx = xq.shape
@@ -266,7 +271,7 @@ def w4a8_gemm(
 
     meta = {"GROUP_SIZE": group_size, "CHUNK": kernel_layout_chunk(group_size),
             "PER_TOKEN": per_token, "HAS_BIAS": bias is not None,
-            "FAST_UNPACK": not INTERPRETED and _ablate < 4, "ABLATE": _ablate % 4}  # fmt: skip
+            "FAST_UNPACK": not INTERPRETED, **flags}  # fmt: skip
     return launch_splitk_gemm(
         out, n_groups, split_k, make_args, meta, _w4a8_kernel,
         _tuned_kernel, {**_INTERP_CONFIG, "num_warps": 4},

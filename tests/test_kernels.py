@@ -488,3 +488,67 @@ def test_nonfinite_activations_give_nan_rows_on_every_backend(device, mode, scal
         assert r[bad].isnan().all() and y[bad].isnan().all()
         assert torch.isfinite(r[~bad]).all()
         _close(y[~bad], r[~bad])
+
+
+# ---------------------------------------------------------------------------------------
+# benchmark and ablation code paths (no timing claims on CPU)
+# ---------------------------------------------------------------------------------------
+
+
+def test_bench_pieces_on_references():
+    """GEMM rows (every variant, correctness check vs the references) and the end-to-end
+    decoder run on CPU references at tiny sizes."""
+    from functools import partial
+
+    from kernels.bench.decoder import bench_e2e
+    from kernels.bench.gemm import Impl, bench_gemms
+    from kernels.bench.report import markdown_table, summary
+    from kernels.bench.timing import cpu_timer
+
+    timer = partial(cpu_timer, reps=1)
+    rows = bench_gemms({"tiny": [(64, 128)]}, [1, 16], "cpu", timer, Impl(False), None)
+    assert [r["M"] for r in rows] == [1, 16] and not any(r["errors"] for r in rows)
+    assert all(r["check"]["quant_exact"] and r["check"]["w4a8_max_rel_err"] < 1e-3 for r in rows)
+    assert "w4a8+quant" in rows[0]["speedup_vs_fp16"] and "| tiny | 64x128 | 1 |" in markdown_table(rows, None)
+    assert "decode_M<=16/w4a8" in summary(rows)
+    e2e = bench_e2e("cpu", timer, Impl(False), 1, {"hidden": 128, "intermediate": 256, "vocab": 64},
+                    [1], 4, 8)
+    assert set(e2e["speedup"]) == {"decode_b1", "prefill_8"}
+
+
+@pytest.mark.slow
+def test_bench_cli_cpu_smoke(tmp_path, monkeypatch):
+    """`python -m kernels.bench --allow-cpu` end to end on the references (~20 s)."""
+    import json
+
+    from kernels.bench.__main__ import main
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the references, not the interpreter
+    out = tmp_path / "smoke.json"
+    assert main(["--allow-cpu", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    checked = [r["check"] for r in res["gemm"] if "check" in r]
+    assert checked and all(c["quant_exact"] and c["w4a8_max_rel_err"] < 1e-3 for c in checked)
+    assert not any(r["errors"] for r in res["gemm"])
+    assert set(res["e2e_smoke"]["speedup"]) == {"decode_b1", "decode_b4", "prefill_32"}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ablation_flags_live_outside_the_production_wrapper(device):
+    """kernels.ablate sets constexpr flags through launch_w4a8; w4a8_gemm takes none. With one
+    scale per row the 'no_rescale' variant computes the same numbers (one rescale at the end)."""
+    import inspect
+
+    from kernels.ablate import VARIANTS
+    from kernels.w4a8_gemm import launch_w4a8
+
+    assert "flags" not in inspect.signature(w4a8_gemm).parameters
+    m, n, k, g = 5, 40, 256, 64
+    xq, _, p, _, xs, _ = _w4_problem(m, n, k, g, seed=2, device=device)
+    ws = (torch.rand(n, 1, generator=_gen(3)) * 0.02 + 1e-3).half().expand(n, k // g).contiguous().to(device)
+    kp = to_kernel_layout(p, g)
+    full = w4a8_gemm(xq, xs, kp, ws, g, out_dtype=torch.float32, split_k=1)
+    same = launch_w4a8(xq, xs, kp, ws, g, None, torch.float32, 1, VARIANTS["no_rescale"])
+    _close(same, full)
+    shift = launch_w4a8(xq, xs, kp, ws, g, None, torch.float32, 1, VARIANTS["shift_unpack"])
+    assert torch.equal(shift, full)
