@@ -142,6 +142,39 @@ def w4a8_linear(
     return y.reshape(*lead, y.shape[-1])
 
 
+def w4a8_two_level_linear(
+    x: Tensor,
+    w_packed: Tensor,
+    w_scale: Tensor,
+    w_scale2: Tensor,
+    w_zero: Tensor | None,
+    group_size: int,
+    *,
+    act_mode: ActMode = "dynamic_token",
+    act_scale: float | Tensor | None = None,
+    smooth_inv: Tensor | None = None,
+    bias: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    backend: Backend = "auto",
+) -> Tensor:
+    """y [..., N] = W4A8 linear with two-level weight scales (`reference.w4a8_two_level_ref`):
+    w_packed uint8 [N, K//2] signed codes (kernel layout, `prepare_w4a8_weight`), w_scale
+    fp16 [N] per channel, w_scale2 uint8 [N, K // group_size], w_zero int8 or None.
+    Triton needs group_size % 64 == 0; other group sizes use the reference on any device."""
+    x2d, lead = _flatten(x, 2 * w_packed.shape[1])
+    dtype = _out_dtype(x, out_dtype)
+    use_triton = _use_triton(x2d, backend) and (group_size % 64 == 0 or backend == "triton")
+    xq, xs = quantize_activations(x2d, act_mode, act_scale, smooth_inv, use_triton)
+    if use_triton:
+        from kernels.w4a8_gemm import w4a8_two_level_gemm
+
+        y = w4a8_two_level_gemm(xq, xs, w_packed, w_scale, w_scale2, w_zero, group_size, bias, dtype)
+    else:
+        w_public = ref.from_kernel_layout(w_packed, group_size)
+        y = ref.w4a8_two_level_ref(xq, xs, w_public, w_scale, w_scale2, w_zero, group_size, bias, dtype)
+    return y.reshape(*lead, y.shape[-1])
+
+
 def w8a8_linear(
     x: Tensor,
     wq: Tensor,

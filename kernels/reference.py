@@ -307,6 +307,57 @@ def w4a8_gemm_ref(
     return _epilogue(y, x_scale, bias, out_dtype)
 
 
+TWO_LEVEL_MAX_S2 = 17  # level-2 scales s2 in [1, 17]: s2 * (q - z) stays in int8 (see below)
+
+
+def two_level_int8_weight(w_packed: Tensor, w_scale2: Tensor, w_zero: Tensor | None,
+                          group_size: int) -> Tensor:
+    """Two-level weight (QServe / QoQ progressive): int8 q8 [N, K] = s2[n, g] * (q[n, k] - z[n, g]).
+
+    w_packed uint8 [N, K//2] (packing layout) signed codes q in [-8, 7]; w_scale2 uint8
+    [N, G] integer scales s2; w_zero int8 [N, G] (signed: asymmetric codes stored - 8, as
+    the zero) or None (symmetric). ValueError if any q8 leaves [-128, 127] (the quantizer
+    keeps |q8| <= 127 by construction: methods.primitives.round_weight_two_level)."""
+    n, half_k = w_packed.shape
+    k = 2 * half_k
+    if k % group_size or w_scale2.shape != (n, k // group_size):
+        raise ValueError(f"w_scale2 must have shape [{n}, {k // max(group_size, 1)}], got {tuple(w_scale2.shape)}")
+    if w_zero is not None and w_zero.shape != w_scale2.shape:
+        raise ValueError(f"w_zero must have shape {tuple(w_scale2.shape)}, got {tuple(w_zero.shape)}")
+    q = unpack_int4(w_packed).to(torch.int32).view(n, -1, group_size)
+    if w_zero is not None:
+        q = q - w_zero.to(torch.int32)[..., None]
+    q8 = (q * w_scale2.to(torch.int32)[..., None]).view(n, k)
+    if q8.numel() and (int(q8.min()) < -128 or int(q8.max()) > 127):
+        raise ValueError("two-level weight s2 * (q - z) leaves the int8 range [-128, 127]")
+    return q8.to(torch.int8)
+
+
+def w4a8_two_level_ref(
+    xq: Tensor,
+    x_scale: Tensor,
+    w_packed: Tensor,
+    w_scale: Tensor,
+    w_scale2: Tensor,
+    w_zero: Tensor | None,
+    group_size: int,
+    bias: Tensor | None = None,
+    out_dtype: torch.dtype = torch.float16,
+    backend: str = "auto",
+    acc_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """W4A8 GEMM with two-level weight scales: one int8 GEMM over all of K.
+
+    q8 = s2 * (q - z) (`two_level_int8_weight`, exact integers), acc = xq @ q8^T in exact
+    int32, y = f32(acc) * f32(w_scale[n]) (per output channel, fp16 [N]), then * x_scale,
+    + bias, cast (`w8a8_gemm_ref`'s epilogue: the scale is applied once, not per group).
+    """
+    q8 = two_level_int8_weight(w_packed, w_scale2, w_zero, group_size)
+    if w_scale.shape != (w_packed.shape[0],):
+        raise ValueError(f"w_scale (per channel) must have shape [{w_packed.shape[0]}], got {tuple(w_scale.shape)}")
+    return w8a8_gemm_ref(xq, x_scale, q8, w_scale, bias, out_dtype, backend, acc_dtype)
+
+
 def w8a8_gemm_ref(
     xq: Tensor,
     x_scale: Tensor,

@@ -86,18 +86,22 @@ def _unpack_nibbles(b, FAST: tl.constexpr):
 
 @triton.jit
 def _w4a8_kernel(
-    x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr,
+    x_ptr, xs_ptr, w_ptr, ws_ptr, ws2_ptr, wz_ptr, bias_ptr, out_ptr,
     M, N, K,
-    stride_xm, stride_wn, stride_sn, stride_os, stride_om,
+    stride_xm, stride_wn, stride_sn, stride_s2n, stride_os, stride_om,
     GROUPS_PER_SPLIT, M_BUCKET,
     GROUP_SIZE: tl.constexpr, CHUNK: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    TWO_LEVEL: tl.constexpr = False, HAS_ZERO: tl.constexpr = False,
     FAST_UNPACK: tl.constexpr = False,
     SKIP_UNPACK: tl.constexpr = False, SKIP_RESCALE: tl.constexpr = False,
 ):  # fmt: skip
     # SKIP_* are profiling switches set only by kernels.ablate (wrong results when set):
     # SKIP_UNPACK feeds the packed bytes to both dots as int8; SKIP_RESCALE keeps one int32
-    # accumulator over the whole K range with one rescale at the end
+    # accumulator over the whole K range with one rescale at the end.
+    # TWO_LEVEL: ws = per-channel scales [N], ws2 = integer group scales s2 uint8 [N, G],
+    # wz = zero points int8 [N, G] (HAS_ZERO): q8 = s2 * (q - z) formed in registers, one
+    # int32 accumulator over the split's whole K range, ws applied once in the epilogue
     # -- tile coordinates: grouped ordering of (pid_m, pid_n) for L2 reuse; axis 1 = split-K
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -137,7 +141,19 @@ def _w4a8_kernel(
         else:  # lo = w[n, cC + j], hi = w[n, cC + HALF + j]
             lo, hi = _unpack_nibbles(b, FAST_UNPACK)
         g = c // CHUNKS_PER_GROUP
-        if SKIP_RESCALE:
+        if TWO_LEVEL:
+            s2 = tl.load(ws2_ptr + rn * stride_s2n + g, mask=mask_n, other=0).to(tl.int16)
+            lo16 = lo.to(tl.int16)
+            hi16 = hi.to(tl.int16)
+            if HAS_ZERO:
+                z = tl.load(wz_ptr + rn * stride_s2n + g, mask=mask_n, other=0).to(tl.int16)
+                lo16 = lo16 - z[None, :]
+                hi16 = hi16 - z[None, :]
+            lo = (lo16 * s2[None, :]).to(tl.int8)  # |s2 * (q - z)| <= 127 by construction
+            hi = (hi16 * s2[None, :]).to(tl.int8)
+            acc_i = tl.dot(x_lo, lo, acc_i, out_dtype=tl.int32)
+            acc_i = tl.dot(x_hi, hi, acc_i, out_dtype=tl.int32)
+        elif SKIP_RESCALE:
             acc_i = tl.dot(x_lo, lo, acc_i, out_dtype=tl.int32)
             acc_i = tl.dot(x_hi, hi, acc_i, out_dtype=tl.int32)
         elif CHUNKS_PER_GROUP == 1:
@@ -153,7 +169,10 @@ def _w4a8_kernel(
             acc += acc_i.to(tl.float32) * s[None, :]
             acc_i = tl.where(last[None, :], 0, acc_i)
 
-    if SKIP_RESCALE:
+    if TWO_LEVEL:
+        s = tl.load(ws_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
+        acc = acc_i.to(tl.float32) * s[None, :]
+    elif SKIP_RESCALE:
         s = tl.load(ws_ptr + rn * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
         acc = acc_i.to(tl.float32) * s[None, :]
 
@@ -204,21 +223,45 @@ _INTERP_CONFIG = {"GROUP_M": 4}
 def _tuned_kernel(mode: str):
     """Autotuned wrapper of `_w4a8_kernel` for decode or prefill launches."""
     configs = _DECODE_TUNE if mode == "decode" else _PREFILL_TUNE
-    key = ["N", "K", "GROUP_SIZE", "PER_TOKEN", "HAS_BIAS", "FAST_UNPACK", "SKIP_UNPACK", "SKIP_RESCALE"]
+    key = ["N", "K", "GROUP_SIZE", "PER_TOKEN", "HAS_BIAS", "TWO_LEVEL", "HAS_ZERO", "FAST_UNPACK",
+           "SKIP_UNPACK", "SKIP_RESCALE"]
     key += ["BLOCK_M", "BLOCK_N", "GROUPS_PER_SPLIT"] if mode == "decode" else ["M_BUCKET"]
     return autotune(configs, key)(_w4a8_kernel)
 
 
 def check_w4a8_weight(w_packed: torch.Tensor, w_scale: torch.Tensor, group_size: int, device: torch.device) -> tuple[int, int]:
-    """Validate a kernel-layout weight + scales; returns (N, K)."""
+    """Validate a kernel-layout weight + group scales [N, K // group_size]; returns (N, K)."""
+    n, k = _check_packed(w_packed, group_size, device)
+    check_tensor(w_scale, "w_scale", _SCALE_DTYPES, device, 2)
+    require(w_scale.shape == (n, k // group_size),
+            f"w_scale must have shape [{n}, {k // group_size}] (N, K // group_size), got {tuple(w_scale.shape)}")  # fmt: skip
+    return n, k
+
+
+def check_two_level_weight(w_packed, w_scale, w_scale2, w_zero, group_size, device) -> tuple[int, int]:
+    """Validate a two-level weight: kernel-layout codes, per-channel w_scale [N], integer
+    group scales w_scale2 uint8 [N, G], zero points w_zero int8 [N, G] or None."""
+    n, k = _check_packed(w_packed, group_size, device)
+    check_tensor(w_scale, "w_scale", _SCALE_DTYPES, device, 1)
+    require(w_scale.shape == (n,), f"w_scale (per channel) must have shape [{n}], got {tuple(w_scale.shape)}")
+    check_tensor(w_scale2, "w_scale2", torch.uint8, device, 2)
+    require(w_scale2.shape == (n, k // group_size),
+            f"w_scale2 must have shape [{n}, {k // group_size}], got {tuple(w_scale2.shape)}")
+    if w_zero is not None:
+        check_tensor(w_zero, "w_zero", torch.int8, device, 2)
+        require(w_zero.shape == w_scale2.shape, f"w_zero must have shape {tuple(w_scale2.shape)}, got {tuple(w_zero.shape)}")
+    return n, k
+
+
+_SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_packed(w_packed: torch.Tensor, group_size: int, device: torch.device) -> tuple[int, int]:
     check_tensor(w_packed, "w_packed", torch.uint8, device, 2)
     n, k = w_packed.shape[0], 2 * w_packed.shape[1]
     require(isinstance(group_size, int) and group_size >= MIN_GROUP and group_size % MIN_GROUP == 0,
             f"group_size must be a positive multiple of {MIN_GROUP} for the Triton kernel, got {group_size}")  # fmt: skip
     require(k % group_size == 0, f"K={k} is not a multiple of group_size={group_size}")
-    check_tensor(w_scale, "w_scale", (torch.float16, torch.bfloat16, torch.float32), device, 2)
-    require(w_scale.shape == (n, k // group_size),
-            f"w_scale must have shape [{n}, {k // group_size}] (N, K // group_size), got {tuple(w_scale.shape)}")  # fmt: skip
     return n, k
 
 
@@ -243,14 +286,42 @@ def w4a8_gemm(
     return launch_w4a8(xq, x_scale, w_packed, w_scale, group_size, bias, out_dtype, split_k, {})
 
 
+def w4a8_two_level_gemm(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_scale2: torch.Tensor,
+    w_zero: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float16,
+    *,
+    split_k: int | None = None,
+) -> torch.Tensor:
+    """out [M, N] = f32(xq @ q8^T) * w_scale[n] * x_scale (+ bias), q8 = s2 * (q - z).
+
+    Two-level weights (QServe progressive): w_packed uint8 [N, K//2] signed codes in the
+    kernel layout; w_scale fp16 [N] per output channel; w_scale2 uint8 [N, K // group_size]
+    integer group scales; w_zero int8 [N, K // group_size] or None. One int32 accumulator over
+    each split's K range; no per-group float rescale (`reference.w4a8_two_level_ref`)."""
+    return launch_w4a8(xq, x_scale, w_packed, w_scale, group_size, bias, out_dtype, split_k, {},
+                       w_scale2=w_scale2, w_zero=w_zero)  # fmt: skip
+
+
 def launch_w4a8(xq, x_scale, w_packed, w_scale, group_size, bias, out_dtype, split_k,
-                flags: dict) -> torch.Tensor:  # fmt: skip
-    """`w4a8_gemm` with extra kernel constexprs `flags` (kernels.ablate: SKIP_UNPACK,
-    SKIP_RESCALE, FAST_UNPACK=False); the production wrapper passes none."""
+                flags: dict, *, w_scale2=None, w_zero=None) -> torch.Tensor:  # fmt: skip
+    """`w4a8_gemm` (or, with w_scale2, `w4a8_two_level_gemm`) with extra kernel constexprs
+    `flags` (kernels.ablate: SKIP_UNPACK, SKIP_RESCALE, FAST_UNPACK=False); the production
+    wrappers pass none."""
     check_tensor(xq, "xq", torch.int8, xq.device, 2)
     device = xq.device
     m, kx = xq.shape
-    n, k = check_w4a8_weight(w_packed, w_scale, group_size, device)
+    two_level = w_scale2 is not None
+    if two_level:
+        n, k = check_two_level_weight(w_packed, w_scale, w_scale2, w_zero, group_size, device)
+    else:
+        n, k = check_w4a8_weight(w_packed, w_scale, group_size, device)
     require(kx == k, f"xq has K={kx} but w_packed [N, K//2] implies K={k}")
     per_token = check_x_scale(x_scale, m, device)
     check_bias(bias, n, device)
@@ -260,17 +331,20 @@ def launch_w4a8(xq, x_scale, w_packed, w_scale, group_size, bias, out_dtype, spl
     if m == 0 or n == 0:
         return out
     n_groups = k // group_size
+    ws2 = w_scale2 if two_level else w_packed
+    wz = w_zero if w_zero is not None else w_packed
 
     def make_args(dest: torch.Tensor, per_split: int) -> tuple:
         return (
-            xq, x_scale, w_packed, w_scale, bias if bias is not None else x_scale, dest,
+            xq, x_scale, w_packed, w_scale, ws2, wz, bias if bias is not None else x_scale, dest,
             m, n, k,
-            xq.stride(0), w_packed.stride(0), w_scale.stride(0), m * n, n,
+            xq.stride(0), w_packed.stride(0), w_scale.stride(0), ws2.stride(0), m * n, n,
             per_split, next_pow2(m),
         )  # fmt: skip
 
     meta = {"GROUP_SIZE": group_size, "CHUNK": kernel_layout_chunk(group_size),
             "PER_TOKEN": per_token, "HAS_BIAS": bias is not None,
+            "TWO_LEVEL": two_level, "HAS_ZERO": w_zero is not None,
             "FAST_UNPACK": not INTERPRETED, **flags}  # fmt: skip
     return launch_splitk_gemm(
         out, n_groups, split_k, make_args, meta, _w4a8_kernel,

@@ -31,8 +31,10 @@ from kernels.reference import (  # noqa: E402
     quant_per_tensor_ref,
     quant_per_token_ref,
     to_kernel_layout,
+    two_level_int8_weight,
     unpack_int4,
     w4a8_gemm_ref,
+    w4a8_two_level_ref,
     w8a8_gemm_ref,
 )
 
@@ -42,7 +44,7 @@ INTERPRETED = False
 if HAS_TRITON:
     from kernels._triton_common import INTERPRETED  # noqa: E402
     from kernels.quant_per_token import quant_per_tensor, quant_per_token  # noqa: E402
-    from kernels.w4a8_gemm import w4a8_gemm  # noqa: E402
+    from kernels.w4a8_gemm import w4a8_gemm, w4a8_two_level_gemm  # noqa: E402
     from kernels.w8a8_gemm import w8a8_gemm  # noqa: E402
 
 DEVICES = [
@@ -552,3 +554,110 @@ def test_ablation_flags_live_outside_the_production_wrapper(device):
     _close(same, full)
     shift = launch_w4a8(xq, xs, kp, ws, g, None, torch.float32, 1, VARIANTS["shift_unpack"])
     assert torch.equal(shift, full)
+
+
+# ---------------------------------------------------------------------------------------
+# two-level weight scales (QServe progressive: q8 = s2 * (q - z), one int8 GEMM over K)
+# ---------------------------------------------------------------------------------------
+
+
+def _two_level_problem(m: int, n: int, k: int, g: int, zero: bool, seed: int, device="cpu"):
+    """Random codes with in-range level-2 parts: symmetric q in [-8, 7], s2 in [1, 15];
+    asymmetric q - z in [-7, 7] via q in [-8, 7] and z in [-1, 0] with s2 in [1, 16]."""
+    xq = _randint(-128, 128, (m, k), seed)
+    q = _randint(-8, 8, (n, k), seed + 1)
+    s2 = torch.randint(1, 16 if not zero else 17, (n, k // g), generator=_gen(seed + 2)).to(torch.uint8)
+    z = None
+    if zero:
+        z = _randint(-1, 1, (n, k // g), seed + 3)
+        q = q.clamp(-8 + 1, 7 - 1)  # |q - z| <= 7: s2 * (q - z) in int8 for s2 <= 16 (-8 * 16 = -128)
+    s1 = (torch.rand(n, generator=_gen(seed + 4)) * 0.01 + 1e-4).half()
+    xs = torch.rand(m, generator=_gen(seed + 5)) * 0.05 + 0.001
+    bias = torch.randn(n, generator=_gen(seed + 6)).half()
+    out = [xq, q, pack_int4(q), s1, s2, z, xs, bias]
+    return [None if t is None else t.to(device) for t in out]
+
+
+def test_two_level_int8_weight_hand_computed():
+    q = torch.tensor([[1, -2, 7, -8], [3, 0, -1, 2]], dtype=torch.int8)
+    s2 = torch.tensor([[3, 15], [2, 5]], dtype=torch.uint8)  # group size 2
+    z = torch.tensor([[0, -1], [1, 0]], dtype=torch.int8)
+    q8 = two_level_int8_weight(pack_int4(q), s2, z, 2)
+    assert q8.tolist() == [[3, -6, 120, -105], [4, -2, -5, 10]]
+    with pytest.raises(ValueError, match="int8"):
+        two_level_int8_weight(pack_int4(q), torch.full((2, 2), 17, dtype=torch.uint8), None, 2)
+
+
+@pytest.mark.parametrize("zero", [False, True])
+def test_two_level_ref_is_one_int8_gemm(zero):
+    m, n, k, g = 5, 24, 256, 64
+    xq, q, p, s1, s2, z, xs, bias = _two_level_problem(m, n, k, g, zero, seed=3)
+    y = w4a8_two_level_ref(xq, xs, p, s1, s2, z, g, bias=bias, out_dtype=torch.float32)
+    qz = q.long().view(n, -1, g) - (0 if z is None else z.long()[..., None])
+    q8 = (qz * s2.long()[..., None]).view(n, k)
+    naive = (xq.double() @ q8.double().t()) * s1.double() * xs.double()[:, None] + bias.double()
+    assert_close(y.double(), naive, rtol=1e-5, atol=1e-5 * float(naive.abs().max()))
+
+
+TWO_LEVEL_GRID = [(1, 40, 256, 64, False), (7, 72, 256, 128, True), (33, 40, 512, 256, False),
+                  (70, 72, 256, 64, True), (16, 40, 384, 192, True)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("idx", range(len(TWO_LEVEL_GRID)))
+def test_w4a8_two_level_kernel_vs_ref(device, idx):
+    m, n, k, g, zero = TWO_LEVEL_GRID[idx]
+    xq, _, p, s1, s2, z, xs, bias = _two_level_problem(m, n, k, g, zero, seed=idx, device=device)
+    kp = to_kernel_layout(p, g)
+    for j, (per_token, use_bias) in enumerate([(True, True), (False, False)]):
+        x_scale = xs if per_token else xs[:1].clone().reshape(())
+        b = bias if use_bias else None
+        out_dtype = OUT_DTYPES[(idx + j) % 3]
+        y = w4a8_two_level_gemm(xq, x_scale, kp, s1, s2, z, g, bias=b, out_dtype=out_dtype)
+        r = w4a8_two_level_ref(xq.cpu(), x_scale.cpu(), p.cpu(), s1.cpu(), s2.cpu(),
+                               None if z is None else z.cpu(), g, None if b is None else b.cpu(),
+                               out_dtype)  # fmt: skip
+        _close(y, r)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("split_k,zero", [(1, False), (1, True), (3, True)])
+def test_w4a8_two_level_kernel_exact_int32(device, split_k, zero):
+    """Unit channel / token scales and fp32 output expose the int32 accumulation over K."""
+    m, n, k, g = 7, 40, 512, 64
+    xq, _, p, _, s2, z, _, _ = _two_level_problem(m, n, k, g, zero, seed=13, device=device)
+    ones = torch.ones(n, dtype=torch.float16, device=device)
+    one = torch.tensor(1.0, device=device)
+    y = w4a8_two_level_gemm(xq, one, to_kernel_layout(p, g), ones, s2, z, g,
+                            out_dtype=torch.float32, split_k=split_k)  # fmt: skip
+    q8 = two_level_int8_weight(p.cpu(), s2.cpu(), None if z is None else z.cpu(), g)
+    assert torch.equal(y.cpu(), (xq.cpu().long() @ q8.long().t()).float())
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_w4a8_two_level_bad_inputs():
+    xq, _, p, s1, s2, z, xs, _ = _two_level_problem(4, 40, 256, 64, True, seed=0)
+    kp = to_kernel_layout(p, 64)
+    with pytest.raises(ValueError, match="w_scale"):
+        w4a8_two_level_gemm(xq, xs, kp, s1[:5].contiguous(), s2, z, 64)
+    with pytest.raises(TypeError, match="w_scale2"):
+        w4a8_two_level_gemm(xq, xs, kp, s1, s2.to(torch.int8), z, 64)
+    with pytest.raises(ValueError, match="w_zero"):
+        w4a8_two_level_gemm(xq, xs, kp, s1, s2, z[:, :1].contiguous(), 64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ops_two_level_linear_triton_vs_reference(device):
+    n, k, g = 40, 256, 128
+    _, _, p, s1, s2, z, _, bias = _two_level_problem(1, n, k, g, True, seed=5)
+    kp, _ = ops.prepare_w4a8_weight(p, torch.ones(n, k // g), g)
+    x = torch.randn(2, 3, k, generator=_gen(9)).half()
+    for mode, scale in (("dynamic_token", None), ("static_tensor", 0.02)):
+        args = (kp, s1, s2, z, g)
+        y = ops.w4a8_two_level_linear(x.to(device), *(a.to(device) for a in args[:4]), g,
+                                      act_mode=mode, act_scale=scale, bias=bias.to(device),
+                                      backend="triton")  # fmt: skip
+        r = ops.w4a8_two_level_linear(x, *args, act_mode=mode, act_scale=scale, bias=bias,
+                                      backend="reference")  # fmt: skip
+        assert y.shape == (2, 3, n) and y.dtype == torch.float16
+        _close(y, r)

@@ -17,8 +17,9 @@ class Decoder:
     """LLaMA-shaped decoder with random weights: per layer RMSNorm, fused q/k/v linear,
     rotary embedding, SDPA attention over a preallocated KV cache, o linear, RMSNorm, fused
     gate/up linear, SiLU-gate, down linear, residuals; final RMSNorm + fp16 lm_head on the
-    last position. `linear` is fp16 (F.linear) or W4A8 (kernels.ops.w4a8_linear: per-token
-    int8 activation quantization + W4A8 GEMM, the runtime modules' path). q/k/v and gate/up
+    last position. `linear` is fp16 (F.linear), W4A8 (kernels.ops.w4a8_linear: per-token
+    int8 activation quantization + W4A8 GEMM, the runtime modules' path) or W4A8 with
+    two-level weight scales (`w4a8_2l`: ops.w4a8_two_level_linear). q/k/v and gate/up
     are fused into one linear each in both variants (one activation quantization per input).
 
     Shapes: hidden H, heads H/128, intermediate I; caches [layers, B, heads, ctx, 128]."""
@@ -34,8 +35,11 @@ class Decoder:
         def linear(n, k):
             if quant == "fp16":
                 return (torch.randn(n, k, device=device, generator=g) * 0.02).half()
-            return (torch.randint(0, 256, (n, k // 2), device=device, dtype=torch.uint8, generator=g),
-                    (torch.rand(n, k // GROUP_SIZE, device=device, generator=g) * 2e-3).half())  # fmt: skip
+            codes = torch.randint(0, 256, (n, k // 2), device=device, dtype=torch.uint8, generator=g)
+            if quant == "w4a8_2l":  # s1 * s2 ~ the group scales below
+                return (codes, (torch.rand(n, device=device, generator=g) * 2e-4).half(),
+                        torch.randint(1, 16, (n, k // GROUP_SIZE), device=device, dtype=torch.uint8, generator=g))  # fmt: skip
+            return (codes, (torch.rand(n, k // GROUP_SIZE, device=device, generator=g) * 2e-3).half())
 
         self.layers = [{"qkv": linear(3 * h, h), "o": linear(h, h), "gate_up": linear(2 * i, h),
                         "down": linear(h, i), "ln1": torch.ones(h, device=device, dtype=torch.half),
@@ -59,7 +63,10 @@ class Decoder:
             return F.linear(x, w)
         from kernels import ops
 
-        return ops.w4a8_linear(x, w[0], w[1], GROUP_SIZE, backend="auto" if x.is_cuda else "reference")
+        backend = "auto" if x.is_cuda else "reference"
+        if self.quant == "w4a8_2l":
+            return ops.w4a8_two_level_linear(x, *w, None, GROUP_SIZE, backend=backend)
+        return ops.w4a8_linear(x, w[0], w[1], GROUP_SIZE, backend=backend)
 
     @staticmethod
     def rms(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -89,21 +96,25 @@ class Decoder:
         return F.linear(self.rms(x[:, -1], self.ln_f), self.lm_head)
 
 
+QUANTS = ("fp16", "w4a8+quant", "w4a8_2l+quant")
+
+
 def bench_e2e(device: str, timer: Timer, impl: Impl, layers: int, dims: dict,
               decode_batches: list[int], decode_ctx: int, prefill_len: int,
               eager: Timer | None = None) -> dict:
     """Decode step (batch b, one new token after decode_ctx cached ones) and prefill
-    (batch 1, prefill_len tokens) of a LLaMA-shaped decoder, fp16 vs W4A8 (+ activation quant).
-    tokens/s = b / decode-step time."""
+    (batch 1, prefill_len tokens) of a LLaMA-shaped decoder, fp16 vs W4A8 (+ activation quant)
+    with group scales and with two-level scales. tokens/s = b / decode-step time; speedup:
+    fp16 / w4a8+quant (speedup_2l: fp16 / w4a8_2l+quant)."""
     res = {"layers": layers, **dims, "decode_ctx": decode_ctx, "prefill_len": prefill_len,
            "model": "Decoder (fused qkv / gate_up, SDPA, RoPE, RMSNorm; fp16 lm_head)",
-           "ms": {}, "speedup": {}, "tok_s": {}, "weight_gb": {}, "ms_eager": {}}  # fmt: skip
+           "ms": {}, "speedup": {}, "speedup_2l": {}, "tok_s": {}, "weight_gb": {}, "ms_eager": {}}  # fmt: skip
     max_ctx = max(decode_ctx + 1, prefill_len)
     g = torch.Generator(device=device).manual_seed(1)
     cases = [(f"decode_b{b}", b, 1, decode_ctx) for b in decode_batches] + [(f"prefill_{prefill_len}", 1, prefill_len, 0)]
-    for quant in ("fp16", "w4a8+quant"):
-        model = Decoder(dims, layers, "fp16" if quant == "fp16" else "w4a8", device,
-                        max(decode_batches), max_ctx, impl)  # fmt: skip
+    for quant in QUANTS:
+        model = Decoder(dims, layers, quant.removesuffix("+quant"), device, max(decode_batches),
+                        max_ctx, impl)  # fmt: skip
         res["weight_gb"][quant] = model.weight_bytes() / 1e9
         for name, b, t, pos in cases:
             x = (torch.randn(b, t, dims["hidden"], device=device, generator=g) * 0.5).half()
@@ -117,12 +128,13 @@ def bench_e2e(device: str, timer: Timer, impl: Impl, layers: int, dims: dict,
     for name, b, _, _ in cases:
         t16, t4 = res["ms"][name]["fp16"], res["ms"][name]["w4a8+quant"]
         res["speedup"][name] = t16 / t4
+        res["speedup_2l"][name] = t16 / res["ms"][name]["w4a8_2l+quant"]
         if name.startswith("decode"):
             res["tok_s"][name] = {q: b / (ms * 1e-3) for q, ms in res["ms"][name].items()}
-        line = f"[e2e {layers} layers {name}] fp16={t16:.3f}ms w4a8+quant={t4:.3f}ms speedup={t16 / t4:.2f}x"
+        line = f"[e2e {layers} layers {name}] " + " ".join(f"{q}={res['ms'][name][q]:.3f}ms" for q in QUANTS)
+        line += f" speedup={t16 / t4:.2f}x two-level={res['speedup_2l'][name]:.2f}x"
         if name in res["ms_eager"]:
-            e = res["ms_eager"][name]
-            line += f" | eager fp16={e['fp16']:.3f}ms w4a8+quant={e['w4a8+quant']:.3f}ms"
+            line += " | eager " + " ".join(f"{q}={v:.3f}ms" for q, v in res["ms_eager"][name].items())
         print(line, flush=True)
     return res
 

@@ -27,6 +27,11 @@ def _w4a8_ref_kernel_layout(xq, x_scale, w_kernel, w_scale, group_size, *args, *
     return ref.w4a8_gemm_ref(xq, x_scale, w, w_scale, group_size, *args, **kw)
 
 
+def _two_level_ref_kernel_layout(xq, x_scale, w_kernel, s1, s2, z, group_size, *args, **kw):
+    w = ref.from_kernel_layout(w_kernel, group_size)
+    return ref.w4a8_two_level_ref(xq, x_scale, w, s1, s2, z, group_size, *args, **kw)
+
+
 class Impl:
     """Kernel entry points: Triton on CUDA (or under the interpreter), else references; the
     W4A8 weight is in the kernel layout for both."""
@@ -35,15 +40,17 @@ class Impl:
         self.use_triton = use_triton
         if use_triton:
             from kernels.quant_per_token import quant_per_token
-            from kernels.w4a8_gemm import w4a8_gemm
+            from kernels.w4a8_gemm import w4a8_gemm, w4a8_two_level_gemm
             from kernels.w8a8_gemm import w8a8_gemm, w8a8_gemm_torch
 
             self.quant, self.w4a8, self.w8a8 = quant_per_token, w4a8_gemm, w8a8_gemm
+            self.w4a8_2l = w4a8_two_level_gemm
             self.int_mm = w8a8_gemm_torch
         else:
             self.quant, self.w4a8, self.w8a8 = (
                 ref.quant_per_token_ref, _w4a8_ref_kernel_layout, ref.w8a8_gemm_ref,
             )  # fmt: skip
+            self.w4a8_2l = _two_level_ref_kernel_layout
             self.int_mm = None
 
 
@@ -56,6 +63,9 @@ def make_problem(m: int, n: int, k: int, device: str, seed: int = 0, copies: int
             "w16": (torch.randn(n, k, device=device, generator=g) * 0.02).half(),
             "w4": torch.randint(0, 256, (n, k // 2), device=device, dtype=torch.uint8, generator=g),
             "w4_scale": (torch.rand(n, k // GROUP_SIZE, device=device, generator=g) * 0.01).half(),
+            # two-level: per-channel fp16 scale, integer group scales s2 in [1, 15] (symmetric)
+            "w4_s1": (torch.rand(n, device=device, generator=g) * 1e-3).half(),
+            "w4_s2": torch.randint(1, 16, (n, k // GROUP_SIZE), device=device, dtype=torch.uint8, generator=g),
             "w8": torch.randint(-128, 128, (n, k), device=device, dtype=torch.int8, generator=g),
             "w8_scale": torch.rand(n, device=device, generator=g) * 0.01,
         }
@@ -71,10 +81,13 @@ def gemm_variants(p: dict, impl: Impl) -> dict[str, Callable[[], object]]:
     w16 = Rotation([c["w16"] for c in copies])
     w4 = Rotation([(c["w4"], c["w4_scale"]) for c in copies])
     w8 = Rotation([(c["w8"], c["w8_scale"]) for c in copies])
+    w2l = Rotation([(c["w4"], c["w4_s1"], c["w4_s2"], None) for c in copies])
     v = {
         "fp16": lambda: F.linear(x, w16()),
         "w4a8": lambda: impl.w4a8(xq, xs, *w4(), GROUP_SIZE),
         "w4a8+quant": lambda: impl.w4a8(*impl.quant(x), *w4(), GROUP_SIZE),
+        "w4a8_2l": lambda: impl.w4a8_2l(xq, xs, *w2l(), GROUP_SIZE),
+        "w4a8_2l+quant": lambda: impl.w4a8_2l(*impl.quant(x), *w2l(), GROUP_SIZE),
         "w8a8": lambda: impl.w8a8(xq, xs, *w8()),
         "w8a8+quant": lambda: impl.w8a8(*impl.quant(x), *w8()),
         "quant_only": lambda: impl.quant(x),
@@ -92,6 +105,8 @@ def traffic_bytes(name: str, m: int, n: int, k: int) -> float:
     if name == "quant_only":
         return 2.0 * m * k + m * k + 4.0 * m
     act = 2.0 * m * k if name.endswith("+quant") else 1.0 * m * k + 4.0 * m
+    if name.startswith("w4a8_2l"):  # codes, uint8 group scales s2, fp16 channel scales
+        return 0.5 * n * k + 1.0 * n * (k // GROUP_SIZE) + 2.0 * n + act + out
     if name.startswith("w4a8"):
         return 0.5 * n * k + 2.0 * n * (k // GROUP_SIZE) + act + out
     return 1.0 * n * k + 4.0 * n + act + out
@@ -106,6 +121,9 @@ def check_correctness(p: dict, impl: Impl) -> dict:
     pairs = {
         "w4a8": (impl.w4a8(xq, xs, p["w4"], p["w4_scale"], GROUP_SIZE),  # w4: kernel layout
                  ref.w4a8_gemm_ref(xq, xs, ref.from_kernel_layout(p["w4"], GROUP_SIZE), p["w4_scale"], GROUP_SIZE)),
+        "w4a8_2l": (impl.w4a8_2l(xq, xs, p["w4"], p["w4_s1"], p["w4_s2"], None, GROUP_SIZE),
+                    ref.w4a8_two_level_ref(xq, xs, ref.from_kernel_layout(p["w4"], GROUP_SIZE),
+                                           p["w4_s1"], p["w4_s2"], None, GROUP_SIZE)),
         "w8a8": (impl.w8a8(xq, xs, p["w8"], p["w8_scale"]),
                  ref.w8a8_gemm_ref(xq, xs, p["w8"], p["w8_scale"])),
     }  # fmt: skip
@@ -115,7 +133,7 @@ def check_correctness(p: dict, impl: Impl) -> dict:
     return res
 
 
-EAGER_VARIANTS = ("fp16", "w4a8+quant")
+EAGER_VARIANTS = ("fp16", "w4a8+quant", "w4a8_2l+quant")
 
 
 def bench_gemms(shapes: dict, ms: list[int], device: str, timer: Timer, impl: Impl, peaks,

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from kernels.bench.gemm import traffic_bytes
 
-TABLE_COLS = ["fp16", "w4a8", "w4a8+quant", "w8a8", "w8a8+quant", "w8a8_int_mm"]
+TABLE_COLS = ["fp16", "w4a8", "w4a8+quant", "w4a8_2l", "w4a8_2l+quant", "w8a8", "w8a8+quant",
+              "w8a8_int_mm"]
 
 
 def markdown_table(rows: list[dict], peaks: dict | None) -> str:
