@@ -62,9 +62,9 @@ def run_variant(args: argparse.Namespace) -> dict:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from harness.calib import CalibSpec, load_calibration
-    from harness.data import resolve_data_dir
-    from harness.models import load_model
+    from harness.inputs.calib import CalibSpec, load_calibration
+    from harness.inputs.data import resolve_data_dir
+    from harness.inputs.models import load_model
     from methods.base import build
     from methods.gptq import GPTQConfig
 

@@ -46,7 +46,7 @@ def compose_cfg(tmp_path):
 
 @pytest.fixture(scope="session")
 def data_dir():
-    from harness.data import resolve_data_dir
+    from harness.inputs.data import resolve_data_dir
     d = resolve_data_dir()
     if d is None:
         pytest.skip("data directory (../shared/data or PTQBENCH_DATA_DIR) not found")

@@ -14,8 +14,8 @@ from torch import nn
 
 from harness.evals import EvalContext
 from harness.evals.diagnostics import evaluate_sensitivity, sensitivity_groups
-from harness.models import tiny_llama, tiny_tokenizer
-from harness.pipeline import run_one
+from harness.inputs.models import tiny_llama, tiny_tokenizer
+from harness.run.pipeline import run_one
 from methods.arch import ModelSpec
 from methods.base import build, matches_any
 from methods.layers import FakeQuantLinear, precision_for

@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from harness.models import tiny_llama
-from harness.pipeline import run_one
+from harness.inputs.models import tiny_llama
+from harness.run.pipeline import run_one
 from methods.arch import ModelSpec
 from methods.base import ConfigError, build
 from methods.blockwise import capture_block_inputs, collect_block_stats

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from harness.models import tiny_llama
-from harness.pipeline import run_one
+from harness.inputs.models import tiny_llama
+from harness.run.pipeline import run_one
 from methods.arch import ModelSpec
 from methods.awq import AWQ, AWQConfig
 from methods.base import ConfigError, build

@@ -18,7 +18,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from harness.data import DataMissingError, resolve_data_dir  # noqa: E402
 from harness.evals import EvalContext, EvalResult, get_evaluator  # noqa: E402
 from harness.evals.lm_eval import Options, evaluate  # noqa: E402
 from harness.evals.tasks import (  # noqa: E402
@@ -27,7 +26,8 @@ from harness.evals.tasks import (  # noqa: E402
     mmlu_subjects,
     prepare_task,
 )
-from harness.models import tiny_llama, tiny_tokenizer  # noqa: E402
+from harness.inputs.data import DataMissingError, resolve_data_dir  # noqa: E402
+from harness.inputs.models import tiny_llama, tiny_tokenizer  # noqa: E402
 
 DATA_DIR = resolve_data_dir()
 needs_data = pytest.mark.skipif(

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from harness.pipeline import run_one
-from harness.store import ResultStore
+from harness.results.store import ResultStore
+from harness.run.pipeline import run_one
 from tests.conftest import REPO, TINY_QUICK
 
 
@@ -53,7 +53,7 @@ def test_rerun_skips_ok_then_force(compose_cfg):
 
 def test_failure_writes_failed_record_and_rerun_retries(compose_cfg, monkeypatch):
     cfg = compose_cfg(*TINY_QUICK, "method=fp16", "bits=w16a16")
-    import harness.pipeline as pl
+    import harness.run.pipeline as pl
 
     def boom(*a, **k):
         raise RuntimeError("disk on fire")
@@ -83,7 +83,7 @@ def test_static_activations_need_calibration_and_run_blockwise(compose_cfg):
 
 def test_multirun_cli_sweeps_and_unknown_option_lists_choices(tmp_path):
     res = tmp_path / "res"
-    cmd = [sys.executable, "-m", "harness.run", "-m", *TINY_QUICK, "method=fp16,rtn",
+    cmd = [sys.executable, "-m", "harness.run.cli", "-m", *TINY_QUICK, "method=fp16,rtn",
            "bits=w16a16,w4a8", f"paths.results_dir={res}", f"paths.cache_dir={res}/cache"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -93,7 +93,7 @@ def test_multirun_cli_sweeps_and_unknown_option_lists_choices(tmp_path):
                    ("rtn", "w16a16", "skipped"), ("rtn", "w4a8", "ok")]
     assert len({r["sweep"] for r in recs}) == 1 and recs[0]["sweep"]
 
-    bad = subprocess.run([sys.executable, "-m", "harness.run", "method=nosuch"], cwd=REPO,
+    bad = subprocess.run([sys.executable, "-m", "harness.run.cli", "method=nosuch"], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0
     assert "Could not find 'method/nosuch'" in bad.stderr and "rtn" in bad.stderr

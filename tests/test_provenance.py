@@ -6,7 +6,7 @@ import subprocess
 
 import torch
 
-from harness import provenance
+from harness.run import provenance
 
 
 def _git(repo, *args):

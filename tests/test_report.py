@@ -11,8 +11,22 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness import report as R
-from harness.store import ResultStore, RunRecord
+from harness.results.alignment import alignment_table
+from harness.results.paper_tables import (
+    accuracy_table,
+    cost_table,
+    fptq_policy_table,
+    latency_table,
+    mmlu_table,
+    perplexity_table,
+    perplexity_wide_table,
+    superseded_table,
+)
+from harness.results.records import filter_runs, records_frame
+from harness.results.render import latex_escape, to_csv, to_latex, to_markdown
+from harness.results.reproduction import load_references, reproduction_table
+from harness.results.store import ResultStore, RunRecord
+from harness.results.tables import NOT_MEASURED, Table
 
 T0 = "2024-05-01T10:00:{:02d}+00:00"
 
@@ -94,10 +108,10 @@ def store(tmp_path) -> ResultStore:
 
 @pytest.fixture
 def df(store) -> pd.DataFrame:
-    return R.records_frame(store)
+    return records_frame(store)
 
 
-def cells(table: R.Table, *labels: str) -> dict[str, str]:
+def cells(table: Table, *labels: str) -> dict[str, str]:
     """The row whose label cells equal `labels`, as {header: text}."""
     for row in table.rows:
         if tuple(c.text for c in row[: len(labels)]) == labels:
@@ -106,7 +120,7 @@ def cells(table: R.Table, *labels: str) -> dict[str, str]:
 
 
 def test_perplexity_cells_delta_best_and_status(df):
-    t = R.perplexity_table(df)
+    t = perplexity_table(df)
     assert t.columns == ["Model", "Method", "Bits", "WikiText-2", "Δ WikiText-2", "C4", "Δ C4",
                          "PTB", "Δ PTB"]
     fp = cells(t, "llama-2-7b", "fp16", "w16a16")
@@ -124,40 +138,40 @@ def test_perplexity_cells_delta_best_and_status(df):
     bold = {(row[1].text, h) for row in t.rows for h, c in zip(t.columns, row, strict=True)
             if c.bold}
     assert bold == {("gptq", "WikiText-2"), ("gptq", "C4"), ("gptq", "PTB")}
-    md = R.to_markdown(t)
+    md = to_markdown(t)
     assert "| llama-2-7b | gptq | w4a16 | **5.63** | +0.16 | **7.40** |" in md
 
 
 def test_superseded_listed_not_hidden(df):
-    t = R.superseded_table(df)
+    t = superseded_table(df)
     assert [row[0].text for row in t.rows] == ["r02-01234567"]
     assert t.rows[0][-1].text == "r03-01234567"
 
 
 def test_accuracy_mmlu_latency_cost_policy(df):
-    acc = R.accuracy_table(df)
+    acc = accuracy_table(df)
     assert acc.columns[3:] == ["boolq", "Δ boolq", "piqa", "Δ piqa", "Avg.", "Δ Avg."]
     f = cells(acc, "llama-2-7b", "fptq", "w4a8")
     assert (f["piqa"], f["Δ piqa"], f["Avg."]) == ("77.50 ± 0.97", "-0.60", "76.75")
     assert acc.rows[1][5].bold  # fptq piqa beats rtn
     assert "ppl" not in " ".join(acc.columns)
-    mmlu = R.mmlu_table(df)
+    mmlu = mmlu_table(df)
     assert cells(mmlu, "llama-2-7b", "fptq", "w4a8")["Avg."] == "44.00"
     assert [r[1].text for r in mmlu.rows] == ["fp16", "fptq"]  # rtn ran no MMLU
-    lat = R.latency_table(df)
+    lat = latency_table(df)
     row = cells(lat, "llama-2-7b", "rtn", "w4a8", "1")
     assert (row["prefill p512 (ms)"], row["decode (tok/s)"], row["Δ decode (tok/s)"]) == \
         ("24.00", "56.00", "+26.00")
-    cost = R.cost_table(df)
+    cost = cost_table(df)
     assert cells(cost, "llama-2-7b", "gptq", "w4a16")["quantize (s)"] == "30.00"
     assert cells(cost, "llama-2-7b", "awq", "w4a16")["quantize (s)"] == "failed[1]"
-    pol = R.fptq_policy_table(df)
+    pol = fptq_policy_table(df)
     assert pol.columns == ["Model", "Method", "Bits", "dynamic", "lae", "static", "total"]
     assert [c.text for c in pol.rows[0]] == ["llama-2-7b", "fptq", "w4a8", "1", "3", "5", "9"]
 
 
 def test_wide_perplexity_layout(df):
-    t = R.perplexity_wide_table(df)
+    t = perplexity_wide_table(df)
     assert t.columns[:4] == ["Model", "fp16 w16a16 WikiText-2", "fp16 w16a16 C4",
                              "fp16 w16a16 PTB"]
     row = cells(t, "llama-2-7b")
@@ -168,8 +182,8 @@ def test_wide_perplexity_layout(df):
 
 
 def test_latex_is_balanced_and_escaped(df):
-    for t in (R.perplexity_table(df), R.accuracy_table(df), R.fptq_policy_table(df)):
-        tex = R.to_latex(t)
+    for t in (perplexity_table(df), accuracy_table(df), fptq_policy_table(df)):
+        tex = to_latex(t)
         for env in ("table", "tabular"):
             assert tex.count(f"\\begin{{{env}}}") == tex.count(f"\\end{{{env}}}") == 1
         assert tex.count(r"\toprule") == tex.count(r"\midrule") == tex.count(r"\bottomrule") == 1
@@ -180,14 +194,14 @@ def test_latex_is_balanced_and_escaped(df):
             assert line.endswith("\\\\")
             assert len(re.findall(r"(?<!\\)&", line)) == len(spec) - 1
         assert re.search(r"(?<!\\)_", tex.replace("\\label{tab:", "")) is None or "fptq_policy" in tex
-    tex = R.to_latex(R.perplexity_table(df))
+    tex = to_latex(perplexity_table(df))
     assert r"\textbf{5.63}" in tex and r"llama-2-7b & smoothquant" in tex
     assert r"$\Delta$ WikiText-2" in tex
-    assert R.latex_escape("acc_norm 50% & $x#") == r"acc\_norm 50\% \& \$x\#"
+    assert latex_escape("acc_norm 50% & $x#") == r"acc\_norm 50\% \& \$x\#"
 
 
 def test_csv_keeps_numbers_and_stderr(df):
-    text = R.to_csv(R.accuracy_table(df))
+    text = to_csv(accuracy_table(df))
     head = text.splitlines()[0]
     assert head == ("Model,Method,Bits,boolq,boolq stderr,Δ boolq,piqa,piqa stderr,Δ piqa,Avg.,"
                     "Δ Avg.")
@@ -211,7 +225,7 @@ def _refs(tmp_path: Path) -> Path:
 
 
 def test_reproduction_matches_model_method_bits_group_dataset(df, tmp_path):
-    t = R.reproduction_table(df, R.load_references(_refs(tmp_path)))
+    t = reproduction_table(df, load_references(_refs(tmp_path)))
     got = [[c.text for c in row] for row in t.rows]
     assert got == [
         ["llama-2-7b", "fp16", "w16a16", "-", "WikiText-2", "5.47", "5.47", "+0.00",
@@ -222,14 +236,14 @@ def test_reproduction_matches_model_method_bits_group_dataset(df, tmp_path):
 
 
 def test_committed_references_are_well_formed():
-    refs = R.load_references(R.Path(__file__).resolve().parent.parent / "reports" / "reference")
+    refs = load_references(Path(__file__).resolve().parent.parent / "reports" / "reference")
     assert not refs.empty
     assert refs["value"].map(lambda v: float(v) > 0).all()
     assert (refs["table"].str.len() > 0).all() and (refs["source"].str.len() > 0).all()
 
 
 def test_plots_png_and_svg(df, tmp_path):
-    from harness import plots as P
+    from harness.results import plots as P
 
     written = [*P.plot_ppl_vs_bits(df, tmp_path / "ppl"), *P.plot_cost(df, tmp_path / "cost"),
                *P.plot_accuracy_vs_latency(df, tmp_path / "acc"),
@@ -250,7 +264,7 @@ def test_plots_png_and_svg(df, tmp_path):
 
 
 def test_cli_end_to_end(store, tmp_path, capsys):
-    from harness.report_cli import main
+    from harness.results.report_cli import main
 
     bench = tmp_path / "bench"
     bench.mkdir()
@@ -297,7 +311,7 @@ def test_cli_end_to_end(store, tmp_path, capsys):
 
 
 def test_cli_ppl_only_store(tmp_path):
-    from harness.report_cli import main
+    from harness.results.report_cli import main
 
     s = ResultStore(tmp_path / "runs")
     s.write(_rec(1, "smollm2-135m", "fp16", "w16a16", eval="ppl-quick", max_windows=4,
@@ -316,7 +330,7 @@ def test_wandb_offline_run_stays_in_run_dir_and_never_writes_the_key(compose_cfg
     pytest.importorskip("wandb")
     from conftest import TINY_QUICK
 
-    from harness.pipeline import run_one
+    from harness.run.pipeline import run_one
 
     marker = "ptqbench-test-key-" + "7" * 22
     home = tmp_path / "home"
@@ -361,7 +375,7 @@ def test_ablation_runs_get_variant_labels_and_policy_dicts_are_read(tmp_path):
                    artifacts={"fptq_policy": {"rows": POLICY, "counts": {}}})
         rec.config["method"].update(policy=policy, v0=15 if i else 5)
         store.write(rec)
-    df = R.records_frame(store).sort_values("run_id")
+    df = records_frame(store).sort_values("run_id")
     assert list(df["method"]) == ["fptq (v0=5.0)", "fptq", "fptq (policy=all_static)"]
     assert all(isinstance(p, list) and len(p) == len(POLICY) for p in df["fptq_policy"])
 
@@ -373,10 +387,10 @@ def test_method_filter_selects_variants(tmp_path):
         rec.config["method"]["policy"] = policy
         store.write(rec)
     store.write(_rec(9, "m", "rtn", "w4a8", metrics={"ppl_ptb": 20.0}))
-    df = R.records_frame(store)
-    assert sorted(R.filter_runs(df, method=["fptq"])["method"]) == [
+    df = records_frame(store)
+    assert sorted(filter_runs(df, method=["fptq"])["method"]) == [
         "fptq", "fptq", "fptq (policy=all_static)"]
-    assert list(R.filter_runs(df, method=["fptq (policy=all_static)"])["run_id"]) == ["r02-h2"]
+    assert list(filter_runs(df, method=["fptq (policy=all_static)"])["run_id"]) == ["r02-h2"]
 
 
 def test_alignment_pairs_native_with_library_at_same_settings(tmp_path):
@@ -389,14 +403,14 @@ def test_alignment_pairs_native_with_library_at_same_settings(tmp_path):
                    timings={"quantize": t})
         rec.config["method"].update(symmetric=sym, a_bits=16, act_mode="static_tensor")
         store.write(rec)
-    t = R.alignment_table(R.records_frame(store))
+    t = alignment_table(records_frame(store))
     assert len(t.rows) == 1
     row = cells(t, "m", "w4a16", "c4-128x2048")
     assert row["Library"] == "llmc_gptq" and row["Native"].startswith("gptq")
     assert row["PTB native"] == "10.05" and row["PTB library"] == "10.00"
     assert row["PTB rel. Δ"] == "+0.50%"
     assert row["quantize native (s)"] == "20" and row["quantize library (s)"] == "40"
-    assert "**+0.50%**" in R.to_markdown(t)   # within the 1% target: bold
+    assert "**+0.50%**" in to_markdown(t)   # within the 1% target: bold
 
 
 def test_records_made_before_an_option_existed_are_not_labelled_by_it(tmp_path):
@@ -406,7 +420,7 @@ def test_records_made_before_an_option_existed_are_not_labelled_by_it(tmp_path):
         rec = _rec(i, "m", "awq", "w4a16", cfg_hash=f"h{i}", metrics={"ppl_ptb": 10.0 + i})
         rec.config["method"].update(extra)
         store.write(rec)
-    df = R.records_frame(store).sort_values("run_id")
+    df = records_frame(store).sort_values("run_id")
     assert list(df["method"]) == ["awq", "awq", "awq", "awq (inputs_from=fp)"]
 
 
@@ -420,11 +434,11 @@ def test_accuracy_rows_stay_apart_per_docs_limit(tmp_path):
                                                      ("fp16", "w16a16", 200, 0.64),
                                                      ("fptq", "w4a8", 200, 0.60)]):
         store.write(_rec(i, "m", method, bits, metrics={"acc_piqa": piqa}, limit=limit, **acc))
-    t = R.accuracy_table(R.records_frame(store))
+    t = accuracy_table(records_frame(store))
     assert t.columns[:4] == ["Model", "Method", "Bits", "Docs/task"]
     assert cells(t, "m", "fptq", "w4a8", "200")["Δ piqa"] == "-4.00"
     assert cells(t, "m", "fptq", "w4a8", "1")["Δ piqa"] == "-100.00"
-    one = R.accuracy_table(R.filter_runs(R.records_frame(store), sweep=None).query(
+    one = accuracy_table(filter_runs(records_frame(store), sweep=None).query(
         "docs_per_task == '200'"))
     assert one.columns[:4] == ["Model", "Method", "Bits", "piqa"]
     assert "First 200 docs per task" in one.caption
@@ -440,12 +454,12 @@ def test_perplexity_rows_stay_apart_per_calibration(tmp_path):
                    cfg_hash=f"{i:016d}")
         rec.config["calib"]["seed"] = seed
         store.write(rec)
-    df = R.records_frame(store)
-    t = R.perplexity_table(df)
+    df = records_frame(store)
+    t = perplexity_table(df)
     assert t.columns[:4] == ["Model", "Method", "Bits", "Calib"]
     assert cells(t, "m", "gptq", "w4a16", "c4-128x2048")["WikiText-2"] == "12.00"
     assert cells(t, "m", "gptq", "w4a16", "c4-128x2048-seed1")["Δ WikiText-2"] == "+2.50"
-    wide = R.perplexity_wide_table(df)
+    wide = perplexity_wide_table(df)
     assert "gptq @c4-128x2048-seed1 w4a16 WikiText-2" in wide.columns
 
 
@@ -464,7 +478,7 @@ def test_alignment_pairs_require_equal_shared_settings(tmp_path):
         if method == "gptq":    # the tie 1:1 is labelled against GPTQConfig's default (True)
             rec.config["method"]["_target_"] = "methods.gptq.GPTQConfig"
         store.write(rec)
-    t = R.alignment_table(R.records_frame(store))
+    t = alignment_table(records_frame(store))
     pairs = sorted((r[4].text, r[3].text) for r in t.rows)
     assert [lib for lib, _ in pairs] == ["gptqmodel_gptq", "llmc_gptq", "llmc_gptq"]
     assert pairs[0][1] == "gptq (true_sequential=False)"
@@ -486,7 +500,7 @@ def test_alignment_pairs_fill_settings_older_records_lack(tmp_path):
         if grid is not None:
             rec.config["method"]["ratio_grid"] = grid
         store.write(rec)
-    t = R.alignment_table(R.records_frame(store))
+    t = alignment_table(records_frame(store))
     assert [(r[3].text, r[4].text) for r in t.rows] == [
         ("awq_noclip (ratio_grid=closed)", "llmc_awq")]
     assert cells(t, "m", "w4a16", "c4-128x2048")["PTB rel. Δ"] == "+0.10%"
@@ -497,7 +511,7 @@ def test_skipped_baseline_job_is_not_a_reference(tmp_path):
     store.write(_rec(0, "m", "fp16", "w16a16", metrics={"ppl_ptb": 10.0}))
     store.write(_rec(1, "m", "fp16", "w4a8", status="skipped",
                      error="fp16 does not support w4a8 (supported: w16a16)"))
-    t = R.perplexity_table(R.records_frame(store))
+    t = perplexity_table(records_frame(store))
     assert cells(t, "m", "fp16", "w16a16")["Δ PTB"] == "ref"
     row = cells(t, "m", "fp16", "w4a8")
-    assert row["PTB"].startswith("skipped") and row["Δ PTB"] == R.NOT_MEASURED
+    assert row["PTB"].startswith("skipped") and row["Δ PTB"] == NOT_MEASURED

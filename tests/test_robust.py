@@ -12,12 +12,13 @@ import re
 import pytest
 import torch
 
-import harness.pipeline as pl
-from harness.cache import MANIFEST, WEIGHTS, QuantizedModelCache, fake_quant_layout
-from harness.callbacks import LauncherPluginMissing, require_launcher_plugin
-from harness.models import tiny_llama
-from harness.pipeline import run_one
-from harness.security import (
+import harness.run.pipeline as pl
+from harness.inputs.models import tiny_llama
+from harness.results.store import ResultStore, RunRecord, new_run_id
+from harness.run.cache import MANIFEST, WEIGHTS, QuantizedModelCache, fake_quant_layout
+from harness.run.callbacks import LauncherPluginMissing, require_launcher_plugin
+from harness.run.pipeline import run_one
+from harness.util.security import (
     REDACTED,
     UnsafePathError,
     is_secret_key,
@@ -25,7 +26,6 @@ from harness.security import (
     scrub_secrets,
     within_root,
 )
-from harness.store import ResultStore, RunRecord, new_run_id
 from methods.arch import ModelSpec
 from methods.base import build
 from methods.rtn import RTNConfig
@@ -296,7 +296,7 @@ def test_trust_remote_code_defaults_off_and_is_passed_through(monkeypatch, tmp_p
         assert yaml.safe_load(path.read_text()).get("trust_remote_code", False) is False, path
     from omegaconf import OmegaConf
 
-    import harness.models as models
+    import harness.inputs.models as models
     seen = []
     monkeypatch.setattr(models, "_load_pretrained",
                         lambda ref, dtype, trust, rev: seen.append(trust) or (_ for _ in ()).throw(
@@ -330,7 +330,7 @@ def test_missing_launcher_plugin_says_what_to_install(monkeypatch):
 
 
 def test_gguf_is_converted_once_then_loaded_from_the_cached_copy(tmp_path, monkeypatch):
-    import harness.models as M
+    import harness.inputs.models as M
 
     gguf = tmp_path / "model.Q4_1.gguf"
     gguf.write_bytes(b"GGUF stand-in")
@@ -361,7 +361,7 @@ def test_gguf_is_converted_once_then_loaded_from_the_cached_copy(tmp_path, monke
 
 
 def test_staged_dir_publishes_once_keeps_an_existing_final_and_cleans_up(tmp_path):
-    from harness.fsutil import StagedDir
+    from harness.util.fsutil import StagedDir
 
     final = tmp_path / "entry"
     with StagedDir(final) as a:

@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from harness.evals import EvalContext, get_evaluator
-from harness.models import tiny_llama, tiny_tokenizer
-from harness.pipeline import run_one
+from harness.inputs.models import tiny_llama, tiny_tokenizer
+from harness.run.pipeline import run_one
 from kernels import reference as kref
 from methods.arch import ModelSpec
 from methods.base import build
@@ -413,9 +413,9 @@ def assert_logits_agree_pair(a, b, rel_tol=1e-2, top1_min=0.99):
 
 @pytest.mark.slow
 def test_smollm2_runtime_ppl_matches_simulation(compose_cfg, data_dir, monkeypatch):
-    from harness.data import eval_text
     from harness.evals.ppl import make_windows, perplexity, tokenize_text, window_nlls
-    from harness.models import load_model
+    from harness.inputs.data import eval_text
+    from harness.inputs.models import load_model
 
     cfg = compose_cfg("model=smollm2-135m", "model.device=cpu")
     lm = load_model(cfg.model, cfg.paths.cache_dir)

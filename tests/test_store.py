@@ -1,7 +1,7 @@
 import json
 import math
 
-from harness.store import ResultStore, RunRecord, config_hash, new_run_id
+from harness.results.store import ResultStore, RunRecord, config_hash, new_run_id
 
 
 def _rec(status="ok", h="abc", **metrics):

@@ -1,5 +1,5 @@
 """Sweeps through the real CLI: kill -9 mid-sweep then resume; joblib and submitit_local
-launchers; the end-of-sweep summary (harness/callbacks.py)."""
+launchers; the end-of-sweep summary (harness/run/callbacks.py)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from harness.callbacks import SUMMARY_FILE
+from harness.run.callbacks import SUMMARY_FILE
 from tests.conftest import REPO, TINY_QUICK
 
 
 def _cmd(res: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "harness.run", "-m", *TINY_QUICK, "eval.max_windows=1",
+    return [sys.executable, "-m", "harness.run.cli", "-m", *TINY_QUICK, "eval.max_windows=1",
             f"paths.results_dir={res}", f"paths.cache_dir={res}/cache", *overrides]
 
 
@@ -94,7 +94,7 @@ def test_submitit_local_sweep_of_2_jobs(tmp_path):
 
 
 def test_keys_of_swept_groups_are_lifted_so_the_primary_compose_accepts_them():
-    from harness.overrides import lift_swept_group_keys
+    from harness.run.overrides import lift_swept_group_keys
 
     argv = ["-m", "model=tiny-llama", "method=fp16,fptq", "bits=w16a16,w4a8",
             "eval=commonsense,mmlu", "eval.limit=5", "eval.limt=5", "method.v0=10",

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from harness.data import eval_text
 from harness.evals import EvalContext, EvalResult
 from harness.evals.ppl import make_windows, perplexity, tokenize_text
+from harness.inputs.data import eval_text
 from methods.arch import ModelSpec, sublayer_of
 from methods.base import Method, build, matches_any
 from methods.layers import FakeQuantLinear, iter_block_linears

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from harness.evals import EvalContext, EvalResult
-from harness.provenance import PeakMemory, device_name
+from harness.run.provenance import PeakMemory, device_name
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.data import DataMissingError, resolve_data_dir
 from harness.evals import EvalContext, EvalResult
 from harness.evals.tasks import (
     ALL_TASKS,
@@ -42,6 +41,7 @@ from harness.evals.tasks import (
     PreparedTask,
     prepare_task,
 )
+from harness.inputs.data import DataMissingError, resolve_data_dir
 
 log = logging.getLogger(__name__)
 

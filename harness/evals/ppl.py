@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from harness.data import eval_text
 from harness.evals import EvalContext, EvalResult
+from harness.inputs.data import eval_text
 
 log = logging.getLogger(__name__)
 C4_MAX_WINDOWS = 256

@@ -5,7 +5,7 @@ import copy
 
 import torch
 
-from harness.models import tiny_llama
+from harness.inputs.models import tiny_llama
 from methods.arch import ModelSpec
 from methods.awq import AWQConfig
 from methods.base import build

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from harness.data import require_file
+from harness.inputs.data import require_file
 
 TASK_DIR = Path(__file__).resolve().parent
 COMMONSENSE_TASKS = ("piqa", "arc_easy", "arc_challenge", "boolq", "hellaswag", "winogrande",
@@ -232,7 +232,7 @@ def _dump(cfg: dict, path: Path) -> None:
 def prepare_task(name: str, data_dir: Path | None, work_dir: Path) -> PreparedTask:
     """Convert the local data for `name` and write its lm-eval YAML(s) under work_dir/name.
 
-    Raises harness.data.DataMissingError (naming the file) when an input is missing.
+    Raises harness.inputs.data.DataMissingError (naming the file) when an input is missing.
     """
     if name == "mmlu":
         return _prepare_mmlu(data_dir, work_dir)

@@ -1,7 +1,7 @@
 """Report plots (matplotlib Agg), each written as PNG and SVG.
 
 One fixed Okabe-Ito colour per method across every plot, labelled axes with units, legends
-outside the data. Inputs are the store DataFrame (harness.report.records_frame), FPTQ policy
+outside the data. Inputs are the store DataFrame (harness.results.records.records_frame), FPTQ policy
 rows from run artifacts, and kernels/bench.py JSON results.
 """
 
@@ -21,15 +21,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from harness.report import (  # noqa: E402
+from harness.results.paper_tables import (  # noqa: E402
     ACC_SCALE,
-    BASELINE_METHOD,
     DATASET_LABELS,
+    ppl_datasets,
+    with_commonsense_avg,
+)
+from harness.results.records import (  # noqa: E402
+    BASELINE_METHOD,
     bits_key,
     latest_per_config,
     method_key,
-    ppl_datasets,
-    with_commonsense_avg,
 )
 
 log = logging.getLogger(__name__)
@@ -149,7 +151,7 @@ def plot_accuracy_vs_latency(df: pd.DataFrame, stem: str | os.PathLike) -> list[
     return save(fig, stem)
 
 
-def _thresholds(method_cfg: Any) -> dict[str, float]:
+def fptq_thresholds(method_cfg: Any) -> dict[str, float]:
     """FPTQ activation-range thresholds from the method config (keys v0 / v1)."""
     if not isinstance(method_cfg, dict):
         return {}

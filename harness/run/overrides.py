@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 log = logging.getLogger("ptqbench")
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 MULTIRUN_FLAGS = ("-m", "--multirun")
 
 

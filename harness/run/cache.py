@@ -36,8 +36,8 @@ from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
-from harness.fsutil import StagedDir
-from harness.security import safe_name, within_root
+from harness.util.fsutil import StagedDir
+from harness.util.security import safe_name, within_root
 from methods.arch import ModelSpec
 from methods.base import Method
 from methods.layers import FakeQuantLinear, iter_block_linears, replace_linear

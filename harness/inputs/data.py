@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 ENV_VAR = "PTQBENCH_DATA_DIR"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class DataMissingError(FileNotFoundError):

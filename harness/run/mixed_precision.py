@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from harness.store import CorruptRecord, ResultStore, RunRecord, read_record
+from harness.results.store import CorruptRecord, ResultStore, RunRecord, read_record
 from methods.arch import ModelSpec
 from methods.base import Method
 from methods.size import model_size

@@ -9,9 +9,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from harness.callbacks import require_launcher_plugin, write_job_status
-from harness.overrides import lift_swept_group_keys
-from harness.pipeline import run_one
+from harness.run.callbacks import require_launcher_plugin, write_job_status
+from harness.run.overrides import lift_swept_group_keys
+from harness.run.pipeline import run_one
 
 log = logging.getLogger("ptqbench")
 
@@ -31,7 +31,7 @@ def _output_dir() -> str | None:
         return None
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="run")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="run")
 def hydra_main(cfg: DictConfig) -> None:
     if cfg.get("sweep") is None:
         with open_dict(cfg):

@@ -23,21 +23,21 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from harness import provenance
-from harness.cache import (
+from harness.evals import EvalContext, get_evaluator
+from harness.inputs.calib import CalibSpec, load_calibration
+from harness.inputs.data import DataMissingError, resolve_data_dir
+from harness.inputs.models import LoadedModel, ModelLoadError, load_model
+from harness.results.store import ResultStore, RunRecord, config_hash, new_run_id
+from harness.results.tracking import make_tracker
+from harness.run import provenance
+from harness.run.cache import (
     CacheEntryError,
     QuantizedModelCache,
     cache_key,
     cache_key_parts,
 )
-from harness.calib import CalibSpec, load_calibration
-from harness.data import DataMissingError, resolve_data_dir
-from harness.evals import EvalContext, get_evaluator
-from harness.mixed_precision import record_size_and_precision, resolve_selection
-from harness.models import LoadedModel, ModelLoadError, load_model
-from harness.security import UnsafePathError, safe_name, scrub_secrets, within_root
-from harness.store import ResultStore, RunRecord, config_hash, new_run_id
-from harness.tracking import make_tracker
+from harness.run.mixed_precision import record_size_and_precision, resolve_selection
+from harness.util.security import UnsafePathError, safe_name, scrub_secrets, within_root
 from methods.base import ConfigError, Method, QuantConfig, build, config_field_defaults
 
 log = logging.getLogger(__name__)
@@ -295,7 +295,7 @@ def _quantize(method: Method, lm: LoadedModel, timer: Timer, calib: list | None
 
 def _quantize_cached(cfg: DictConfig, method: Method, lm: LoadedModel, record: RunRecord,
                      timer: Timer, calib: list | None) -> tuple[torch.nn.Module, LoadedModel]:
-    """method.quantize through the quantized-model cache (harness/cache.py).
+    """method.quantize through the quantized-model cache (harness/run/cache.py).
     provenance.cache: hit (quantize skipped) | miss | rebuilt (bad entry replaced) | off."""
     qcache = QuantizedModelCache.from_config(cfg.get("cache"))
     c = method.config

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from harness.data import calib_documents
+from harness.inputs.data import calib_documents
 
 log = logging.getLogger(__name__)
 

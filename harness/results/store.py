@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from harness.fsutil import fsync_dir
+from harness.util.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.fsutil import StagedDir
+from harness.util.fsutil import StagedDir
 from methods.arch import ModelSpec
 
 log = logging.getLogger(__name__)

@@ -71,7 +71,7 @@ class WandbTracker:
             data: dict[str, Any] = dict(record.metrics)
             data.update({f"time/{k}": v for k, v in record.timings.items()})
             data.update({f"memory/{k}": v for k, v in record.memory.items()})
-            from harness.report import policy_rows
+            from harness.results.records import policy_rows
             policy = policy_rows((record.artifacts or {}).get("fptq_policy"))
             if isinstance(policy, list) and policy:
                 cols = sorted({k for row in policy for k in row})
@@ -89,10 +89,10 @@ class WandbTracker:
             self.run.finish(exit_code=0 if record.status != "failed" else 1)
 
     def _policy_plot(self, record: Any, policy: list[dict]) -> dict[str, Any]:
-        from harness.plots import _thresholds, plot_fptq_policy
+        from harness.results.plots import fptq_thresholds, plot_fptq_policy
 
         paths = plot_fptq_policy(policy, self.run_dir / "fptq_policy",
-                                 _thresholds(record.config.get("method")),
+                                 fptq_thresholds(record.config.get("method")),
                                  title=f"FPTQ policy: {record.model} {record.bits}")
         return {"plots/fptq_policy": self.wandb.Image(str(paths[0]))} if paths else {}
 

@@ -18,11 +18,25 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness import report as R
-from harness.store import ResultStore
+from harness.results.alignment import alignment_table
+from harness.results.paper_tables import (
+    accuracy_table,
+    cost_table,
+    fptq_policy_table,
+    latency_table,
+    mmlu_table,
+    perplexity_table,
+    perplexity_wide_table,
+    superseded_table,
+)
+from harness.results.records import filter_runs, latest_per_config, records_frame
+from harness.results.render import to_csv, to_latex, to_markdown
+from harness.results.reproduction import load_references, reproduction_table
+from harness.results.store import ResultStore
+from harness.results.tables import Table, comparison_table
 
 log = logging.getLogger("ptqbench.report")
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_REFERENCES = REPO / "reports" / "reference"
 
 
@@ -34,29 +48,29 @@ def write_atomic(path: Path, text: str) -> Path:
     return path
 
 
-def build_tables(df: pd.DataFrame, refs: pd.DataFrame) -> list[R.Table]:
-    ok_or_bad = R.latest_per_config(df)
-    return [R.perplexity_table(ok_or_bad), R.perplexity_wide_table(ok_or_bad),
-            R.accuracy_table(ok_or_bad), R.mmlu_table(ok_or_bad), R.latency_table(ok_or_bad),
-            R.cost_table(ok_or_bad), R.fptq_policy_table(ok_or_bad),
-            R.alignment_table(ok_or_bad), R.reproduction_table(ok_or_bad, refs),
-            R.superseded_table(df)]
+def build_tables(df: pd.DataFrame, refs: pd.DataFrame) -> list[Table]:
+    ok_or_bad = latest_per_config(df)
+    return [perplexity_table(ok_or_bad), perplexity_wide_table(ok_or_bad),
+            accuracy_table(ok_or_bad), mmlu_table(ok_or_bad), latency_table(ok_or_bad),
+            cost_table(ok_or_bad), fptq_policy_table(ok_or_bad),
+            alignment_table(ok_or_bad), reproduction_table(ok_or_bad, refs),
+            superseded_table(df)]
 
 
 def build_plots(df: pd.DataFrame, plot_dir: Path, bench_dir: Path | None) -> dict[str, list[Path]]:
-    from harness import plots as P
+    from harness.results import plots as P
 
     out = {"ppl_vs_bits": P.plot_ppl_vs_bits(df, plot_dir / "ppl_vs_bits"),
            "accuracy_vs_latency": P.plot_accuracy_vs_latency(df, plot_dir / "accuracy_vs_latency"),
            "cost": P.plot_cost(df, plot_dir / "cost")}
     if "fptq_policy" in df.columns:
-        latest = R.latest_per_config(df[df["status"] == "ok"])
+        latest = latest_per_config(df[df["status"] == "ok"])
         for _, r in latest.iterrows():
             if isinstance(r["fptq_policy"], list) and r["fptq_policy"]:
                 label = re.sub(r"[^A-Za-z0-9.=-]+", "_", str(r["method"])).strip("_")
                 name = f"fptq_policy_{r['model']}_{r['bits']}_{label}"
                 out[name] = P.plot_fptq_policy(
-                    r["fptq_policy"], plot_dir / name, P._thresholds(r.get("method_cfg")),
+                    r["fptq_policy"], plot_dir / name, P.fptq_thresholds(r.get("method_cfg")),
                     title=f"FPTQ policy: {r['model']} {r['bits']} {r['method']}")
     for stem, result in P.load_bench(bench_dir) if bench_dir else []:
         out[f"kernel_speedup_{stem}"] = P.plot_kernel_speedup(
@@ -64,7 +78,7 @@ def build_plots(df: pd.DataFrame, plot_dir: Path, bench_dir: Path | None) -> dic
     return {k: v for k, v in out.items() if v}
 
 
-def render_report(name: str, tables: list[R.Table], plots: dict[str, list[Path]],
+def render_report(name: str, tables: list[Table], plots: dict[str, list[Path]],
                   out_dir: Path, args: argparse.Namespace, n_records: int,
                   corrupt: list[str]) -> str:
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -82,7 +96,7 @@ def render_report(name: str, tables: list[R.Table], plots: dict[str, list[Path]]
                   "cost": ["cost"], "fptq_policy": [k for k in plots if k.startswith("fptq_")]}
     for t in tables:
         lines += [f"## {t.title}", ""]
-        lines.append(R.to_markdown(t))
+        lines.append(to_markdown(t))
         if not t.empty:
             lines.append(f"Files: [csv](tables/{t.name}.csv), [tex](tables/{t.name}.tex)\n")
         for key in plot_after.get(t.name, []):
@@ -129,13 +143,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--export needs pyarrow: pip install pyarrow ({e})", file=sys.stderr)
             return 2
         print(f"exported {args.runs} -> {path}")
-    df = R.records_frame(store)
+    df = records_frame(store)
     if df.empty:
         print(f"no records under {args.runs}: run `ptqbench ...` first or point --runs at a "
               "results/runs directory", file=sys.stderr)
         return 1
     try:
-        df = R.filter_runs(df, args.model, args.method, args.bits, args.eval, args.sweep,
+        df = filter_runs(df, args.model, args.method, args.bits, args.eval, args.sweep,
                            args.since, args.until)
     except ValueError as e:
         print(f"bad --since/--until: {e}", file=sys.stderr)
@@ -144,19 +158,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no records under {args.runs} match the filters", file=sys.stderr)
         return 1
     if args.print:
-        print(R.comparison_table(df).to_markdown(index=False))
+        print(comparison_table(df).to_markdown(index=False))
         print(f"\n{len(df)} records in {args.runs}" +
               (f"; {len(store.corrupt)} corrupt files skipped" if store.corrupt else ""))
         if not args.name:
             return 0
     name = args.name or "-".join(sorted(df["model"].unique()))
     out_dir = Path(args.out_root) / name
-    refs = R.load_references(args.references)
+    refs = load_references(args.references)
     tables = build_tables(df, refs)
     for t in tables:
         if not t.empty:
-            write_atomic(out_dir / "tables" / f"{t.name}.csv", R.to_csv(t))
-            write_atomic(out_dir / "tables" / f"{t.name}.tex", R.to_latex(t))
+            write_atomic(out_dir / "tables" / f"{t.name}.csv", to_csv(t))
+            write_atomic(out_dir / "tables" / f"{t.name}.tex", to_latex(t))
     plots = {} if args.no_plots else build_plots(df, out_dir / "plots", Path(args.bench))
     write_atomic(out_dir / "report.md",
                  render_report(name, tables, plots, out_dir, args, len(df), store.corrupt))

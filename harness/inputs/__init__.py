@@ -1,0 +1,1 @@
+"""Pipeline inputs: models (hub, local, GGUF, tiny random), text data, calibration batches."""

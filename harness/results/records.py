@@ -1,0 +1,173 @@
+"""Run records -> the store DataFrame that tables and plots read: the latest record per
+config hash, filters, and the config fields tables match on (evaluators, group size, windows,
+calibration, method variants, FPTQ policy rows)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+
+ID_COLS = ("model", "method", "bits", "eval")
+BASELINE_METHOD = "fp16"
+# A bits label like w4a8 -> (4, 8); papers order columns from wide to narrow.
+_BITS_RE = re.compile(r"^w(\d+)a(\d+)$")
+
+
+def bits_key(bits: str) -> tuple[int, int, str]:
+    m = _BITS_RE.match(str(bits))
+    return (-int(m.group(1)), -int(m.group(2)), "") if m else (0, 0, str(bits))
+
+
+def method_key(method: str) -> tuple[int, str]:
+    return (0 if method == BASELINE_METHOD else 1, str(method))
+
+
+def latest_per_config(df: pd.DataFrame) -> pd.DataFrame:
+    """The newest record per config hash (older ones stay in the store)."""
+    if df.empty:
+        return df
+    return df.sort_values("finished_at", kind="stable").groupby("config_hash").tail(1)
+
+
+def superseded(df: pd.DataFrame) -> pd.DataFrame:
+    """Records a newer record with the same config hash replaces, with the replacing run id."""
+    if df.empty:
+        return df
+    df = df.sort_values("finished_at", kind="stable")
+    latest = df.groupby("config_hash")["run_id"].transform("last")
+    old = df[df["run_id"] != latest].copy()
+    old["superseded_by"] = latest[old.index]
+    return old
+
+
+def filter_runs(df: pd.DataFrame, model: Sequence[str] | None = None,
+                method: Sequence[str] | None = None, bits: Sequence[str] | None = None,
+                eval: Sequence[str] | None = None, sweep: Sequence[str] | None = None,
+                since: str | pd.Timestamp | None = None,
+                until: str | pd.Timestamp | None = None) -> pd.DataFrame:
+    """Keep records matching every given filter; since/until bound finished_at (UTC)."""
+    if df.empty:
+        return df
+    for col, keep in (("model", model), ("method", method), ("bits", bits), ("eval", eval),
+                      ("sweep", sweep)):
+        if keep:
+            values = df[col].astype(str)
+            if col == "method":   # "fptq" also selects its variants, e.g. "fptq (policy=...)"
+                values = values.str.split(" (", n=1, regex=False).str[0]
+            df = df[values.isin(list(keep)) | df[col].isin(list(keep))]
+    for bound, op in ((since, "ge"), (until, "le")):
+        if bound is not None:
+            ts = pd.Timestamp(bound)
+            ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+            df = df[getattr(df["finished_at"], op)(ts)]
+    return df
+
+
+def records_frame(store) -> pd.DataFrame:
+    """`store.load()` plus the config fields tables match on: evaluators, group size, eval
+    seqlen and window cap, calibration, and the FPTQ policy rows from the artifacts."""
+    df = store.load()
+    if df.empty:
+        return df
+    extra = {}
+    for r in store.records():
+        cfg = r.get("config") or {}
+        ev, meth, calib = cfg.get("eval") or {}, cfg.get("method") or {}, cfg.get("calib") or {}
+        gs = meth.get("group_size", (cfg.get("bits") or {}).get("group_size"))
+        extra[r["run_id"]] = {
+            "evaluators": tuple(ev.get("evaluators") or ()),
+            "group_size": None if gs in (None, -1, 0) else int(gs),
+            "seqlen": ev.get("seqlen"),
+            "max_windows": ev.get("max_windows"),
+            "docs_per_task": "all" if ev.get("limit") in (None, 0) else str(ev.get("limit")),
+            "calib": calib_label(calib),
+            "method_cfg": meth,
+            "fptq_policy": policy_rows((r.get("artifacts") or {}).get("fptq_policy")),
+        }
+    cols = pd.DataFrame.from_dict(extra, orient="index")
+    df = df.join(cols, on="run_id")
+    df["method"] = [f"{m} ({v})" if v else m
+                    for m, v in zip(df["method"], method_variants(df), strict=True)]
+    return df
+
+
+def calib_label(calib: dict) -> str | None:
+    """"c4-128x2048"; a seed other than the default 0 is appended ("c4-32x512-seed1") so
+    runs on different calibration draws are never paired or merged as the same setting."""
+    if not calib:
+        return None
+    label = f"{calib.get('dataset')}-{calib.get('n_samples')}x{calib.get('seqlen')}"
+    seed = calib.get("seed", 0)
+    return label if seed in (0, None) else f"{label}-seed{seed}"
+
+
+def policy_rows(policy: Any) -> list[dict] | None:
+    """FPTQ's policy artifact: {"rows": [...], "counts": ...} (or a bare row list)."""
+    if isinstance(policy, dict):
+        policy = policy.get("rows")
+    return policy if isinstance(policy, list) else None
+
+
+_BITS_KEYS = {"w_bits", "a_bits", "group_size", "name", "_target_"}
+
+
+def numeric(v: Any) -> Any:
+    """15 and 15.0 are the same setting (CLI overrides give ints, YAML floats)."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
+def _config_fields(target: Any) -> dict[str, Any] | None:
+    # imported here: methods.base pulls in torch, which tables of plain records never need
+    from methods.base import config_field_defaults
+    return config_field_defaults(target) if target else None
+
+
+def with_defaults(cfg: dict) -> dict:
+    """A record made before an option existed ran with its default: fill the missing
+    fields from the config dataclass named by `_target_` (when it still imports)."""
+    fields = _config_fields(cfg.get("_target_"))
+    if not fields:
+        return cfg
+    return {**{k: v for k, v in fields.items() if v is not dataclasses.MISSING}, **cfg}
+
+
+def _default_of(target: Any, key: str) -> str | None:
+    """json text of the dataclass default of `key` for the config class `target`."""
+    default = (_config_fields(target) or {}).get(key, dataclasses.MISSING)
+    return (None if default is dataclasses.MISSING
+            else json.dumps(numeric(default), sort_keys=True, default=str))
+
+
+def method_variants(df: pd.DataFrame) -> list[str]:
+    """Per row, the method hyper-parameters that differ from the most common value among the
+    records of the same method (e.g. "act_mode=dynamic_token"), so ablation runs of one
+    method get distinct labels; "" for the common setting. A record without the key (made
+    before the option existed) counts with the config class's default, or, when that class
+    no longer imports, is not labelled by it."""
+    out = [""] * len(df)
+    cfgs = [with_defaults(c) if isinstance(c, dict) else {} for c in df["method_cfg"]]
+    for method in set(df["method"]):
+        idx = [i for i, m in enumerate(df["method"]) if m == method]
+        keys = sorted({k for i in idx for k in cfgs[i]} - _BITS_KEYS)
+        for k in keys:
+            have = [i for i in idx if k in cfgs[i]]
+            vals = [json.dumps(numeric(cfgs[i][k]), sort_keys=True, default=str)
+                    for i in have]
+            if len(set(vals)) < 2:
+                continue
+            default = _default_of(cfgs[have[0]].get("_target_"), k)
+            # most common value; on a tie the config class's default stays unlabelled
+            common = max(sorted(set(vals)), key=lambda v: (vals.count(v), v == default))
+            for i, v in zip(have, vals, strict=True):
+                if v != common:
+                    out[i] = ", ".join(filter(None, [out[i], f"{k}={json.loads(v)}"]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# table model
