@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from harness.models import tiny_llama
+from harness.inputs.models import tiny_llama
 from methods.arch import ModelSpec
 from methods.awq import AWQConfig
 from methods.base import build
