@@ -178,7 +178,8 @@ class AWQ(Method[AWQConfig]):
                 if row:
                     scales.append({"block": i, **row})
             if fp_inputs:   # X_i's statistics, then X_{i+1} from the scaled fp block
-                stats = collect_block_stats(block, inputs, spec.table.linear_names())
+                stats = collect_block_stats(block, inputs, spec.table.linear_names(),
+                                            estimator=self.config.range_estimator)
                 if i + 1 < n_blocks:
                     inputs.advance(block)
             if self.config.clip:
@@ -186,12 +187,13 @@ class AWQ(Method[AWQConfig]):
                     self._clip_group(block, g, caps[g.role].X, cfgs)
             del caps
             if not fp_inputs:
-                stats = collect_block_stats(block, inputs, spec.table.linear_names())
+                stats = collect_block_stats(block, inputs, spec.table.linear_names(),
+                                            estimator=self.config.range_estimator)
             for rel, st in stats.items():
                 all_stats[f"{prefix}.{i}.{rel}"] = st
                 if cfgs[rel] is not None:
                     replace_linear(block, rel, round_and_wrap(
-                        block.get_submodule(rel), cfgs[rel], act_range=st.tensor_max))
+                        block.get_submodule(rel), cfgs[rel], act_range=st.static_range))
 
         store = torch.device("cpu") if self.config.offload_inputs else None
         walk_blocks(model, spec, calib, on_block, desc="awq blocks", store_device=store,
@@ -265,8 +267,8 @@ class AWQ(Method[AWQConfig]):
             for n, cn in quantized.items():
                 W = originals[n]
                 linears[n].weight.data = fake_quantize_weight(
-                    W * s.to(W).unsqueeze(0), cn.w_bits, cn.group_size, cn.symmetric
-                ) / s.to(W).unsqueeze(0)
+                    W * s.to(W).unsqueeze(0), cn.w_bits, cn.group_size, cn.symmetric,
+                    grid=cn.w_grid) / s.to(W).unsqueeze(0)
             err, count = 0.0, 0
             for X, call, Y in zip(cap.X, cap.calls, cap.Y, strict=True):
                 out = _call(mod, X.to(dev), _to(call, dev))
@@ -335,7 +337,7 @@ def awq_clip(W: Tensor, X: Tensor, cfg: AWQConfig, oc_batch: int = 64) -> Tensor
             max_val = org_max * (1 - i / cfg.clip_n_grid)
             Wc = torch.clamp(Wg, -max_val, max_val)
             Wq = fake_quantize_weight(Wc.reshape(-1, K), cfg.w_bits, cfg.group_size,
-                                      cfg.symmetric).view_as(Wg)
+                                      cfg.symmetric, grid=cfg.w_grid).view_as(Wg)
             err = (torch.einsum("tGg,nGg->ntG", Xg, Wq) - ref).pow(2).mean(1).unsqueeze(-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)

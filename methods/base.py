@@ -26,7 +26,9 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from torch import Tensor, nn
 
+from methods.act_range import ACT_RANGES, RangeEstimator
 from methods.arch import ModelSpec
+from methods.primitives import GRIDS
 
 ActMode = Literal["static_tensor", "dynamic_token"]
 ACT_MODES = ("static_tensor", "dynamic_token")
@@ -48,6 +50,15 @@ class QuantConfig:
     keep_fp: tuple[str, ...] = ()          # linear name patterns kept in full precision
     keep_w8: tuple[str, ...] = ()          # linear name patterns kept at w8 per-channel
     quantize_lm_head: bool = False
+    # Static per-tensor activation range from calibration (methods/act_range.py):
+    # minmax (max|X|) | percentile (act_percentile of |X|) | mse (clip minimising ||Q(X)-X||^2)
+    act_range: str = "minmax"
+    act_percentile: float = 99.99
+    # Symmetric integer grid (methods/primitives.py grid_divisor): narrow s = max|x|/(2^(b-1)-1)
+    # (2^b - 1 levels) | full s = max|x|/(2^(b-1)-1/2) (all 2^b levels, llm-compressor's).
+    # a_grid sets static per-tensor scales; dynamic per-token ones stay narrow (the kernels').
+    w_grid: str = "narrow"
+    a_grid: str = "narrow"
 
     def __post_init__(self) -> None:
         if self.group_size == -1 or self.group_size == 0:
@@ -63,6 +74,17 @@ class QuantConfig:
                               "or -1 for per-channel")
         if self.act_mode not in ACT_MODES:
             raise ConfigError(f"act_mode={self.act_mode!r}; use one of {ACT_MODES}")
+        if self.act_range not in ACT_RANGES:
+            raise ConfigError(f"act_range={self.act_range!r}; use one of {ACT_RANGES}")
+        if not 50.0 < float(self.act_percentile) <= 100.0:
+            raise ConfigError(f"act_percentile={self.act_percentile} must be in (50, 100] "
+                              "(e.g. 99.99: the static range ignores the top 0.01% of |X|)")
+        for key, grid in (("w_grid", self.w_grid), ("a_grid", self.a_grid)):
+            if grid not in GRIDS:
+                raise ConfigError(f"{key}={grid!r}; use one of {GRIDS}")
+        if self.w_grid != "narrow" and not self.symmetric and self.quantizes_weights:
+            raise ConfigError(f"w_grid={self.w_grid!r} applies to symmetric weights only; "
+                              "set symmetric=true or w_grid=narrow")
 
     @property
     def quantizes_weights(self) -> bool:
@@ -71,6 +93,12 @@ class QuantConfig:
     @property
     def quantizes_activations(self) -> bool:
         return self.a_bits < 16
+
+    @property
+    def range_estimator(self) -> RangeEstimator:
+        """How static per-tensor activation ranges are estimated from calibration data."""
+        return RangeEstimator(self.act_range, float(self.act_percentile), self.a_bits,
+                              self.a_grid)
 
     @property
     def bits_label(self) -> str:
@@ -266,3 +294,9 @@ class LinearStats:
     tensor_max: float              # v = max |X|
     n_tokens: int = 0
     percentiles: dict[str, float] = field(default_factory=dict)
+    estimated_range: float | None = None   # by a RangeEstimator other than minmax
+
+    @property
+    def static_range(self) -> float:
+        """The range a static per-tensor activation scale is computed from."""
+        return self.tensor_max if self.estimated_range is None else self.estimated_range

@@ -6,6 +6,9 @@ can be checked against it (experiment=alignment).
     llmc_awq          AWQModifier + QuantizationModifier (LLMCompressorAWQConfig)
     llmc_smoothquant  SmoothQuantModifier + GPTQ-free W8A8 QuantizationModifier
                       (LLMCompressorSmoothQuantConfig)
+    llmc_rtn          QuantizationModifier alone: round-to-nearest min-max weights on
+                      compressed-tensors' symmetric grid s = max|W| / 7.5 (native rtn
+                      w_grid=full) (LLMCompressorRTNConfig)
 
 After `oneshot`, every quantized linear is read back (weight, weight_scale,
 weight_zero_point, input_scale) and replaced by our FakeQuantLinear holding the
@@ -81,6 +84,17 @@ class LLMCompressorSmoothQuantConfig(QuantConfig):
         super().__post_init__()
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"llmc_smoothquant alpha={self.alpha} must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class LLMCompressorRTNConfig(QuantConfig):
+    w_grid: str = "full"            # fixed by the library: s = max|W| / (2^(b-1) - 1/2)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.symmetric and self.w_grid != "full":
+            raise ConfigError(f"llmc_rtn w_grid={self.w_grid!r}: compressed-tensors scales "
+                              "symmetric weights by max|W| / (2^(b-1) - 1/2) ('full') only")
 
 
 class LibraryBaseline(Method):
@@ -267,6 +281,16 @@ class LLMCompressorAWQ(_LLMCompressorMethod):
         c = self.config
         return [AWQModifier(n_grid=c.n_grid, duo_scaling=c.duo_scaling, ignore=ignore),
                 QuantizationModifier(config_groups={"group_0": self.scheme()}, ignore=ignore)]
+
+
+@register(LLMCompressorRTNConfig)
+class LLMCompressorRTN(_LLMCompressorMethod):
+    name = "llmc_rtn"
+    supported_bits = frozenset({(4, 16), (3, 16), (8, 16), (4, 8), (8, 8)})
+
+    def modifiers(self, spec: ModelSpec, ignore: list[str]) -> list[Any]:
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+        return [QuantizationModifier(config_groups={"group_0": self.scheme()}, ignore=ignore)]
 
 
 @register(LLMCompressorSmoothQuantConfig)

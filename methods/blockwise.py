@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from methods.act_range import AbsHistogram, RangeEstimator
 from methods.arch import ModelSpec, get_module
 from methods.base import LinearStats
 
@@ -185,17 +186,23 @@ def input_hooks(modules: dict[str, nn.Module], fn: Callable[[str, Tensor], None]
 
 class StatsAccumulator:
     """Per-linear input statistics: per-channel max|X_j|, v = max|X|, optional percentiles
-    of |X| (mean over samples of each sample's percentile; a cheap, stable estimate)."""
+    of |X| (mean over samples of each sample's percentile; a cheap, stable estimate) and,
+    for an estimator other than minmax, its static range from a fixed-size |X| histogram."""
 
-    def __init__(self, percentiles: Sequence[float] = ()):
+    def __init__(self, percentiles: Sequence[float] = (),
+                 estimator: RangeEstimator | None = None):
         self.percentiles = tuple(percentiles)
+        self.estimator = estimator if estimator and estimator.needs_histogram else None
         self.channel_max: dict[str, Tensor] = {}
         self.n_tokens: dict[str, int] = {}
         self.pct_sum: dict[str, dict[str, float]] = {}
         self.n_batches: dict[str, int] = {}
+        self.hist: dict[str, AbsHistogram] = {}
 
     def __call__(self, name: str, x: Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.estimator:
+            self.hist.setdefault(name, AbsHistogram()).add(x)
         cmax = x.abs().amax(dim=0)
         prev = self.channel_max.get(name)
         self.channel_max[name] = cmax if prev is None else torch.maximum(prev, cmax)
@@ -215,15 +222,18 @@ class StatsAccumulator:
         out = {}
         for name, cmax in self.channel_max.items():
             pct = {k: v / self.n_batches[name] for k, v in self.pct_sum.get(name, {}).items()}
-            out[name] = LinearStats(cmax.cpu(), float(cmax.max()), self.n_tokens[name], pct)
+            est = self.estimator.estimate(self.hist[name]) if self.estimator else None
+            out[name] = LinearStats(cmax.cpu(), float(cmax.max()), self.n_tokens[name], pct,
+                                    est)
         return out
 
 
 @torch.no_grad()
 def collect_block_stats(block: nn.Module, inputs: BlockInputs, linear_names: Sequence[str],
-                        percentiles: Sequence[float] = ()) -> dict[str, LinearStats]:
+                        percentiles: Sequence[float] = (),
+                        estimator: RangeEstimator | None = None) -> dict[str, LinearStats]:
     """Run the block on every sample with input hooks on the named linears."""
-    acc = StatsAccumulator(percentiles)
+    acc = StatsAccumulator(percentiles, estimator)
     modules = {n: block.get_submodule(n) for n in linear_names}
     with input_hooks(modules, acc):
         for x, kw in inputs.samples():
@@ -234,6 +244,19 @@ def collect_block_stats(block: nn.Module, inputs: BlockInputs, linear_names: Seq
             raise FloatingPointError(f"non-finite calibration statistics at {name} "
                                      f"(block {inputs.block_index})")
     return stats
+
+
+@torch.no_grad()
+def estimated_input_ranges(block: nn.Module, inputs: BlockInputs, linear_names: Sequence[str],
+                           cfg) -> dict[str, float]:
+    """{linear: static range of its input by cfg.range_estimator} as the block computes it
+    now (after any folding), one extra pass over the calibration samples; {} for minmax,
+    whose range the methods derive exactly from the statistics they already have."""
+    estimator = cfg.range_estimator
+    if not estimator.needs_histogram:
+        return {}
+    stats = collect_block_stats(block, inputs, linear_names, estimator=estimator)
+    return {n: st.static_range for n, st in stats.items()}
 
 
 @torch.no_grad()
@@ -286,5 +309,6 @@ def stats_table(stats: dict[str, dict[str, LinearStats]]) -> list[dict[str, Any]
     """Flatten {full name: LinearStats} into JSON-able rows for the run record."""
     return [{"linear": name, "max_abs": s.tensor_max, "n_tokens": s.n_tokens,
              "channel_max_mean": float(s.channel_max.mean()),
-             "channel_max_median": float(s.channel_max.median()), **s.percentiles}
+             "channel_max_median": float(s.channel_max.median()), **s.percentiles,
+             **({} if s.estimated_range is None else {"static_range": s.estimated_range})}
             for name, s in stats.items()]

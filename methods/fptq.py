@@ -37,7 +37,13 @@ from torch import Tensor, nn
 
 from methods.arch import LinearGroup, ModelSpec
 from methods.base import Calib, ConfigError, LinearStats, Method, QuantConfig, register
-from methods.blockwise import BlockInputs, collect_block_stats, input_hooks, walk_blocks
+from methods.blockwise import (
+    BlockInputs,
+    collect_block_stats,
+    estimated_input_ranges,
+    input_hooks,
+    walk_blocks,
+)
 from methods.layers import config_for, replace_linear, round_and_wrap
 from methods.smoothing import (
     S_MIN,
@@ -122,6 +128,7 @@ class GroupDecision:
     act_range: float | None = None      # max|X| after equalization (static modes)
     s: Tensor | None = None
     fallback: str | None = None
+    v_max_after: float | None = None    # max|X| after equalization when act_range != minmax
 
     def rows(self, prefix: str, keeps) -> list[dict[str, Any]]:
         out = []
@@ -132,6 +139,8 @@ class GroupDecision:
                         "v": self.v, "bucket": self.bucket,
                         "strategy": "fp (keep_fp)" if kept else self.strategy,
                         "fallback_reason": self.fallback, "range_after": self.act_range,
+                        **({} if self.v_max_after is None else
+                           {"max_after": self.v_max_after}),
                         **scale_summary(self.s)})
         return out
 
@@ -304,6 +313,17 @@ class FPTQ(Method[FPTQConfig]):
         return GroupDecision(i, group, v, bucket, "static_tensor", strategy,
                              act_range=float((x_max / s).max()), s=s)
 
+    def _estimate_static_ranges(self, block: nn.Module, inputs: BlockInputs,
+                                decisions: list[GroupDecision]) -> None:
+        """act_range != minmax: each static group's range from its (equalized) input as the
+        folded block computes it; the max-based range stays in `v_max_after`."""
+        static = [d for d in decisions if d.act_mode == "static_tensor"]
+        names = [d.group.linears[0] for d in static]
+        ranges = estimated_input_ranges(block, inputs, names, self.config) if names else {}
+        for d, name in zip(static, names, strict=True):
+            if name in ranges:
+                d.v_max_after, d.act_range = d.act_range, ranges[name]
+
     # -------------------------------------------------------------- weights
 
     def _linear_configs(self, d: GroupDecision, prefix: str) -> dict[str, FPTQConfig]:
@@ -334,7 +354,7 @@ class FPTQ(Method[FPTQConfig]):
             solved = solvers[n].solve(
                 bits=cfg.w_bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
                 act_order=cfg.gptq_act_order, static_groups=cfg.gptq_static_groups,
-                block_size=cfg.gptq_block_size, damp=cfg.gptq_damp)[:2]
+                block_size=cfg.gptq_block_size, damp=cfg.gptq_damp, grid=cfg.w_grid)[:2]
             solvers[n].free()
             replace_linear(block, n, round_and_wrap(block.get_submodule(n), cfg, solved=solved,
                                                     act_mode=d.act_mode, act_range=d.act_range))
@@ -376,6 +396,7 @@ class FPTQ(Method[FPTQConfig]):
         def on_block(i: int, block: nn.Module, inputs: BlockInputs) -> None:
             stats = collect_block_stats(block, inputs, spec.table.linear_names())
             decisions = [self.decide(i, block, g, stats, spec) for g in spec.table.groups]
+            self._estimate_static_ranges(block, inputs, decisions)
             for d in decisions:
                 if cfg.weight_method == "gptq":
                     self._quantize_gptq(block, d, inputs, prefix)

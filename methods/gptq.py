@@ -37,7 +37,7 @@ from methods.blockwise import (
     walk_blocks,
 )
 from methods.layers import FakeQuantLinear, config_for, replace_linear, round_and_wrap
-from methods.primitives import QParams, compute_qparams, qrange
+from methods.primitives import Grid, QParams, compute_qparams, qrange
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class GPTQSolver:
     @torch.no_grad()
     def solve(self, bits: int, group_size: int | None = None, symmetric: bool = True,
               act_order: bool = True, static_groups: bool = True, block_size: int = 128,
-              damp: float = 0.01, max_retries: int = 4
+              damp: float = 0.01, max_retries: int = 4, grid: Grid = "narrow"
               ) -> tuple[Tensor, QParams, dict[str, Any]]:
         """W_hat [N, K] (dtype of W) on the grid of qparams: scale/zero [N, K/g] per group,
         [N, 1] per channel, and info (damp used, retries, tr(dW H dW^T), dead columns)."""
@@ -147,9 +147,9 @@ class GPTQSolver:
         lo, hi = qrange(bits, symmetric)
         g = group_size or K
         # Group scales from the (dead-column-zeroed) W in the original column order.
-        grid = compute_qparams(W, bits, symmetric, "per_group", g)   # scale [N, K/g, 1]
-        scale = grid.scale.squeeze(-1)                               # [N, K/g]
-        zero = None if grid.zero is None else grid.zero.squeeze(-1)
+        qp0 = compute_qparams(W, bits, symmetric, "per_group", g, grid=grid)   # [N, K/g, 1]
+        scale = qp0.scale.squeeze(-1)                                         # [N, K/g]
+        zero = None if qp0.zero is None else qp0.zero.squeeze(-1)
         dynamic_groups = bool(group_size) and not static_groups
 
         perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
@@ -168,7 +168,7 @@ class GPTQSolver:
                 orig = int(perm[col]) if perm is not None else col
                 if dynamic_groups and col % g == 0:
                     current = torch.cat([W1[:, j:], W[:, i2:]], 1)[:, :g]   # updated W
-                    qp = compute_qparams(current, bits, symmetric, "per_channel")
+                    qp = compute_qparams(current, bits, symmetric, "per_channel", grid=grid)
                     scale[:, col // g] = qp.scale[:, 0]
                     if zero is not None:
                         zero[:, col // g] = qp.zero[:, 0]
@@ -222,7 +222,7 @@ class GPTQ(Method[GPTQConfig]):
             for step in gptq_sequence(spec, c.true_sequential):
                 todo = {n: lin_cfg for n in step
                         if (lin_cfg := config_for(c, f"{prefix}.{i}.{n}")) is not None}
-                hess, stats = HessianAccumulator(), StatsAccumulator()
+                hess, stats = HessianAccumulator(), StatsAccumulator(estimator=c.range_estimator)
                 hook = chain_hooks(hess, stats)
                 run_block_hooked(block, inputs, {n: (hook if n in todo else stats)
                                                  for n in step})
@@ -253,6 +253,7 @@ class GPTQ(Method[GPTQConfig]):
         solver = GPTQSolver(linear.weight.data)
         solver.set_hessian(H, n)
         W_hat, qp, info = solver.solve(c.w_bits, c.group_size, c.symmetric, c.act_order,
-                                       c.static_groups, c.block_size, c.damp, c.max_damp_retries)
+                                       c.static_groups, c.block_size, c.damp, c.max_damp_retries,
+                                       grid=c.w_grid)
         solver.free()
-        return round_and_wrap(linear, c, act_range=stats.tensor_max, solved=(W_hat, qp)), info
+        return round_and_wrap(linear, c, act_range=stats.static_range, solved=(W_hat, qp)), info

@@ -20,9 +20,10 @@ from torch import Tensor, nn
 from methods.arch import ModelSpec, set_module
 from methods.base import ActMode, QuantConfig
 from methods.primitives import (
+    Grid,
     QParams,
     fake_quantize_activation,
-    qrange,
+    grid_divisor,
     recover_codes,
     round_weight,
 )
@@ -144,9 +145,10 @@ class FakeQuantLinear(nn.Module):
         return recover_codes(self.weight, self.w_scale, self.w_zero, self.w_bits)
 
     @staticmethod
-    def static_scale_from_max(v: float, a_bits: int) -> float:
-        """Per-tensor scale s = v / (2^(b-1) - 1) for a calibrated range v = max|X|."""
-        return max(float(v), 1e-8) / qrange(a_bits, True)[1]
+    def static_scale_from_max(v: float, a_bits: int, grid: Grid = "narrow") -> float:
+        """Per-tensor scale s = v / d for a calibrated range v (d: `grid_divisor`; narrow:
+        2^(b-1) - 1)."""
+        return max(float(v), 1e-8) / grid_divisor(a_bits, grid)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.smooth_inv is not None:
@@ -210,8 +212,9 @@ def round_and_wrap(linear: nn.Linear, cfg: QuantConfig, *, act_range: float | No
     solved     (W_hat [N, K], qparams) a solver already put on the grid (GPTQ); None: round
                W to nearest at cfg.w_bits / group_size / symmetric, range * clip_ratio
     act_mode   overrides cfg.act_mode (FPTQ picks it per linear group)
-    act_range  calibrated v = max|X| of the input as the quantized model sees it; needed
-               for static per-tensor activations (scale v / (2^(b-1) - 1))
+    act_range  calibrated range v of the input as the quantized model sees it (max|X|, or
+               cfg.act_range's estimate); needed for static per-tensor activations
+               (scale v / grid_divisor(a_bits, cfg.a_grid))
     """
     qp = None
     if solved is not None:
@@ -221,13 +224,13 @@ def round_and_wrap(linear: nn.Linear, cfg: QuantConfig, *, act_range: float | No
         linear.weight.data = W_hat.to(linear.weight.dtype).reshape(linear.weight.shape)
     elif cfg.quantizes_weights:
         linear.weight.data, qp = round_weight(linear.weight.data, cfg.w_bits, cfg.group_size,
-                                              cfg.symmetric, clip_ratio)
+                                              cfg.symmetric, clip_ratio, cfg.w_grid)
     mode = act_mode or cfg.act_mode
     act_scale = None
     if cfg.quantizes_activations and mode == "static_tensor":
         if act_range is None:
             raise ValueError("static per-tensor activation quantization needs a calibrated "
                              "range act_range = max|X| (collect calibration statistics)")
-        act_scale = FakeQuantLinear.static_scale_from_max(act_range, cfg.a_bits)
+        act_scale = FakeQuantLinear.static_scale_from_max(act_range, cfg.a_bits, cfg.a_grid)
     return FakeQuantLinear(linear, w_bits=cfg.w_bits, group_size=cfg.group_size, w_qparams=qp,
                            a_bits=cfg.a_bits, act_mode=mode, act_scale=act_scale)

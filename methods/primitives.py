@@ -2,7 +2,9 @@
 
 Conventions (b = bits):
   symmetric:  q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1),  x_hat = q * s,
-              s = max|x| / (2^(b-1) - 1)
+              s = max|x| / d,  d = `grid_divisor(b, grid)`:
+              grid "narrow" d = 2^(b-1) - 1 (2^b - 1 levels used, the default),
+              grid "full"   d = 2^(b-1) - 1/2 (all 2^b levels; compressed-tensors)
   asymmetric: q = clamp(round(x / s) + z, 0, 2^b - 1),          x_hat = (q - z) * s,
               s = (max - min) / (2^b - 1), z = round(-min / s)
 Granularities, for a weight W [N, K] (out x in) or an activation X [T, K]:
@@ -23,10 +25,12 @@ from torch import Tensor
 from kernels.reference import pack_int4, unpack_int4
 
 Granularity = Literal["per_tensor", "per_channel", "per_group", "per_token"]
+Grid = Literal["narrow", "full"]
+GRIDS = ("narrow", "full")
 EPS = 1e-8
 
 __all__ = [
-    "QParams", "qrange", "compute_qparams", "quantize", "dequantize", "fake_quantize",
+    "QParams", "qrange", "grid_divisor", "compute_qparams", "quantize", "dequantize", "fake_quantize",
     "pack_int4", "unpack_int4", "quantize_weight", "round_weight", "fake_quantize_weight",
     "recover_codes",
     "quantize_activation", "fake_quantize_activation",
@@ -49,6 +53,18 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     return 0, 2 ** bits - 1
 
 
+def grid_divisor(bits: int, grid: Grid = "narrow") -> float:
+    """d in s = max|x| / d of a symmetric b-bit grid (codes clamped to [-2^(b-1), 2^(b-1)-1]).
+    narrow: d = 2^(b-1) - 1, max|x| lands on the top code and -2^(b-1) is never used;
+    full: d = 2^(b-1) - 1/2 (max|x| / 7.5 at int4, as compressed-tensors / llm-compressor),
+    all 2^b levels used, -max|x| lands on -2^(b-1) and +max|x| clamps to 2^(b-1) - 1."""
+    if grid == "narrow":
+        return 2.0 ** (bits - 1) - 1.0
+    if grid == "full":
+        return 2.0 ** (bits - 1) - 0.5
+    raise ValueError(f"unknown grid {grid!r}; use one of {GRIDS}")
+
+
 def _grouped(x: Tensor, granularity: Granularity, group_size: int | None) -> Tensor:
     """View x so that the reduction for one scale runs over the last dim."""
     if granularity == "per_tensor":
@@ -66,14 +82,14 @@ def _grouped(x: Tensor, granularity: Granularity, group_size: int | None) -> Ten
 
 def compute_qparams(x: Tensor, bits: int, symmetric: bool = True,
                     granularity: Granularity = "per_channel", group_size: int | None = None,
-                    clip_ratio: float = 1.0) -> QParams:
+                    clip_ratio: float = 1.0, grid: Grid = "narrow") -> QParams:
     """Min-max (optionally clipped) scale per granularity. Shapes broadcast against
-    `_grouped(x)`: [1, 1] / [rows, 1] / [rows, groups, 1]."""
+    `_grouped(x)`: [1, 1] / [rows, 1] / [rows, groups, 1]. grid: symmetric only."""
     g = _grouped(x.detach().float(), granularity, group_size)
     lo, hi = qrange(bits, symmetric)
     if symmetric:
         amax = g.abs().amax(dim=-1, keepdim=True) * clip_ratio
-        return QParams((amax / hi).clamp_min(EPS), None, bits)
+        return QParams((amax / grid_divisor(bits, grid)).clamp_min(EPS), None, bits)
     xmin = g.amin(dim=-1, keepdim=True).clamp(max=0) * clip_ratio
     xmax = g.amax(dim=-1, keepdim=True).clamp(min=0) * clip_ratio
     scale = ((xmax - xmin) / hi).clamp_min(EPS)
@@ -102,9 +118,9 @@ def dequantize(q: Tensor, qp: QParams, granularity: Granularity = "per_channel",
 
 def fake_quantize(x: Tensor, bits: int, symmetric: bool = True,
                   granularity: Granularity = "per_channel", group_size: int | None = None,
-                  qp: QParams | None = None) -> Tensor:
+                  qp: QParams | None = None, grid: Grid = "narrow") -> Tensor:
     """Quantize-dequantize x; same shape and dtype. qp given: use it (static scales)."""
-    qp = qp or compute_qparams(x, bits, symmetric, granularity, group_size)
+    qp = qp or compute_qparams(x, bits, symmetric, granularity, group_size, grid=grid)
     return dequantize(quantize(x, qp, granularity, group_size), qp, granularity, group_size,
                       x.dtype)
 
@@ -114,30 +130,33 @@ def weight_granularity(group_size: int | None) -> Granularity:
 
 
 def quantize_weight(W: Tensor, bits: int, group_size: int | None, symmetric: bool = True,
-                    clip_ratio: float = 1.0) -> tuple[Tensor, QParams]:
+                    clip_ratio: float = 1.0, grid: Grid = "narrow") -> tuple[Tensor, QParams]:
     """W [N, K] -> (integer codes [N, K] int32, qparams). group_size None/-1: per channel."""
     gran = weight_granularity(group_size)
-    qp = compute_qparams(W, bits, symmetric, gran, group_size, clip_ratio)
+    qp = compute_qparams(W, bits, symmetric, gran, group_size, clip_ratio, grid)
     return quantize(W, qp, gran, group_size), qp
 
 
 def round_weight(W: Tensor, bits: int, group_size: int | None, symmetric: bool = True,
-                 clip_ratio: float = 1.0) -> tuple[Tensor, QParams]:
+                 clip_ratio: float = 1.0, grid: Grid = "narrow") -> tuple[Tensor, QParams]:
     """Round-to-nearest W [N, K] -> (W_hat = (q - z) * s [N, K] in W's dtype, qparams)."""
-    q, qp = quantize_weight(W, bits, group_size, symmetric, clip_ratio)
+    q, qp = quantize_weight(W, bits, group_size, symmetric, clip_ratio, grid)
     return dequantize(q, qp, weight_granularity(group_size), group_size, W.dtype), qp
 
 
 def fake_quantize_weight(W: Tensor, bits: int, group_size: int | None,
-                         symmetric: bool = True, clip_ratio: float = 1.0) -> Tensor:
+                         symmetric: bool = True, clip_ratio: float = 1.0,
+                         grid: Grid = "narrow") -> Tensor:
     """W_hat of `round_weight` alone."""
-    return round_weight(W, bits, group_size, symmetric, clip_ratio)[0]
+    return round_weight(W, bits, group_size, symmetric, clip_ratio, grid)[0]
 
 
 def quantize_activation(x: Tensor, bits: int, mode: str,
                         static_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Symmetric activation quantization -> (integer codes q as x.dtype, scale s), x ~ q * s.
-    mode: 'static_tensor' (calibrated s, []) or 'dynamic_token' (s [..., 1] per row of x)."""
+    mode: 'static_tensor' (calibrated s, [], on whichever grid it was computed for) or
+    'dynamic_token' (s [..., 1] = max|x_row| / (2^(b-1) - 1) per row of x, the narrow grid
+    the runtime kernels compute)."""
     lo, hi = qrange(bits, True)
     if mode == "static_tensor":
         if static_scale is None:

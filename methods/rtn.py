@@ -39,13 +39,14 @@ class RTN(Method[RTNConfig]):
         prefix = spec.table.blocks
 
         def on_block(i: int, block: nn.Module, inputs) -> None:
-            stats = collect_block_stats(block, inputs, spec.table.linear_names())
+            stats = collect_block_stats(block, inputs, spec.table.linear_names(),
+                                        estimator=self.config.range_estimator)
             for rel, st in stats.items():
                 full = f"{prefix}.{i}.{rel}"
                 all_stats[full] = st
                 if (cfg := config_for(self.config, full)) is not None:
                     lin = block.get_submodule(rel)
-                    replace_linear(block, rel, round_and_wrap(lin, cfg, act_range=st.tensor_max))
+                    replace_linear(block, rel, round_and_wrap(lin, cfg, act_range=st.static_range))
 
         walk_blocks(model, spec, calib, on_block, desc="rtn blocks")
         self.artifacts["activation_stats"] = stats_table(all_stats)

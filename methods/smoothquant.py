@@ -23,7 +23,13 @@ from torch import Tensor, nn
 
 from methods.arch import LinearGroup, ModelSpec
 from methods.base import Calib, ConfigError, LinearStats, Method, QuantConfig, register
-from methods.blockwise import BlockInputs, collect_block_stats, stats_table, walk_blocks
+from methods.blockwise import (
+    BlockInputs,
+    collect_block_stats,
+    estimated_input_ranges,
+    stats_table,
+    walk_blocks,
+)
 from methods.layers import config_for, replace_linear, round_and_wrap
 from methods.smoothing import (
     S_MIN,
@@ -88,8 +94,13 @@ class SmoothQuant(Method[SmoothQuantConfig]):
             # every fold first: o / down fold into v_proj / up_proj, which must still be
             # full precision when their rows are rescaled
             plans = [self._smooth(block, g, stats, spec) for g in spec.table.groups]
+            static = cfg.quantizes_activations and cfg.act_mode == "static_tensor"
+            ranges = estimated_input_ranges(block, inputs, spec.table.linear_names(),
+                                            cfg) if static else {}
             for group, (v, v_after, s, reason) in zip(spec.table.groups, plans, strict=True):
-                rows.extend(self._quantize_group(i, block, group, v, v_after, s, reason, spec))
+                v_static = ranges.get(group.linears[0], v_after)
+                rows.extend(self._quantize_group(i, block, group, v, v_static, s, reason,
+                                                 spec))
 
         walk_blocks(model, spec, calib, on_block, desc="smoothquant blocks")
         self.artifacts["smoothquant"] = {"alpha": cfg.alpha, "rows": rows}
