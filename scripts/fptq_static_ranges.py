@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from harness.calib import CalibSpec, load_calibration
-from harness.models import load_model
+from harness.inputs.calib import CalibSpec, load_calibration
+from harness.inputs.models import load_model
 from methods.act_range import AbsHistogram, RangeEstimator
 from methods.blockwise import run_block_hooked, walk_blocks
 from methods.fptq import assign_bucket
@@ -49,7 +49,7 @@ def main(overrides: list[str]) -> None:
     cfg = compose(overrides)
     cache = Path(cfg.paths.cache_dir)
     lm = load_model(cfg.model, cache)
-    from harness.data import resolve_data_dir
+    from harness.inputs.data import resolve_data_dir
     calib, info = load_calibration(lm.tokenizer, CalibSpec(**{k: cfg.calib[k] for k in (
         "dataset", "n_samples", "seqlen", "seed")}), resolve_data_dir(), cache, False,
         lm.model.config.vocab_size)

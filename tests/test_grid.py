@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from harness.models import tiny_llama
+from harness.inputs.models import tiny_llama
 from methods.arch import ModelSpec
 from methods.base import ConfigError, build
 from methods.layers import FakeQuantLinear, iter_block_linears
