@@ -59,8 +59,8 @@ def test_outlier_down_proj_is_ranked_most_sensitive(tmp_path):
     calib = calib_tokens()
     model = method.quantize(copy.deepcopy(ref), spec, calib)
     ctx = EvalContext(model=model, tokenizer=tiny_tokenizer(), spec=spec, data_dir=None,
-                      run_dir=tmp_path, device=torch.device("cpu"), method_name="rtn",
-                      extra={"method": method, "calib": calib, "reference_model": ref})
+                      run_dir=tmp_path, device=torch.device("cpu"), method=method,
+                      calib=calib, reference_model=ref)
     ecfg = OmegaConf.create({"dataset": "ptb", "seqlen": 64, "max_windows": 1,
                              "groups": ["block", "type", "sublayer"]})
     res = evaluate_sensitivity(ctx, ecfg)

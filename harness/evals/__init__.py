@@ -11,24 +11,33 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from methods.arch import ModelSpec
+
+if TYPE_CHECKING:
+    from methods.base import Method
 
 
 @dataclass
 class EvalContext:
-    model: nn.Module
+    model: nn.Module              # the run's model exactly as quantized (never reloaded)
     tokenizer: Any
     spec: ModelSpec
     data_dir: Path | None
     run_dir: Path                 # per-run artifact directory (plots, tables)
     device: torch.device
-    method_name: str = "fp16"
-    extra: dict[str, Any] = field(default_factory=dict)
+    method: Method | None = None  # the method that quantized `model`; None: an fp model
+    calib: list[Tensor] | None = None          # its calibration batches, when it used any
+    reference_model: nn.Module | None = None   # fp copy taken before quantization, for eval
+    #                                            configs with `needs_reference_model: true`
+
+    @property
+    def method_name(self) -> str:
+        return self.method.name if self.method is not None else "fp16"
 
 
 @dataclass

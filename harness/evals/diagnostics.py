@@ -11,7 +11,7 @@ linears kept in full precision through keep_fp) and record the perplexity increa
 the fp model: each block, each linear type (family-table role), attention vs MLP.
 
 Both need the fp model: their eval configs set `needs_reference_model: true`, and the
-pipeline passes a copy made before quantization in ctx.extra["reference_model"].
+pipeline passes a copy made before quantization as ctx.reference_model.
 SQNR(dB) = 10 log10(sum ref^2 / sum (ref - quantized)^2).
 """
 
@@ -50,7 +50,7 @@ HIST_SAMPLE = 1 << 16          # values kept per window for histograms
 # ---------------------------------------------------------------- shared helpers
 
 def reference_model(ctx: EvalContext) -> nn.Module:
-    ref = ctx.extra.get("reference_model")
+    ref = ctx.reference_model
     if ref is None:
         raise ValueError("this evaluator needs the full-precision model: set "
                          "`needs_reference_model: true` in its eval config")
@@ -478,8 +478,11 @@ def plot_sensitivity(table: Sequence[dict[str, Any]], path: Path, title: str,
 def evaluate_sensitivity(ctx: EvalContext, cfg: Any) -> EvalResult:
     t_start = time.perf_counter()
     ref = reference_model(ctx)
-    method: Method = ctx.extra["method"]
-    calib = ctx.extra.get("calib")
+    method = ctx.method
+    if method is None:
+        raise ValueError("the sensitivity evaluator re-quantizes with the run's method: "
+                         "EvalContext.method is None (an fp model has nothing to rank)")
+    calib = ctx.calib
     if calib is not None and cfg.get("calib_samples"):
         calib = calib[: int(cfg.calib_samples)]
     windows = eval_windows(ctx, cfg)

@@ -240,9 +240,8 @@ def _execute(cfg: DictConfig, record: RunRecord, timer: Timer) -> None:
         record.artifacts["checkpoint"] = str(
             save_runtime_checkpoint(model, lm.spec, run_dir / "checkpoint", meta))
     ctx = EvalContext(model=model, tokenizer=lm.tokenizer, spec=lm.spec, data_dir=data_dir,
-                      run_dir=run_dir, device=device, method_name=method.name,
-                      extra={"method": method, "cfg": cfg, "calib": calib,
-                             "reference_model": reference})
+                      run_dir=run_dir, device=device, method=method, calib=calib,
+                      reference_model=reference)
     n_eval_metrics = 0
     for name in cfg.eval.evaluators:
         with timer.phase(f"eval_{name}", device):
