@@ -161,7 +161,7 @@ def bucket_section(v: ModelView) -> list[str]:
     ds = "wikitext2"
     found = False
     for est in ("minmax", "mse", "percentile"):
-        def pick(**want):
+        def pick(est=est, **want):
             hits = [r for r in v.fptq if group_size(r) == v.group
                     and setting(r, "act_range", PAPER) == est
                     and setting(r, "w_grid", PAPER) == "narrow"
