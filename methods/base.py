@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from methods.act_range import ACT_RANGES, RangeEstimator
 from methods.arch import ModelSpec
+from methods.kvcache import KV_BITS, KV_GRANULARITIES
 from methods.primitives import GRIDS
 
 ActMode = Literal["static_tensor", "dynamic_token"]
@@ -59,6 +60,8 @@ class QuantConfig:
     # a_grid sets static per-tensor scales; dynamic per-token ones stay narrow (the kernels').
     w_grid: str = "narrow"
     a_grid: str = "narrow"
+    kv_bits: int | None = None             # None: fp KV cache; 8 | 4: fake-quant K (after RoPE), V
+    kv_granularity: str = "per_token"      # per_token (dynamic) | per_head (calibrated, static)
 
     def __post_init__(self) -> None:
         if self.group_size == -1 or self.group_size == 0:
@@ -85,6 +88,14 @@ class QuantConfig:
         if self.w_grid != "narrow" and not self.symmetric and self.quantizes_weights:
             raise ConfigError(f"w_grid={self.w_grid!r} applies to symmetric weights only; "
                               "set symmetric=true or w_grid=narrow")
+        if self.kv_bits == 16:
+            object.__setattr__(self, "kv_bits", None)
+        if self.kv_bits not in (None, *KV_BITS):
+            raise ConfigError(f"kv_bits={self.kv_bits} is not supported; use null (fp cache), "
+                              f"{' or '.join(map(str, KV_BITS))}")
+        if self.kv_granularity not in KV_GRANULARITIES:
+            raise ConfigError(f"kv_granularity={self.kv_granularity!r}; use one of "
+                              f"{KV_GRANULARITIES}")
 
     @property
     def quantizes_weights(self) -> bool:
@@ -101,9 +112,14 @@ class QuantConfig:
                               self.a_grid)
 
     @property
+    def quantizes_kv_cache(self) -> bool:
+        return self.kv_bits is not None
+
+    @property
     def bits_label(self) -> str:
         g = f"-g{self.group_size}" if self.group_size and self.w_bits < 16 else ""
-        return f"w{self.w_bits}a{self.a_bits}{g}"
+        kv = f"kv{self.kv_bits}" if self.kv_bits else ""
+        return f"w{self.w_bits}a{self.a_bits}{kv}{g}"
 
     def keeps(self, full_name: str) -> bool:
         """full_name (e.g. model.layers.3.mlp.down_proj) is kept in full precision."""
@@ -166,7 +182,31 @@ class Method(ABC, Generic[C]):
     def quantize(self, model: nn.Module, spec: ModelSpec, calib: Calib | None) -> nn.Module:
         """Simulated quantization, in place; returns the model."""
 
+    @property
+    def needs_kv_calibration(self) -> bool:
+        """Static per-head KV scales are calibrated on the quantized model."""
+        c = self.config
+        return c.quantizes_kv_cache and c.kv_granularity == "per_head"
+
+    def quantize_kv_cache(self, model: nn.Module, spec: ModelSpec,
+                          calib: Calib | None) -> nn.Module:
+        """The shared KV-cache setting, applied after `quantize` (and after a quantized-model
+        cache hit: the KV quantizers are not part of the cached linears). No-op without
+        kv_bits."""
+        c = self.config
+        if c.quantizes_kv_cache:
+            from methods.kvcache import quantize_kv_cache
+            self.artifacts["kv_cache"] = quantize_kv_cache(model, spec, c.kv_bits,
+                                                           c.kv_granularity, calib)
+        return model
+
     def to_runtime(self, model: nn.Module, spec: ModelSpec) -> nn.Module:
+        if self.config.quantizes_kv_cache:
+            raise ValueError(
+                f"kv_bits={self.config.kv_bits}: the KV cache is quantized in simulation only "
+                "(fake-quant inside the attention function); the runtime kernels keep an fp16 "
+                "cache, so latency would not measure it. Use runtime=false, or "
+                "method.kv_bits=null for the runtime path")
         from methods.runtime import convert_to_runtime
         return convert_to_runtime(model, spec, self.artifacts.setdefault("runtime", {}))
 

@@ -17,7 +17,9 @@ report says why: an unfolded s would cost a per-channel multiply at runtime.
 
 Weights: RTN on the (equalized) W by default, or GPTQ (methods.gptq.GPTQSolver) after
 LAE, solved group by group inside a block so that later groups see the quantized earlier
-ones (true-sequential). Optional int8 KV cache fake-quant (see `KVQuantizer`).
+ones (true-sequential). KV-cache quantization is the shared setting of every method
+(QuantConfig.kv_bits / kv_granularity, methods/kvcache.py); records made before it moved
+there carry kv_cache_bits / kv_mode (per_head_static = kv_granularity per_head).
 
 Ablations: middle=smoothquant (SmoothQuant's s with sq_alpha instead of LAE in the middle
 bucket), policy=all_static / all_dynamic (one strategy everywhere, no equalization).
@@ -61,7 +63,6 @@ Bucket = Literal["static", "lae", "dynamic"]
 WEIGHT_METHODS = ("rtn", "gptq")
 MIDDLES = ("lae", "smoothquant")
 POLICIES = ("layerwise", "all_static", "all_dynamic")
-KV_MODES = ("per_head_static", "per_token")
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,6 @@ class FPTQConfig(QuantConfig):
     sq_alpha: float = 0.5               # SmoothQuant migration strength when middle=smoothquant
     policy: str = "layerwise"           # layerwise | all_static | all_dynamic (ablations)
     fold_linear_feeders: bool = True    # equalize o (into v_proj) and down (into up_proj)
-    kv_cache_bits: int | None = None    # None | 8: int8 fake-quant of k_proj / v_proj outputs
-    kv_mode: str = "per_head_static"    # per_head_static | per_token
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
     gptq_act_order: bool = True
@@ -90,14 +89,11 @@ class FPTQConfig(QuantConfig):
                               f"v1={self.v1} (the paper uses v0=15, v1=150)")
         for field_name, value, allowed in (("weight_method", self.weight_method, WEIGHT_METHODS),
                                            ("middle", self.middle, MIDDLES),
-                                           ("policy", self.policy, POLICIES),
-                                           ("kv_mode", self.kv_mode, KV_MODES)):
+                                           ("policy", self.policy, POLICIES)):
             if value not in allowed:
                 raise ConfigError(f"{field_name}={value!r}; use one of {allowed}")
         if not 0.0 <= float(self.sq_alpha) <= 1.0:
             raise ConfigError(f"sq_alpha={self.sq_alpha} must be in [0, 1]")
-        if self.kv_cache_bits not in (None, 8):
-            raise ConfigError(f"kv_cache_bits={self.kv_cache_bits}; use null (off) or 8")
 
 
 # ------------------------------------------------------------------ pure policy functions
@@ -203,44 +199,6 @@ def plot_policy(rows: list[dict[str, Any]], path: str | Path, v0: float, v1: flo
     return path
 
 
-# ------------------------------------------------------------------ KV cache fake-quant
-
-class KVQuantizer(nn.Module):
-    """Symmetric int8 fake-quant of a k_proj / v_proj output [B, T, H_kv * d], i.e. the
-    keys (before RoPE, which is a per-position rotation within each head) and values that
-    the KV cache stores. per_head_static: one calibrated scale per KV head;
-    per_token: one scale per (token, head), computed on the fly."""
-
-    def __init__(self, num_heads: int, head_dim: int, bits: int, mode: str,
-                 head_max: Tensor | None = None):
-        super().__init__()
-        self.num_heads, self.head_dim, self.bits, self.mode = num_heads, head_dim, bits, mode
-        self.qmax = 2 ** (bits - 1) - 1
-        scale = None if head_max is None else (head_max.float() / self.qmax).clamp_min(1e-8)
-        self.register_buffer("scale", scale)
-        if mode == "per_head_static" and scale is None:
-            raise ValueError("per_head_static KV quantization needs calibrated head ranges")
-
-    def forward(self, y: Tensor) -> Tensor:
-        shape = y.shape
-        y = y.reshape(*shape[:-1], self.num_heads, self.head_dim)
-        if self.mode == "per_head_static":
-            s = self.scale.to(y.dtype)[:, None]
-        else:
-            s = (y.abs().amax(dim=-1, keepdim=True) / self.qmax).clamp_min(1e-8)
-        y = torch.clamp(torch.round(y / s), -self.qmax - 1, self.qmax) * s
-        return y.reshape(shape)
-
-    def extra_repr(self) -> str:
-        return f"int{self.bits} {self.mode}, {self.num_heads} heads x {self.head_dim}"
-
-
-def attach_kv_quantizer(proj: nn.Module, quantizer: nn.Module) -> None:
-    """Register quantizer as a child of proj and quantize proj's output with it."""
-    proj.add_module("kv_quant", quantizer)
-    proj.register_forward_hook(lambda mod, args, out: mod.kv_quant(out))
-
-
 # ------------------------------------------------------------------ the method
 
 @register(FPTQConfig)
@@ -252,18 +210,6 @@ class FPTQ(Method[FPTQConfig]):
     def needs_calibration(self) -> bool:
         return True
 
-    @property
-    def cacheable(self) -> bool:
-        """The KV quantizers are forward hooks the quantized-model cache cannot restore."""
-        return not self.config.kv_cache_bits
-
-    def to_runtime(self, model: nn.Module, spec: ModelSpec) -> nn.Module:
-        if self.config.kv_cache_bits:
-            raise ValueError("fptq kv_cache_bits is simulated with hooks on k_proj / v_proj "
-                             "that runtime modules do not carry; use runtime=false or "
-                             "method.kv_cache_bits=null")
-        return super().to_runtime(model, spec)
-
     def check(self, spec: ModelSpec) -> str | None:
         reason = super().check(spec)
         if reason:
@@ -274,9 +220,6 @@ class FPTQ(Method[FPTQConfig]):
             except ImportError:
                 return ("fptq weight_method=gptq needs methods.gptq.GPTQSolver, which this "
                         "build lacks; use method.weight_method=rtn")
-        if self.config.kv_cache_bits and not kv_linears(spec):
-            return (f"kv_cache_bits is set but the {spec.table.family} table names no "
-                    "k_proj / v_proj linears")
         return None
 
     # -------------------------------------------------------------- per-group decision
@@ -359,31 +302,6 @@ class FPTQ(Method[FPTQConfig]):
             replace_linear(block, n, round_and_wrap(block.get_submodule(n), cfg, solved=solved,
                                                     act_mode=d.act_mode, act_range=d.act_range))
 
-    # -------------------------------------------------------------- KV cache
-
-    @torch.no_grad()
-    def _quantize_kv(self, block: nn.Module, inputs: BlockInputs, spec: ModelSpec) -> None:
-        cfg = self.config
-        names = kv_linears(spec)
-        head_max: dict[str, Tensor] = {}
-        if cfg.kv_mode == "per_head_static":
-            def record(name: str, y: Tensor) -> None:
-                m = y.detach().reshape(-1, spec.num_kv_heads, spec.head_dim).abs().float()
-                m = m.amax(dim=(0, 2))
-                head_max[name] = m if name not in head_max else torch.maximum(head_max[name], m)
-            handles = [block.get_submodule(n).register_forward_hook(
-                lambda mod, a, out, n=n: record(n, out)) for n in names]
-            try:
-                for x, kw in inputs.samples():
-                    block(x, **kw)
-            finally:
-                for h in handles:
-                    h.remove()
-        for n in names:
-            q = KVQuantizer(spec.num_kv_heads, spec.head_dim, cfg.kv_cache_bits, cfg.kv_mode,
-                            head_max.get(n))
-            attach_kv_quantizer(block.get_submodule(n), q.to(next(block.parameters()).device))
-
     # -------------------------------------------------------------- driver
 
     def quantize(self, model: nn.Module, spec: ModelSpec, calib: Calib | None) -> nn.Module:
@@ -403,8 +321,6 @@ class FPTQ(Method[FPTQConfig]):
                 else:
                     self._quantize_rtn(block, d, prefix)
                 rows.extend(d.rows(prefix, cfg.keeps))
-            if cfg.kv_cache_bits:
-                self._quantize_kv(block, inputs, spec)
 
         walk_blocks(model, spec, calib, on_block, desc="fptq blocks")
         counts = policy_counts(rows)
@@ -412,8 +328,6 @@ class FPTQ(Method[FPTQConfig]):
         self.artifacts["fptq_policy"] = {
             "v0": cfg.v0, "v1": cfg.v1, "policy": cfg.policy, "middle": cfg.middle,
             "weight_method": cfg.weight_method, "counts": counts, "rows": rows,
-            "kv_cache": None if not cfg.kv_cache_bits else
-            {"bits": cfg.kv_cache_bits, "mode": cfg.kv_mode, "linears": list(kv_linears(spec))},
         }
         return model
 
@@ -426,7 +340,3 @@ class FPTQ(Method[FPTQConfig]):
                            policy["v0"], policy["v1"])
         return {"fptq_policy_plot": str(path)}
 
-
-def kv_linears(spec: ModelSpec) -> tuple[str, ...]:
-    """The linears whose outputs are the cached keys and values, from the family table."""
-    return spec.table.kv_linears

@@ -34,6 +34,7 @@ __all__ = [
     "pack_int4", "unpack_int4", "quantize_weight", "round_weight", "fake_quantize_weight",
     "recover_codes",
     "quantize_activation", "fake_quantize_activation",
+    "fake_quantize_ste", "fake_quantize_per_token_ste",
 ]
 
 
@@ -174,6 +175,23 @@ def fake_quantize_activation(x: Tensor, bits: int, mode: str,
     """Symmetric activation fake-quant q * s (see `quantize_activation`)."""
     q, s = quantize_activation(x, bits, mode, static_scale)
     return q * s
+
+
+def fake_quantize_ste(x: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """Symmetric fake-quant clamp(round(x / s), lo, hi) * s with the straight-through
+    estimator: d out / d x = 1 where x lies in [lo * s, hi * s], 0 outside (clipped).
+    scale broadcasts against x and gets no gradient (MinMax: it follows x, not learned)."""
+    lo, hi = qrange(bits, True)
+    s = scale.detach()
+    x_c = torch.clamp(x, lo * s, hi * s)
+    return x_c + (torch.round(x_c / s) * s - x_c).detach()
+
+
+def fake_quantize_per_token_ste(x: Tensor, bits: int) -> Tensor:
+    """fake_quantize_ste with one MinMax scale per row (last dim): s = max|x_row| / hi."""
+    hi = qrange(bits, True)[1]
+    return fake_quantize_ste(x, (x.detach().abs().amax(dim=-1, keepdim=True) / hi)
+                             .clamp_min(EPS), bits)
 
 
 def recover_codes(W_hat: Tensor, scale: Tensor, zero: Tensor | None, bits: int,

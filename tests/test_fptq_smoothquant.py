@@ -208,22 +208,20 @@ def test_smoothquant_w8a8_beats_rtn_w8a8_static(outlier_model, calib, held_out):
         torch.testing.assert_close(codes, codes.round(), atol=1e-3, rtol=0)
 
 
-def test_kv_cache_quantization_modes(outlier_model, calib, held_out):
+def test_fptq_kv_cache_is_the_shared_setting(outlier_model, calib, held_out):
+    """FPTQ's KV option is QuantConfig.kv_bits (tests/test_kvcache.py); its old per-head
+    static mode is kv_granularity=per_head, calibrated on the quantized model."""
     model, spec = outlier_model
-    for mode in ("per_head_static", "per_token"):
-        m = copy.deepcopy(model)
-        method = build(FPTQConfig(group_size=G, kv_cache_bits=8, kv_mode=mode))
-        method.quantize(m, spec, calib)
-        k = m.model.layers[0].self_attn.k_proj
-        assert k.kv_quant.mode == mode
-        if mode == "per_head_static":
-            assert k.kv_quant.scale.shape == (spec.num_kv_heads,)
-        assert torch.isfinite(_logits(m, held_out)).all()
-        assert method.artifacts["fptq_policy"]["kv_cache"]["mode"] == mode
-        assert not method.cacheable   # hooks: the quantized-model cache must not reuse it
-        with pytest.raises(ValueError, match="runtime=false"):
-            method.to_runtime(m, spec)
-    assert build(FPTQConfig(group_size=G)).cacheable
+    m = copy.deepcopy(model)
+    method = build(FPTQConfig(group_size=G, kv_bits=8, kv_granularity="per_head"))
+    method.quantize(m, spec, calib)
+    without = _logits(m, held_out)
+    method.quantize_kv_cache(m, spec, calib)
+    k = m.model.layers[0].self_attn.kv_quant
+    assert k.granularity == "per_head" and k.k_max.shape == (spec.num_kv_heads,)
+    assert (_logits(m, held_out) - without).abs().max() > 0 and k.calls > 0
+    with pytest.raises(ValueError, match="runtime=false"):
+        method.to_runtime(m, spec)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("methods.gptq") is None,
@@ -249,7 +247,7 @@ def test_fptq_gptq_weights(outlier_model, calib, held_out, fptq_run):
     ({"middle": "awq"}, "middle="),
     ({"weight_method": "hqq"}, "weight_method="),
     ({"sq_alpha": 1.5}, "sq_alpha"),
-    ({"kv_cache_bits": 4}, "kv_cache_bits"),
+    ({"kv_bits": 2}, "kv_bits"),
 ])
 def test_fptq_config_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):

@@ -221,6 +221,9 @@ def _execute(cfg: DictConfig, record: RunRecord, timer: Timer) -> None:
     # evals that compare against the full-precision model (diagnostics) get a copy
     reference = copy.deepcopy(lm.model) if cfg.eval.get("needs_reference_model") else None
     model, lm = _quantize_cached(cfg, method, lm, record, timer, calib)
+    if method.config.quantizes_kv_cache:   # not cached: applied after a cache hit too
+        with timer.phase("quantize_kv_cache", device):
+            model = method.quantize_kv_cache(model, lm.spec, calib)
     record_size_and_precision(record, model, lm.spec, method,
                               method.artifacts.get("mixed_precision_selection"))
     if cfg.get("runtime", False):
@@ -270,7 +273,7 @@ def _load(cfg: DictConfig, cache_dir: Path) -> LoadedModel:
 def _calibration(cfg: DictConfig, method: Method, lm: LoadedModel, record: RunRecord,
                  timer: Timer, data_dir: Path | None, cache_dir: Path) -> list | None:
     """Calibration token batches when the method needs them (cached on disk), else None."""
-    if not method.needs_calibration:
+    if not (method.needs_calibration or method.needs_kv_calibration):
         return None
     spec = CalibSpec(**OmegaConf.to_container(cfg.calib, resolve=True))
     with timer.phase("calibration_data", torch.device("cpu")):
