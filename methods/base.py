@@ -150,6 +150,9 @@ class Method(ABC, Generic[C]):
     def __init__(self, config: C):
         self.config = config
         self.artifacts: dict[str, Any] = {}     # per-run results (stats, policy tables)
+        # where a method may keep expensive inputs between runs (LLM-QAT's generated data);
+        # the pipeline sets it to the run's cache dir, None: nothing is kept
+        self.cache_dir: Path | None = None
 
     @property
     def needs_calibration(self) -> bool:
@@ -290,7 +293,8 @@ def register(config_type: type[QuantConfig]):
 def _load_builtin() -> None:
     import methods.fp16  # noqa: F401
     import methods.rtn  # noqa: F401
-    for optional in ("smoothquant", "gptq", "awq", "fptq", "baselines", "baseline_gptqmodel"):
+    for optional in ("smoothquant", "gptq", "awq", "fptq", "llmqat", "baselines",
+                     "baseline_gptqmodel"):
         try:
             __import__(f"methods.{optional}")
         except ModuleNotFoundError as e:

@@ -34,7 +34,7 @@ __all__ = [
     "pack_int4", "unpack_int4", "quantize_weight", "round_weight", "fake_quantize_weight",
     "recover_codes",
     "quantize_activation", "fake_quantize_activation",
-    "fake_quantize_ste", "fake_quantize_per_token_ste",
+    "fake_quantize_ste", "fake_quantize_per_token_ste", "fake_quantize_weight_ste",
 ]
 
 
@@ -192,6 +192,15 @@ def fake_quantize_per_token_ste(x: Tensor, bits: int) -> Tensor:
     hi = qrange(bits, True)[1]
     return fake_quantize_ste(x, (x.detach().abs().amax(dim=-1, keepdim=True) / hi)
                              .clamp_min(EPS), bits)
+
+
+def fake_quantize_weight_ste(W: Tensor, bits: int, group_size: int | None) -> Tensor:
+    """Symmetric MinMax fake-quant of W [N, K] per output channel (or per group along K)
+    with the straight-through estimator; same grid as `quantize_weight(symmetric=True)`."""
+    hi = qrange(bits, True)[1]
+    g = _grouped(W, weight_granularity(group_size), group_size)
+    s = (g.detach().abs().amax(dim=-1, keepdim=True) / hi).clamp_min(EPS)
+    return fake_quantize_ste(g, s, bits).reshape(W.shape)
 
 
 def recover_codes(W_hat: Tensor, scale: Tensor, zero: Tensor | None, bits: int,

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.models import tiny_llama
-from harness.pipeline import run_one
+from harness.inputs.models import tiny_llama
+from harness.run.pipeline import run_one
 from methods.arch import ModelSpec
 from methods.base import ConfigError, QuantConfig, build
 from methods.kvcache import KVCacheQuantizer, detach_kv_cache_quant, kv_quantizers

@@ -17,6 +17,7 @@ from methods.base import build
 from methods.fptq import FPTQConfig
 from methods.gptq import GPTQConfig
 from methods.layers import FakeQuantLinear, config_for, iter_block_linears, round_and_wrap
+from methods.llmqat import LLMQATConfig
 from methods.primitives import round_weight
 from methods.rtn import RTNConfig
 from methods.size import model_size
@@ -31,6 +32,7 @@ CONFIGS = {
     "awq": AWQConfig(w_bits=4, **MIXED),
     "fptq": FPTQConfig(v0=1.0, v1=40.0, **MIXED),
     "fptq-gptq": FPTQConfig(v0=1.0, v1=40.0, weight_method="gptq", **MIXED),
+    "llmqat": LLMQATConfig(n_samples=2, seq_len=16, gen_batch_size=2, steps=2, **MIXED),
 }
 
 

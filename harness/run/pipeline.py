@@ -203,6 +203,7 @@ def _execute(cfg: DictConfig, record: RunRecord, timer: Timer) -> None:
         raise Skip(reason)
     data_dir = resolve_data_dir(cfg.paths.get("data_dir"))
     cache_dir = Path(cfg.paths.cache_dir)
+    method.cache_dir = cache_dir
     torch.manual_seed(int(cfg.seed))
 
     load_device = torch.device("cpu")
