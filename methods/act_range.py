@@ -6,12 +6,13 @@
     mse         v = argmin_c sum_x (x - Q_c(x))^2 over clip ranges c = max|X| * 2^(-k/32),
                 k = 0 .. 32 * MSE_OCTAVES (ratios 1 down to 2^-MSE_OCTAVES, 2.2% apart)
 
-Memory: activations are never kept. `AbsHistogram` counts |x| in log-spaced bins
-(BINS_PER_OCTAVE per factor of two, 0.41% relative width, from 2^MIN_EXP to 2^MAX_EXP;
-below: counted as 0, above: not representable in float32 activations of a sane model
-and rejected) and keeps the exact max, so its size is fixed (N_BINS int64 per tensor)
-whatever the number of calibration tokens. Percentiles interpolate geometrically inside
-a bin; the MSE of a bin is the mean error over SUB_POINTS points spread inside it.
+Memory: activations are never kept. `AbsHistogram` counts |x| by the top 16 bits of its
+float32 bit pattern (8 exponent bits, 7 mantissa bits): 128 bins per factor of two, each
+at most 0.78% of its value wide, over the whole float32 range, in a fixed array of 2^15
+int64 counts (256 KB) per tensor whatever the number of calibration tokens; binning is a
+shift and a bincount. The exact max is kept beside it. Percentiles interpolate linearly
+inside a bin; the MSE of a bin is the mean error over SUB_POINTS points spread inside it;
+the MSE search is coarse (ratios 2^(-k/8)) then fine (2^(-k/32)) around the best coarse one.
 Activations are symmetric: the error of -x is taken equal to that of x (exact for the
 narrow grid; the full grid's extra negative code is ignored).
 """
@@ -30,68 +31,61 @@ from methods.primitives import Grid, grid_divisor
 ActRange = Literal["minmax", "percentile", "mse"]
 ACT_RANGES = ("minmax", "percentile", "mse")
 
-BINS_PER_OCTAVE = 170
-MIN_EXP, MAX_EXP = -24, 24
-N_BINS = BINS_PER_OCTAVE * (MAX_EXP - MIN_EXP)
+BIN_SHIFT = 16                      # float32 bits >> 16: exponent + top 7 mantissa bits
+N_BINS = 1 << 15                    # sign bit is 0 for |x|
 MSE_OCTAVES = 10
-SUB_POINTS = 8
+SUB_POINTS = 4
 
 
 class AbsHistogram:
-    """Fixed-size histogram of |x| over log-spaced bins (see the module docstring);
-    lifecycle: add(x) per batch -> estimate(...) -> drop the object."""
+    """Fixed-size histogram of |x| over float32 bit-pattern bins (see the module docstring);
+    lifecycle: add(x) per batch -> percentile / mse_range -> drop the object."""
 
     def __init__(self) -> None:
-        self.counts = torch.zeros(N_BINS + 1, dtype=torch.int64)   # [0]: |x| < 2^MIN_EXP
+        self.counts = torch.zeros(N_BINS, dtype=torch.int64)
         self.max = 0.0
         self.n = 0
 
     def add(self, x: Tensor) -> None:
-        a = x.detach().abs().float().flatten()
+        a = x.detach().float().abs().flatten()
         if not a.numel():
             return
         m = float(a.max())
-        if not math.isfinite(m) or m >= 2.0 ** MAX_EXP:
-            raise ValueError(f"activation magnitude {m:.3g} is outside the histogram range "
-                             f"[0, 2^{MAX_EXP}); use act_range=minmax")
-        idx = torch.floor((torch.log2(a.clamp_min(2.0 ** MIN_EXP)) - MIN_EXP)
-                          * BINS_PER_OCTAVE).long() + 1
-        idx = torch.where(a < 2.0 ** MIN_EXP, torch.zeros_like(idx), idx.clamp(1, N_BINS))
-        self.counts += torch.bincount(idx, minlength=N_BINS + 1).cpu()
+        if not math.isfinite(m):
+            raise ValueError(f"non-finite activation {m}: no static range can be estimated")
+        idx = a.view(torch.int32) >> BIN_SHIFT
+        self.counts += torch.bincount(idx, minlength=N_BINS).cpu()
         self.max = max(self.max, m)
         self.n += a.numel()
 
-    def edges(self) -> tuple[Tensor, Tensor]:
-        """(lower, upper) edge of each bin [N_BINS + 1] (bin 0 is [0, 2^MIN_EXP)), float64."""
-        k = torch.arange(N_BINS, dtype=torch.float64)
-        lo = torch.cat([torch.zeros(1, dtype=torch.float64),
-                        2.0 ** (MIN_EXP + k / BINS_PER_OCTAVE)])
-        hi = torch.cat([torch.full((1,), 2.0 ** MIN_EXP, dtype=torch.float64),
-                        2.0 ** (MIN_EXP + (k + 1) / BINS_PER_OCTAVE)])
-        return lo, hi.clamp(max=max(self.max, 2.0 ** MIN_EXP))
+    @staticmethod
+    def edges(idx: Tensor) -> tuple[Tensor, Tensor]:
+        """(lower, upper) value edges of bins idx, float64."""
+        lo = (idx.to(torch.int32) << BIN_SHIFT).view(torch.float32).double()
+        hi = ((idx.to(torch.int32) + 1) << BIN_SHIFT).view(torch.float32).double()
+        return lo, hi
 
     def percentile(self, p: float) -> float:
-        """p-th percentile of |x| (0 < p <= 100), geometric interpolation inside its bin."""
+        """p-th percentile of |x| (0 < p <= 100), linear interpolation inside its bin."""
         if not 0.0 < p <= 100.0:
             raise ValueError(f"percentile {p} must be in (0, 100]")
         if self.n == 0:
             raise ValueError("empty histogram: no calibration activations were recorded")
         target = p / 100.0 * self.n
         cum = torch.cumsum(self.counts, 0).double()
-        b = int(torch.searchsorted(cum, torch.tensor([target], dtype=torch.float64)))
-        b = min(b, N_BINS)
-        lo, hi = self.edges()
+        b = min(int(torch.searchsorted(cum, torch.tensor([target], dtype=torch.float64))),
+                N_BINS - 1)
+        lo, hi = self.edges(torch.tensor([b]))
         before = float(cum[b - 1]) if b else 0.0
         frac = (target - before) / max(float(self.counts[b]), 1.0)
-        x_lo, x_hi = float(lo[b]), float(hi[b])
-        v = x_lo + frac * (x_hi - x_lo) if b == 0 else x_lo * (x_hi / x_lo) ** frac
-        return min(v, self.max)
+        return min(float(lo[0] + frac * (hi[0] - lo[0])), self.max)
 
     def clip_mse(self, c: Tensor, bits: int, grid: Grid) -> Tensor:
         """Mean squared error of symmetric fake-quant with range c [C] (each): [C]."""
-        lo, hi = self.edges()
-        used = self.counts > 0
-        lo, hi, w = lo[used], hi[used], self.counts[used].double()
+        used = torch.nonzero(self.counts).flatten()
+        lo, hi = self.edges(used)
+        hi = hi.clamp(max=max(self.max, float(lo.max())))
+        w = self.counts[used].double()
         t = (torch.arange(SUB_POINTS, dtype=torch.float64) + 0.5) / SUB_POINTS
         x = lo[:, None] + (hi - lo)[:, None] * t[None, :]                  # [B, P]
         top = 2.0 ** (bits - 1) - 1
@@ -108,8 +102,11 @@ class AbsHistogram:
             raise ValueError("empty histogram: no calibration activations were recorded")
         if self.max == 0.0:
             return 0.0
-        k = torch.arange(32 * MSE_OCTAVES + 1, dtype=torch.float64)
-        c = self.max * 2.0 ** (-k / 32)
+        k = torch.arange(8 * MSE_OCTAVES + 1, dtype=torch.float64) * 4       # coarse
+        k_best = float(k[int(torch.argmin(self.clip_mse(self.max * 2.0 ** (-k / 32),
+                                                        bits, grid)))])
+        k = (k_best + torch.arange(-3, 4, dtype=torch.float64)).clamp(0, 32 * MSE_OCTAVES)
+        c = self.max * 2.0 ** (-k / 32)                                           # fine
         return float(c[int(torch.argmin(self.clip_mse(c, bits, grid)))])
 
 
