@@ -293,8 +293,8 @@ def register(config_type: type[QuantConfig]):
 def _load_builtin() -> None:
     import methods.fp16  # noqa: F401
     import methods.rtn  # noqa: F401
-    for optional in ("smoothquant", "gptq", "awq", "fptq", "llmqat", "baselines",
-                     "baseline_gptqmodel"):
+    for optional in ("smoothquant", "gptq", "awq", "fptq", "llmqat", "quip", "quarot",
+                     "baselines", "baseline_gptqmodel"):
         try:
             __import__(f"methods.{optional}")
         except ModuleNotFoundError as e:

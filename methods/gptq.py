@@ -37,7 +37,7 @@ from methods.blockwise import (
     walk_blocks,
 )
 from methods.layers import FakeQuantLinear, config_for, replace_linear, round_and_wrap
-from methods.primitives import Grid, QParams, compute_qparams, qrange
+from methods.primitives import Grid, QParams, compute_qparams, mse_clip_ratio, qrange
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +126,13 @@ class GPTQSolver:
     @torch.no_grad()
     def solve(self, bits: int, group_size: int | None = None, symmetric: bool = True,
               act_order: bool = True, static_groups: bool = True, block_size: int = 128,
-              damp: float = 0.01, max_retries: int = 4, grid: Grid = "narrow"
+              damp: float = 0.01, max_retries: int = 4, grid: Grid = "narrow",
+              mse_clip: bool = False
               ) -> tuple[Tensor, QParams, dict[str, Any]]:
         """W_hat [N, K] (dtype of W) on the grid of qparams: scale/zero [N, K/g] per group,
-        [N, 1] per channel, and info (damp used, retries, tr(dW H dW^T), dead columns)."""
+        [N, 1] per channel, and info (damp used, retries, tr(dW H dW^T), dead columns).
+        mse_clip: each group's range is shrunk to the clip ratio that minimises its own
+        round-trip error (`primitives.mse_clip_ratio`) instead of min-max."""
         if self.H is None or self.n == 0:
             raise RuntimeError("GPTQSolver.solve needs add_batch() calls first")
         if group_size and self.K % group_size:
@@ -147,7 +150,8 @@ class GPTQSolver:
         lo, hi = qrange(bits, symmetric)
         g = group_size or K
         # Group scales from the (dead-column-zeroed) W in the original column order.
-        qp0 = compute_qparams(W, bits, symmetric, "per_group", g, grid=grid)   # [N, K/g, 1]
+        ratio = mse_clip_ratio(W, bits, symmetric, "per_group", g, grid=grid) if mse_clip else 1.0
+        qp0 = compute_qparams(W, bits, symmetric, "per_group", g, ratio, grid=grid)  # [N, K/g, 1]
         scale = qp0.scale.squeeze(-1)                                         # [N, K/g]
         zero = None if qp0.zero is None else qp0.zero.squeeze(-1)
         dynamic_groups = bool(group_size) and not static_groups
@@ -231,7 +235,8 @@ class GPTQ(Method[GPTQConfig]):
                 for rel, lin_cfg in todo.items():
                     H, n = hess.pop(rel)
                     new, info = self.quantize_linear(block.get_submodule(rel), H, n,
-                                                     all_stats[f"{prefix}.{i}.{rel}"], lin_cfg)
+                                                     all_stats[f"{prefix}.{i}.{rel}"], lin_cfg,
+                                                     f"{prefix}.{i}.{rel}")
                     replace_linear(block, rel, new)
                     layers.append({"linear": f"{prefix}.{i}.{rel}", **info})
 
@@ -245,10 +250,10 @@ class GPTQ(Method[GPTQConfig]):
         return model
 
     def quantize_linear(self, linear: nn.Linear, H: Tensor, n: int, stats: LinearStats,
-                        cfg: GPTQConfig | None = None
+                        cfg: GPTQConfig | None = None, name: str = ""
                         ) -> tuple[FakeQuantLinear, dict[str, Any]]:
         """Solve `linear` on its Hessian H over n tokens at cfg (the linear's own config
-        from `config_for`; default: the method's) and wrap it."""
+        from `config_for`; default: the method's) and wrap it; name: its full name."""
         c = cfg or self.config
         solver = GPTQSolver(linear.weight.data)
         solver.set_hessian(H, n)

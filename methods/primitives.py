@@ -230,3 +230,30 @@ def recover_codes(W_hat: Tensor, scale: Tensor, zero: Tensor | None, bits: int,
         raise ValueError(f"codes span [{int(q.min())}, {int(q.max())}], outside the {bits}-bit "
                          f"range [{lo}, {hi}]")
     return q.to(torch.int32).view(n, k)
+
+
+def mse_clip_ratio(x: Tensor, bits: int, symmetric: bool = True,
+                   granularity: Granularity = "per_channel", group_size: int | None = None,
+                   min_ratio: float = 0.5, n_grid: int = 20, grid: Grid = "narrow") -> Tensor:
+    """Per-scale clip ratio r in {1, 1 - 1/n_grid, ..., >= min_ratio} minimising the
+    round-trip error ||x - fake_quantize(x, clip r)||^2 of each row / group; shaped like
+    compute_qparams' scale, so `compute_qparams(x, ..., clip_ratio=r)` takes it as is."""
+    if not 0 < min_ratio <= 1 or n_grid < 1:
+        raise ValueError(f"min_ratio={min_ratio} must be in (0, 1] and n_grid={n_grid} >= 1")
+    g = _grouped(x.detach().float(), granularity, group_size)
+    best_err = best = None
+    steps = int(round((1 - min_ratio) * n_grid))
+    for i in range(steps + 1):
+        r = 1.0 - i / n_grid
+        qp = compute_qparams(x, bits, symmetric, granularity, group_size, r, grid)
+        lo, hi = qrange(bits, symmetric)
+        q = torch.round(g / qp.scale) + (0 if qp.zero is None else qp.zero)
+        q = q.clamp(lo, hi) - (0 if qp.zero is None else qp.zero)
+        err = (q * qp.scale - g).pow(2).sum(-1, keepdim=True)
+        if best is None:
+            best_err, best = err, torch.full_like(err, r)
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, torch.full_like(err, r), best)
+    return best
