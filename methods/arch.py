@@ -50,6 +50,9 @@ class FamilyTable:
     needs_bos: bool = False        # evaluation windows must start with BOS
     model_types: tuple[str, ...] = field(default=())
     kv_linears: tuple[str, ...] = ("self_attn.k_proj", "self_attn.v_proj")  # cached K, V
+    # Linears whose output is added to the residual stream (a rotation of the stream turns
+    # their output rows; every norm-fed group reads it).
+    residual_writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
 
     def linear_names(self) -> tuple[str, ...]:
         return tuple(n for g in self.groups for n in g.linears)
@@ -109,7 +112,7 @@ OPT = FamilyTable(
         LinearGroup("fc1", ("fc1",), "final_layer_norm", "norm"),
         LinearGroup("fc2", ("fc2",)),
     ),
-    model_types=("opt",),
+    model_types=("opt",), residual_writers=("self_attn.out_proj", "fc2"),
 )
 
 FAMILIES: dict[str, FamilyTable] = {t.family: t for t in (LLAMA, QWEN2, GEMMA3, OPT)}
