@@ -115,7 +115,25 @@ OPT = FamilyTable(
     model_types=("opt",), residual_writers=("self_attn.out_proj", "fc2"),
 )
 
-FAMILIES: dict[str, FamilyTable] = {t.family: t for t in (LLAMA, QWEN2, GEMMA3, OPT)}
+# BLOOM: LayerNorm with bias (also one after the embedding, outside the blocks), ALiBi
+# position biases (block kwarg `alibi`), one fused query_key_value linear whose rows
+# interleave q, k, v per head, a GELU MLP without a gate. The attention output `dense`
+# reads the attention context of the fused qkv: no plain producer to fold a scale into,
+# and no separate K / V linears for a KV-cache quantizer.
+BLOOM = FamilyTable(
+    family="bloom", blocks="transformer.h", embed="transformer.word_embeddings",
+    final_norm="transformer.ln_f", lm_head="lm_head", norm_kind="layernorm",
+    groups=(
+        LinearGroup("qkv", ("self_attention.query_key_value",), "input_layernorm", "norm"),
+        LinearGroup("o", ("self_attention.dense",)),
+        LinearGroup("fc1", ("mlp.dense_h_to_4h",), "post_attention_layernorm", "norm"),
+        LinearGroup("fc2", ("mlp.dense_4h_to_h",)),
+    ),
+    model_types=("bloom",), kv_linears=(),
+    residual_writers=("self_attention.dense", "mlp.dense_4h_to_h"),
+)
+
+FAMILIES: dict[str, FamilyTable] = {t.family: t for t in (LLAMA, QWEN2, GEMMA3, OPT, BLOOM)}
 
 
 def family_for(model_type: str) -> FamilyTable:
@@ -167,9 +185,11 @@ class ModelSpec:
         in_features = {n: get_module(block0, n).in_features for n in table.linear_names()}
         num_heads = cfg.num_attention_heads
         hidden = cfg.hidden_size
+        mlp_writer = next(n for n in table.residual_writers
+                          if sublayer_of(table.group_of(n).role) == "mlp")
         return cls(
             name=name, table=table, hidden_size=hidden,
-            intermediate_size=getattr(cfg, "intermediate_size", None) or cfg.ffn_dim,
+            intermediate_size=in_features[mlp_writer],
             num_layers=len(blocks), num_heads=num_heads,
             num_kv_heads=getattr(cfg, "num_key_value_heads", None) or num_heads,
             head_dim=getattr(cfg, "head_dim", None) or hidden // num_heads,

@@ -42,8 +42,8 @@ class _Recorder(nn.Module):
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if args:
             raise RuntimeError("decoder blocks are expected to take keyword arguments only")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value",
-                                                               "use_cache")}
+        kwargs = {k: v for k, v in kwargs.items()
+                  if k not in ("past_key_values", "past_key_value", "layer_past", "use_cache")}
         if self.index == 0:
             self.sink.hidden.append(hidden_states.to(self.sink.store_device))
         self.sink.kwargs[self.index].append(kwargs)

@@ -306,6 +306,9 @@ LINEAR_KINDS: dict[str, type[RuntimeLinear] | type[FakeQuantLinear]] = {
 
 def runtime_form(fq: FakeQuantLinear) -> tuple[type[RuntimeLinear] | None, str]:
     """(runtime class, "") for fq, or (None, why it stays simulated)."""
+    if type(fq) is not FakeQuantLinear:      # e.g. TransformedLinear: rotations around W_hat
+        return None, (f"{type(fq).__name__}: no kernel applies its transforms around the "
+                      "integer weights; kept simulated")
     if fq.w_bits >= 16 and fq.a_bits >= 16:
         return None, "w16a16: nothing is quantized"
     for cls in RUNTIME_FORMS:

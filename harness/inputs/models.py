@@ -110,11 +110,40 @@ def tiny_llama(*, hidden_size: int = 64, intermediate_size: int = 128, num_layer
     return model.eval()
 
 
+def tiny_bloom(*, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+               vocab_size: int = 320, seed: int = 0,
+               outliers: dict[str, float] | None = None) -> nn.Module:
+    """Random BloomForCausalLM built in code (seeded): LayerNorms with bias, ALiBi, fused
+    query_key_value, dense_h_to_4h / dense_4h_to_h (4 x hidden). outliers as `tiny_llama`,
+    paths relative to `transformer.h`, e.g. {"0.post_attention_layernorm": 40.0}."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    cfg = BloomConfig(vocab_size=vocab_size, hidden_size=hidden_size, n_layer=num_layers,
+                      n_head=num_heads, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+                      tie_word_embeddings=False)
+    gen = torch.Generator().manual_seed(seed)
+    model = BloomForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.08)
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(1.0 + 0.05 * torch.randn(p.shape, generator=gen))
+        for path, gain in (outliers or {}).items():
+            inject_outlier(model, path, gain, gen, blocks="transformer.h")
+    return model.eval()
+
+
+TINY_BUILDERS = {"llama": tiny_llama, "bloom": tiny_bloom}
+
+
 def inject_outlier(model: nn.Module, path: str, gain: float, gen: torch.Generator,
-                   n_channels: int = 2) -> None:
-    """Scale n output channels of `model.layers.<path>` (a norm or linear) by `gain`."""
+                   n_channels: int = 2, blocks: str = "model.layers") -> None:
+    """Scale n output channels of `<blocks>.<path>` (a norm or linear) by `gain`."""
     layer, _, rest = path.partition(".")
-    mod = model.get_submodule(f"model.layers.{layer}.{rest}")
+    mod = model.get_submodule(f"{blocks}.{layer}.{rest}")
     out = mod.weight.shape[0]
     idx = torch.randperm(out, generator=gen)[:n_channels]
     mod.weight[idx] *= gain
@@ -224,7 +253,11 @@ def load_model(cfg: Any, cache_dir: Path | None = None) -> LoadedModel:
     log.info("loading model %s (%s) as %s on %s", cfg.name, kind, dtype, device)
     try:
         if kind == "tiny":
-            model = tiny_llama(**dict(src.get("kwargs") or {}))
+            family = src.get("family", "llama")
+            if family not in TINY_BUILDERS:
+                raise ModelLoadError(f"model.source.family={family!r}: tiny models exist for "
+                                     f"{sorted(TINY_BUILDERS)}")
+            model = TINY_BUILDERS[family](**dict(src.get("kwargs") or {}))
             tok = tiny_tokenizer()
         elif kind == "gguf_package":
             model, tok = _load_gguf_cached(find_package_file(src.package, src.file), dtype,
