@@ -19,6 +19,8 @@ from methods.gptq import GPTQConfig
 from methods.layers import FakeQuantLinear, config_for, iter_block_linears, round_and_wrap
 from methods.llmqat import LLMQATConfig
 from methods.primitives import round_weight
+from methods.quarot import QuaRotConfig
+from methods.quip import QuIPConfig
 from methods.rtn import RTNConfig
 from methods.size import model_size
 from methods.smoothquant import SmoothQuantConfig
@@ -33,6 +35,8 @@ CONFIGS = {
     "fptq": FPTQConfig(v0=1.0, v1=40.0, **MIXED),
     "fptq-gptq": FPTQConfig(v0=1.0, v1=40.0, weight_method="gptq", **MIXED),
     "llmqat": LLMQATConfig(n_samples=2, seq_len=16, gen_batch_size=2, steps=2, **MIXED),
+    "quip": QuIPConfig(w_bits=4, **MIXED),
+    "quarot": QuaRotConfig(w_bits=4, a_bits=8, **MIXED),
 }
 
 
