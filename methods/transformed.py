@@ -63,6 +63,10 @@ class TransformedLinear(FakeQuantLinear):
             y = self.r_out.apply_t(y)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
+    def layout(self) -> dict:
+        raise ValueError("a TransformedLinear has state outside the FakeQuantLinear layout "
+                         "(its rotations); it cannot be stored in a checkpoint or the cache")
+
     def extra_repr(self) -> str:
         parts = [f"R_in {self.r_in.kind}" if self.r_in is not None else "",
                  f"R_out {self.r_out.kind}" if self.r_out is not None else ""]

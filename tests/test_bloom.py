@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from harness.models import tiny_bloom
-from harness.pipeline import run_one
+from harness.inputs.models import tiny_bloom
+from harness.run.pipeline import run_one
 from methods.arch import ModelSpec
 from methods.blockwise import _block_output, capture_block_inputs
 from methods.smoothing import fold_group_scale

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from harness.models import tiny_bloom, tiny_llama
-from harness.pipeline import run_one
+from harness.inputs.models import tiny_bloom, tiny_llama
+from harness.run.pipeline import run_one
 from methods.arch import ModelSpec
 from methods.base import ConfigError, build
 from methods.gptq import GPTQConfig, GPTQSolver
