@@ -179,6 +179,9 @@ class Method(ABC, Generic[C]):
             if bad:
                 return (f"group_size {c.group_size} does not divide input size(s) {bad} of "
                         f"{spec.name}; use a divisor (e.g. bits.group_size=64) or -1")
+        if c.quantizes_kv_cache and not spec.table.kv_linears:
+            return (f"kv_bits={c.kv_bits}: the {spec.table.family} family table names no K / V "
+                    "projections (fused query_key_value), so the KV cache cannot be quantized")
         return None
 
     @abstractmethod

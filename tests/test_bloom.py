@@ -70,6 +70,6 @@ def test_every_method_runs_on_bloom(compose_cfg, method, bits):
 @pytest.mark.parametrize("method,bits,why", [("quarot", "w4a8", "LayerNorm"),
                                              ("fptq", "w4a8", "kv")])
 def test_methods_bloom_cannot_run_are_skipped_with_reason(compose_cfg, method, bits, why):
-    extra = ["method.kv_cache_bits=8"] if why == "kv" else []
+    extra = ["method.kv_bits=8"] if why == "kv" else []
     rec = run_one(compose_cfg(*QUICK, f"method={method}", f"bits={bits}", *extra))
     assert rec.status == "skipped" and why.lower() in rec.error.lower(), rec.error
