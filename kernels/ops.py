@@ -57,6 +57,21 @@ def prepare_w4a8_weight(
     return w.contiguous(), w_scale.to(torch.float16).contiguous()
 
 
+def prepare_two_level_weight(
+    w_packed: Tensor, w_scale: Tensor, w_scale2: Tensor, w_zero: Tensor | None, group_size: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Runtime form of a two-level W4A8 weight: (kernel-layout codes uint8 [N, K//2], s1 fp16
+    [N], s2 uint8 [N, K//g], z int8 [N, K//g] or None); w_packed in the packing layout."""
+    n = w_packed.shape[0]
+    w, _ = prepare_w4a8_weight(w_packed, w_scale2.float(), group_size)  # checks the shapes
+    if w_scale.shape != (n,):
+        raise ValueError(f"w_scale (per channel) must have shape [{n}], got {tuple(w_scale.shape)}")
+    if w_zero is not None and w_zero.shape != w_scale2.shape:
+        raise ValueError(f"w_zero must have shape {tuple(w_scale2.shape)}, got {tuple(w_zero.shape)}")
+    return (w, w_scale.to(torch.float16).contiguous(), w_scale2.to(torch.uint8).contiguous(),
+            None if w_zero is None else w_zero.to(torch.int8).contiguous())
+
+
 def _use_triton(x: Tensor, backend: str) -> bool:
     if backend not in ("auto", "triton", "reference", "int_mm"):
         raise ValueError(f"unknown backend {backend!r}")

@@ -33,6 +33,8 @@ from methods.primitives import GRIDS
 
 ActMode = Literal["static_tensor", "dynamic_token"]
 ACT_MODES = ("static_tensor", "dynamic_token")
+WScales = Literal["group", "two_level"]
+W_SCALES = ("group", "two_level")
 
 
 class ConfigError(ValueError):
@@ -62,6 +64,9 @@ class QuantConfig:
     a_grid: str = "narrow"
     kv_bits: int | None = None             # None: fp KV cache; 8 | 4: fake-quant K (after RoPE), V
     kv_granularity: str = "per_token"      # per_token (dynamic) | per_head (calibrated, static)
+    # W4A8 weight scales: fp16 per group, or two-level (per-channel fp16 x integer per-group
+    # scales, QServe): the int8 GEMM then runs over all of K (methods.primitives.round_weight_two_level)
+    w_scales: WScales = "group"
 
     def __post_init__(self) -> None:
         if self.group_size == -1 or self.group_size == 0:
@@ -96,6 +101,17 @@ class QuantConfig:
         if self.kv_granularity not in KV_GRANULARITIES:
             raise ConfigError(f"kv_granularity={self.kv_granularity!r}; use one of "
                               f"{KV_GRANULARITIES}")
+        self._check_w_scales()
+
+    def _check_w_scales(self) -> None:
+        if self.w_scales not in W_SCALES:
+            raise ConfigError(f"w_scales={self.w_scales!r}; use one of {W_SCALES}")
+        if self.w_scales == "two_level" and (self.w_bits, self.a_bits) != (4, 8):
+            raise ConfigError(f"w_scales=two_level is a W4A8 weight format (int8 GEMM over K), "
+                              f"got w{self.w_bits}a{self.a_bits}; use bits=w4a8 or w_scales=group")
+        if self.w_scales == "two_level" and self.group_size is None:
+            raise ConfigError("w_scales=two_level needs per-group scales (group_size=null/-1 "
+                              "given); set bits.group_size, e.g. 128")
 
     @property
     def quantizes_weights(self) -> bool:
@@ -119,7 +135,8 @@ class QuantConfig:
     def bits_label(self) -> str:
         g = f"-g{self.group_size}" if self.group_size and self.w_bits < 16 else ""
         kv = f"kv{self.kv_bits}" if self.kv_bits else ""
-        return f"w{self.w_bits}a{self.a_bits}{kv}{g}"
+        two_level = "-2l" if self.w_scales == "two_level" else ""
+        return f"w{self.w_bits}a{self.a_bits}{kv}{g}{two_level}"
 
     def keeps(self, full_name: str) -> bool:
         """full_name (e.g. model.layers.3.mlp.down_proj) is kept in full precision."""

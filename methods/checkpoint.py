@@ -39,7 +39,8 @@ from methods.runtime import LINEAR_KINDS, RUNTIME_KINDS, RuntimeLinear
 log = logging.getLogger(__name__)
 
 FORMAT = "ptqbench-quantized"
-FORMAT_VERSION = 2  # 2: W4A8Linear.w_packed in the kernel layout (1: packing layout)
+FORMAT_VERSION = 3  # 3: W4A8TwoLevelLinear, FakeQuantLinear.w_scale2 (two-level weight
+#                      scales); 2: W4A8Linear.w_packed in the kernel layout (1: packing layout)
 CONFIG_FILE = "ptq_runtime.json"
 TENSORS_FILE = "model.safetensors"
 BaseModel = nn.Module | Callable[[], nn.Module] | None

@@ -26,6 +26,7 @@ from methods.primitives import (
     grid_divisor,
     recover_codes,
     round_weight,
+    round_weight_two_level,
 )
 
 # Weights of <= 4 bits run int4-packed with fp16 group scales (kernels/README.md); wider
@@ -74,6 +75,9 @@ class FakeQuantLinear(nn.Module):
                              w_qparams.scale.reshape(self.out_features, -1).to(dev))
         self.register_buffer("w_zero", None if w_qparams is None or w_qparams.zero is None
                              else w_qparams.zero.reshape(self.out_features, -1).to(dev))
+        # two-level weights: integer group scales s2 [N, G]; w_scale = s1 * s2 (s1 per channel)
+        self.register_buffer("w_scale2", None if w_qparams is None or w_qparams.scale2 is None
+                             else w_qparams.scale2.reshape(self.out_features, -1).to(dev))
         self.register_buffer("act_scale", None if act_scale is None else
                              torch.tensor(float(act_scale), dtype=torch.float32, device=dev))
         self.register_buffer("smooth_inv", None if smooth_inv is None else
@@ -88,9 +92,11 @@ class FakeQuantLinear(nn.Module):
         from the exact codes q; the grid stays the method's, up to the scale rounding."""
         q = recover_codes(self.weight, self.w_scale, self.w_zero, self.w_bits)
         info = torch.finfo(dtype)
-        if float(self.w_scale.max()) > info.max:
-            raise ValueError(f"weight scale {float(self.w_scale.max()):.3g} overflows {dtype}")
-        s = self.w_scale.clamp(min=info.smallest_normal * info.eps).to(dtype).float()
+        s2 = self.w_scale2.float() if self.w_scale2 is not None else 1.0
+        s1 = self.w_scale / s2  # two-level: the per-channel level is the one stored in fp16
+        if float(s1.max()) > info.max:
+            raise ValueError(f"weight scale {float(s1.max()):.3g} overflows {dtype}")
+        s = s1.clamp(min=info.smallest_normal * info.eps).to(dtype).float() * s2
         groups = s.shape[1]
         qg = q.float().view(self.out_features, groups, -1)
         if self.w_zero is not None:
@@ -110,6 +116,7 @@ class FakeQuantLinear(nn.Module):
                 "act_mode": self.act_mode,
                 "act_scale": None if self.act_scale is None else float(self.act_scale),
                 "smooth": self.smooth_inv is not None, "bias": self.bias is not None,
+                "two_level": self.w_scale2 is not None,
                 "dtypes": {n: dtype_name(b.dtype)
                            for n, b in self.named_buffers(recurse=False) if b is not None}}
 
@@ -125,7 +132,7 @@ class FakeQuantLinear(nn.Module):
         if layout["scale_groups"]:
             g = layout["scale_groups"]
             qp = QParams(torch.ones(n, g), torch.zeros(n, g) if layout["zero_point"] else None,
-                         layout["w_bits"])
+                         layout["w_bits"], torch.ones(n, g) if layout.get("two_level") else None)
         fq = cls(lin, w_bits=layout["w_bits"], group_size=layout["group_size"], w_qparams=qp,
                  a_bits=layout["a_bits"], act_mode=layout["act_mode"],
                  act_scale=None if layout["act_scale"] is None else 1.0,
@@ -197,7 +204,8 @@ def config_for(cfg: QuantConfig, full_name: str) -> QuantConfig | None:
     if precision == "fp":
         return None
     if precision == "w8" and (cfg.w_bits != 8 or cfg.group_size):
-        return dataclasses.replace(cfg, w_bits=8, group_size=None, keep_fp=(), keep_w8=())
+        return dataclasses.replace(cfg, w_bits=8, group_size=None, keep_fp=(), keep_w8=(),
+                                   w_scales="group")
     return cfg
 
 
@@ -222,9 +230,14 @@ def round_and_wrap(linear: nn.Linear, cfg: QuantConfig, *, act_range: float | No
             raise ValueError(f"solved weights given for a w{cfg.w_bits} config")
         W_hat, qp = solved
         linear.weight.data = W_hat.to(linear.weight.dtype).reshape(linear.weight.shape)
-    elif cfg.quantizes_weights:
+    elif cfg.quantizes_weights and cfg.w_scales == "group":
         linear.weight.data, qp = round_weight(linear.weight.data, cfg.w_bits, cfg.group_size,
                                               cfg.symmetric, clip_ratio, cfg.w_grid)
+    if cfg.w_scales == "two_level":
+        # onto the two-level grid; a solver's W_hat (on its group grid) is rounded once more
+        linear.weight.data, qp = round_weight_two_level(
+            linear.weight.data, cfg.group_size, cfg.symmetric,
+            1.0 if solved is not None else clip_ratio)
     mode = act_mode or cfg.act_mode
     act_scale = None
     if cfg.quantizes_activations and mode == "static_tensor":

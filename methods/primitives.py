@@ -32,7 +32,7 @@ EPS = 1e-8
 __all__ = [
     "QParams", "qrange", "grid_divisor", "compute_qparams", "quantize", "dequantize", "fake_quantize",
     "pack_int4", "unpack_int4", "quantize_weight", "round_weight", "fake_quantize_weight",
-    "recover_codes",
+    "recover_codes", "round_weight_two_level",
     "quantize_activation", "fake_quantize_activation",
     "fake_quantize_ste", "fake_quantize_per_token_ste", "fake_quantize_weight_ste",
 ]
@@ -40,10 +40,13 @@ __all__ = [
 
 @dataclass(frozen=True)
 class QParams:
-    """Scale s and zero point z, shaped to broadcast against the grouped tensor."""
+    """Scale s and zero point z, shaped to broadcast against the grouped tensor.
+    Two-level weights (`round_weight_two_level`) also carry scale2, the integer group
+    scales s2, with scale = s1 * s2 (s1 per output channel)."""
     scale: Tensor
     zero: Tensor | None     # None: symmetric
     bits: int
+    scale2: Tensor | None = None
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -143,6 +146,52 @@ def round_weight(W: Tensor, bits: int, group_size: int | None, symmetric: bool =
     """Round-to-nearest W [N, K] -> (W_hat = (q - z) * s [N, K] in W's dtype, qparams)."""
     q, qp = quantize_weight(W, bits, group_size, symmetric, clip_ratio, grid)
     return dequantize(q, qp, weight_granularity(group_size), group_size, W.dtype), qp
+
+
+# Two-level weights (QServe / QoQ progressive quantization) at 4 bits: level 1 per output
+# channel to int8 with a protective range of +-119, level 2 per group to 4 bits with an
+# INTEGER scale s2 (and integer zero point z): q8 = s2 * (q - z) then stays within int8
+# (|q8| <= 119 + s2/2 <= 127), so a kernel forms q8 in integer registers and runs one int8
+# GEMM over all of K, applying s1 (and the token scale) once per output.
+TWO_LEVEL_RANGE = 119
+TWO_LEVEL_BITS = 4
+
+
+def round_weight_two_level(W: Tensor, group_size: int, symmetric: bool = True,
+                           clip_ratio: float = 1.0) -> tuple[Tensor, QParams]:
+    """W [N, K] -> (W_hat = s1 * s2 * (q - z) in W's dtype, qparams) on the two-level grid.
+
+      s1[n]   = fp16(max|W[n]| * clip_ratio / 119)            per channel (fp16 value, fp32)
+      W8      = clamp(round(W / s1), -119, 119)                int8 codes, level 1
+      symmetric:  s2 = max(1, round(max|W8_g| / 7)),  q = clamp(round(W8 / s2), -8, 7)
+      asymmetric: s2 = max(1, round((max W8_g - min W8_g) / 15)) (range holding 0),
+                  z = clamp(round(-min / s2), 0, 15),  q = clamp(round(W8 / s2) + z, 0, 15)
+    qparams: scale = s1 * s2 [N, G, 1] (exact in fp32), zero = z, scale2 = s2, bits 4.
+    """
+    if not group_size or group_size <= 0 or W.shape[-1] % group_size:
+        raise ValueError(f"two-level weight scales need a group size dividing K={W.shape[-1]}, "
+                         f"got {group_size}")
+    n, k = W.shape
+    Wf = W.detach().float()
+    amax = Wf.abs().amax(dim=1, keepdim=True) * clip_ratio
+    s1 = (amax / TWO_LEVEL_RANGE).clamp_min(EPS).to(torch.float16).float()
+    s1 = torch.where(s1 > 0, s1, torch.full_like(s1, 2.0 ** -24))  # fp16 flush to 0: smallest
+    w8 = torch.round(Wf / s1).clamp(-TWO_LEVEL_RANGE, TWO_LEVEL_RANGE).view(n, k // group_size, group_size)
+    lo, hi = qrange(TWO_LEVEL_BITS, symmetric)
+    if symmetric:
+        s2 = torch.round(w8.abs().amax(dim=-1, keepdim=True) / hi).clamp_min(1)
+        zero = None
+        q = torch.round(w8 / s2).clamp(lo, hi)
+        q8 = q * s2
+    else:
+        mn = w8.amin(dim=-1, keepdim=True).clamp(max=0)
+        mx = w8.amax(dim=-1, keepdim=True).clamp(min=0)
+        s2 = torch.round((mx - mn) / hi).clamp_min(1)
+        zero = torch.round(-mn / s2).clamp(lo, hi)
+        q = (torch.round(w8 / s2) + zero).clamp(lo, hi)
+        q8 = (q - zero) * s2
+    qp = QParams(s1[:, :, None] * s2, zero, TWO_LEVEL_BITS, scale2=s2)
+    return (q8 * s1[:, :, None]).view(n, k).to(W.dtype), qp
 
 
 def fake_quantize_weight(W: Tensor, bits: int, group_size: int | None,

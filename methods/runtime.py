@@ -3,6 +3,8 @@ that run on the kernels of `kernels.ops` (Triton on CUDA, exact references on CP
 
     W4A8Linear       int4 weights (w_bits <= 4, symmetric) packed two per byte, fp16 group
                      scales [N, K/g]; int8 activations, static per-tensor or dynamic per-token
+    W4A8TwoLevelLinear  int4 codes with integer group scales (+ zero points) under fp16
+                     per-channel scales (method w_scales=two_level): one int8 GEMM over K
     W8A8Linear       int8 per-channel weights, fp32 scales [N]; int8 activations (SmoothQuant)
     WeightOnlyLinear w_bits <= 8 with fp activations (W4A16, W3A16, W8A16): codes + scales
                      (+ zero points) stored, dequantized per forward, fp matmul
@@ -129,7 +131,7 @@ class W4A8Linear(RuntimeLinear):
 
     @classmethod
     def claims(cls, fq: FakeQuantLinear) -> bool:
-        return fq.a_bits == 8 and fq.w_bits <= INT4_MAX_BITS
+        return fq.a_bits == 8 and fq.w_bits <= INT4_MAX_BITS and fq.w_scale2 is None
 
     @classmethod
     def unsupported(cls, fq: FakeQuantLinear) -> str | None:
@@ -175,6 +177,72 @@ class W4A8Linear(RuntimeLinear):
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}->{self.out_features}, w{self.w_bits} g{self.group_size}, "
+                f"a8 {self.act_mode}{', smooth' if self.smooth_inv is not None else ''}")
+
+
+class W4A8TwoLevelLinear(RuntimeLinear):
+    """y = two-level W4A8 GEMM (`kernels.ops.w4a8_two_level_linear`): int4 codes (uint8
+    [N, K/2], kernel layout, signed; asymmetric codes stored - 8 with their zero points),
+    integer group scales s2 uint8 [N, K/g], zero points int8 [N, K/g] or none, fp16
+    per-channel scales s1 [N]. The kernel forms q8 = s2 * (q - z) in registers and runs one
+    int8 GEMM over K; the simulated W_hat = s1 * q8 is the same number (exact in fp32)."""
+
+    @classmethod
+    def claims(cls, fq: FakeQuantLinear) -> bool:
+        return fq.a_bits == 8 and fq.w_bits <= INT4_MAX_BITS and fq.w_scale2 is not None
+
+    @classmethod
+    def unsupported(cls, fq: FakeQuantLinear) -> str | None:
+        if fq.in_features % 2:
+            return f"K={fq.in_features} is odd; int4 packing needs an even input size"
+        return None
+
+    def __init__(self, w_packed: Tensor, w_scale: Tensor, w_scale2: Tensor, w_zero: Tensor | None,
+                 group_size: int, **act: Any):
+        super().__init__(2 * w_packed.shape[1], w_packed.shape[0], **act)
+        packed, s1, s2, z = ops.prepare_two_level_weight(w_packed, w_scale, w_scale2, w_zero, group_size)
+        self.register_buffer("w_packed", packed)
+        self.register_buffer("w_scale", s1)
+        self.register_buffer("w_scale2", s2)
+        self.register_buffer("w_zero", z)
+        self.group_size = group_size
+
+    @classmethod
+    def _build(cls, fq: FakeQuantLinear) -> W4A8TwoLevelLinear:
+        q = fq.codes()
+        s2 = fq.w_scale2.float()
+        s1 = fq.w_scale / s2
+        if not torch.equal(s1, s1[:, :1].expand_as(s1)) or not torch.equal(s1.half().float(), s1):
+            raise ValueError("two-level scales w_scale / w_scale2 are not one fp16 value per "
+                             "output channel: build them with primitives.round_weight_two_level")
+        zero = None
+        if fq.w_zero is not None:     # asymmetric codes [0, 15] -> signed nibbles, as WeightOnlyLinear
+            q, zero = q - 8, (fq.w_zero - 8).to(torch.int8)
+        return cls(pack_int4(q.to(torch.int8)), s1[:, 0].half(), s2.to(torch.uint8), zero,
+                   fq.group_size, **cls._act_of(fq))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.w4a8_two_level_linear(
+            x, self.w_packed, self.w_scale, self.w_scale2, self.w_zero, self.group_size,
+            act_mode=self.act_mode, act_scale=self.act_scale, smooth_inv=self.smooth_inv,
+            bias=self.bias, backend=_backend(x))
+
+    def layout(self) -> dict[str, Any]:
+        return {**super().layout(), "w_bits": 4, "group_size": self.group_size,
+                "zero_point": self.w_zero is not None,
+                "w_layout_chunk": kernel_layout_chunk(self.group_size)}
+
+    @classmethod
+    def empty(cls, layout: dict[str, Any], dtype: torch.dtype) -> W4A8TwoLevelLinear:
+        k, n, g = layout["in_features"], layout["out_features"], layout["group_size"]
+        s2 = torch.ones(n, k // g, dtype=torch.uint8)
+        zero = torch.zeros(n, k // g, dtype=torch.int8) if layout["zero_point"] else None
+        return cls(torch.zeros(n, k // 2, dtype=torch.uint8), torch.ones(n), s2, zero, g,
+                   **cls._empty_act(layout, dtype))
+
+    def extra_repr(self) -> str:
+        z = ", asym" if self.w_zero is not None else ""
+        return (f"{self.in_features}->{self.out_features}, w4 two-level g{self.group_size}{z}, "
                 f"a8 {self.act_mode}{', smooth' if self.smooth_inv is not None else ''}")
 
 
@@ -297,7 +365,8 @@ class WeightOnlyLinear(RuntimeLinear):
         return f"{self.in_features}->{self.out_features}, w{self.w_bits} g{self.group_size}{z}, a16"
 
 
-RUNTIME_FORMS: tuple[type[RuntimeLinear], ...] = (W4A8Linear, W8A8Linear, WeightOnlyLinear)
+RUNTIME_FORMS: tuple[type[RuntimeLinear], ...] = (W4A8Linear, W4A8TwoLevelLinear, W8A8Linear,
+                                                   WeightOnlyLinear)
 RUNTIME_KINDS: dict[str, type[RuntimeLinear]] = {c.__name__: c for c in RUNTIME_FORMS}
 # every block-linear module a stored layout can name: kind -> class with layout() / empty()
 LINEAR_KINDS: dict[str, type[RuntimeLinear] | type[FakeQuantLinear]] = {

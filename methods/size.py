@@ -5,6 +5,7 @@ Accounting (bits are stored densely packed, as a runtime checkpoint would):
       codes      N * K * b            (int4: two per byte, int3: 3 bits packed, int8: a byte)
       scales     N * (K / g) * 16     (fp16)
       zeros      N * (K / g) * b      (asymmetric only; zero points live on the code grid)
+      two-level (w_scales=two_level): scales N * (K / g) * 8 (integer s2) + N * 16 (fp16 s1)
   every other parameter (embeddings, lm_head, norms, biases, fp-kept linears): 16 bits
   static activation scale: 32 bits per linear; per-channel smoothing vector: K * 16 bits
 
@@ -54,7 +55,10 @@ def linear_size(module: nn.Module) -> LinearSize:
     else:
         w_bits = module.w_bits
         groups = module.w_scale.shape[-1] if module.w_scale is not None else 1
-        bits = packed_bits(n * k, w_bits) + SCALE_BITS * n * groups
+        if module.w_scale2 is not None:   # two-level: uint8 group scales, fp16 channel scales
+            bits = packed_bits(n * k, w_bits) + 8 * n * groups + SCALE_BITS * n
+        else:
+            bits = packed_bits(n * k, w_bits) + SCALE_BITS * n * groups
         if module.w_zero is not None:
             bits += packed_bits(n * groups, w_bits)
     if isinstance(module, FakeQuantLinear):

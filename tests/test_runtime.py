@@ -16,7 +16,12 @@ from harness.run.pipeline import run_one
 from kernels import reference as kref
 from methods.arch import ModelSpec
 from methods.base import build
-from methods.checkpoint import CheckpointError, load_runtime_checkpoint, save_runtime_checkpoint
+from methods.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    load_runtime_checkpoint,
+    save_runtime_checkpoint,
+)
 from methods.layers import FakeQuantLinear, iter_block_linears, replace_linear, round_and_wrap
 from methods.primitives import (
     compute_qparams,
@@ -283,7 +288,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
         rt.model.layers[0].input_layernorm.weight.mul_(1.5)
     path = save_runtime_checkpoint(rt, spec, tmp_path / "ckpt", {"method": {"name": "rtn"}})
     config = json.loads((path / "ptq_runtime.json").read_text())
-    assert config["format_version"] == 2 and config["meta"]["method"]["name"] == "rtn"
+    assert config["format_version"] == FORMAT_VERSION and config["meta"]["method"]["name"] == "rtn"
     assert config["linears"]["model.layers.0.self_attn.q_proj"]["smooth"] is True
     assert config["linears"]["model.layers.1.mlp.down_proj"]["kind"] == "FakeQuantLinear"
 
