@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from harness.models import tiny_llama
-from harness.pipeline import run_one
+from harness.inputs.models import tiny_llama
+from harness.run.pipeline import run_one
 from kernels import reference as kref
 from methods.arch import ModelSpec
 from methods.base import ConfigError, build
@@ -138,7 +138,7 @@ METHODS = ["gptq", "awq", "smoothquant", "fptq"]
 def test_every_w4a8_method_emits_two_level_weights(method, compose_cfg):
     """method.w_scales=two_level composed into the real method configs: every quantized block
     linear holds the two-level grid and converts to W4A8TwoLevelLinear."""
-    from harness.pipeline import build_method
+    from harness.run.pipeline import build_method
 
     cfg = compose_cfg(*TINY_QUICK, f"method={method}", "bits=w4a8", "bits.group_size=32",
                       "+method.w_scales=two_level")
