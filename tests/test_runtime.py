@@ -378,6 +378,58 @@ def test_latency_eval_reports_metrics(tmp_path):
     assert res.provenance["latency"]["device_name"].startswith("cpu")
 
 
+def test_latency_decode_mode_is_recorded_and_graphs_refused_on_cpu(tmp_path):
+    model = tiny_llama()
+    ctx = EvalContext(model=model, tokenizer=tiny_tokenizer(), spec=ModelSpec.from_model(model, "tiny-llama"),
+                      data_dir=None, run_dir=tmp_path, device=torch.device("cpu"))
+    res = get_evaluator("latency")(ctx, OmegaConf.create({**LATENCY_SMALL, "batches": [1],
+                                                         "decode_batches": [1]}))
+    prov = res.provenance["latency"]
+    assert (prov["decode_mode"], prov["prefill_mode"]) == ("eager", "eager")
+    assert "no CUDA graphs on cpu" in prov["decode_mode_reason"]
+    with pytest.raises(ValueError, match="decode_mode=cuda_graph needs a CUDA device"):
+        get_evaluator("latency")(ctx, OmegaConf.create({**LATENCY_SMALL, "decode_mode": "cuda_graph"}))
+    with pytest.raises(ValueError, match="decode_mode"):
+        get_evaluator("latency")(ctx, OmegaConf.create({**LATENCY_SMALL, "decode_mode": "graphs"}))
+
+
+def _static_vs_dynamic_tokens(model, device, graph):
+    from harness.evals.latency import StaticDecoder, greedy_decode
+
+    ids = torch.randint(3, 320, (2, 8), generator=torch.Generator().manual_seed(3)).to(device)
+    want, _ = greedy_decode(model, ids, 6, device)
+    dec = StaticDecoder(model, 2, 8 + 6, device, graph=graph)
+    if graph:
+        dec.capture(ids)
+    for _ in range(2):  # the decoder is reusable: prefill resets the cache
+        got, sec = dec.decode(ids, 6)
+        assert sec >= 0 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("runtime", [False, True])
+def test_static_cache_decode_equals_dynamic_cache_decode(runtime):
+    """The static-KV-cache step that the CUDA-graph mode captures, run eagerly on CPU: the
+    same greedy tokens as Hugging Face decoding with its dynamic cache, fp and runtime W4A8."""
+    if runtime:
+        model = runtime_of(*simulated(RTNConfig(w_bits=4, a_bits=8, group_size=32,
+                                                act_mode="dynamic_token")))[0]
+    else:
+        model = tiny_llama()
+    _static_vs_dynamic_tokens(model, torch.device("cpu"), graph=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("runtime", [False, True])
+def test_cuda_graph_decode_equals_eager_decode(runtime):
+    model = tiny_llama(hidden_size=256, intermediate_size=512)
+    if runtime:
+        spec = ModelSpec.from_model(model, "tiny-llama")
+        model = convert_to_runtime(build(RTNConfig(w_bits=4, a_bits=8, group_size=64,
+                                                   act_mode="dynamic_token")).quantize(model, spec, None), spec)
+    model = model.half().cuda()
+    _static_vs_dynamic_tokens(model, torch.device("cuda"), graph=True)
+
+
 def test_latency_config_composes(compose_cfg):
     cfg = compose_cfg("model=tiny-llama", "eval=latency", "eval.batches=[1,8,32]")
     assert cfg.eval.evaluators == ["latency"] and list(cfg.eval.batches) == [1, 8, 32]

@@ -6,11 +6,19 @@ Metrics (b = batch, p = prompt length):
   ttft_ms_b{b}_p{p}             prompt forward filling the KV cache + last-position logits +
                                 argmax: time until the first new token exists (median)
   peak_mem_mb_prefill_b{b}_p{p}
-  decode_tok_s_b{b}             b * new_tokens / decode time, after a prefill of
+  decode_tok_s_b{b}             b * (new_tokens - 1) / decode time, after a prefill of
                                 decode_prompt_len tokens (prefill excluded; median of repeats)
   decode_ms_per_step_b{b}       one decode step (all b sequences)
   peak_mem_mb_decode_b{b}
 Peak memory: CUDA max allocated, or process RSS sampled every 20 ms on CPU.
+
+Decode mode (eval.decode_mode, recorded in provenance.latency.decode_mode with the reason):
+  cuda_graph  each one-token step replays a CUDA graph captured over a static KV cache
+              (transformers StaticCache; the same for fp16 and runtime models): what a
+              serving stack sees, without Python / launch overhead
+  eager       Hugging Face decoding with its dynamic KV cache, one Python forward per token
+  auto        cuda_graph on a CUDA device, eager elsewhere (CPU has no CUDA graphs)
+cuda_graph asked for on a CPU run is refused (ValueError naming the setting).
 On CPU the runtime modules run the exact PyTorch references (float64 integer matmuls), so
 CPU numbers measure the reference path, not the kernels: provenance says `backend`.
 """
@@ -34,6 +42,9 @@ from harness.run.provenance import PeakMemory, device_name
 log = logging.getLogger(__name__)
 
 
+DECODE_MODES = ("auto", "eager", "cuda_graph")
+
+
 @dataclass(frozen=True)
 class LatencySpec:
     prompt_lens: tuple[int, ...]
@@ -44,12 +55,15 @@ class LatencySpec:
     warmup: int = 1
     repeats: int = 3
     seed: int = 0
+    decode_mode: str = "auto"
 
     def __post_init__(self) -> None:
         sizes = (*self.prompt_lens, *self.batches, *self.decode_batches,
                  self.decode_prompt_len, self.new_tokens, self.repeats)
         if any(int(v) < 1 for v in sizes) or self.warmup < 0:
             raise ValueError(f"latency settings must be positive (warmup >= 0): {self}")
+        if self.decode_mode not in DECODE_MODES:
+            raise ValueError(f"eval.decode_mode={self.decode_mode!r}; use one of {DECODE_MODES}")
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> LatencySpec:
@@ -58,7 +72,8 @@ class LatencySpec:
                    decode_batches=tuple(int(v) for v in cfg.decode_batches),
                    decode_prompt_len=int(cfg.decode_prompt_len), new_tokens=int(cfg.new_tokens),
                    warmup=int(cfg.get("warmup", 1)), repeats=int(cfg.get("repeats", 3)),
-                   seed=int(cfg.get("seed", 0)))
+                   seed=int(cfg.get("seed", 0)),
+                   decode_mode=str(cfg.get("decode_mode", cls.decode_mode)))
 
 
 def _sync(device: torch.device) -> None:
@@ -117,6 +132,87 @@ def greedy_decode(model: nn.Module, ids: Tensor, new_tokens: int, device: torch.
     return torch.cat(out, dim=1), time.perf_counter() - t0
 
 
+def resolve_decode_mode(requested: str, device: torch.device) -> tuple[str, str]:
+    """(mode that runs, why) for eval.decode_mode on `device`."""
+    if requested not in DECODE_MODES:
+        raise ValueError(f"eval.decode_mode={requested!r}; use one of {DECODE_MODES}")
+    if requested == "cuda_graph" and device.type != "cuda":
+        raise ValueError(f"eval.decode_mode=cuda_graph needs a CUDA device (this run is on "
+                         f"{device.type}); use eval.decode_mode=eager or auto")
+    if requested == "auto":
+        if device.type == "cuda":
+            return "cuda_graph", "auto: CUDA device"
+        return "eager", f"auto: no CUDA graphs on {device.type}"
+    return requested, "requested"
+
+
+class StaticDecoder:
+    """Greedy decoding over a static KV cache (transformers StaticCache) with fixed input
+    buffers tok [b, 1] and pos [1], so one decode step is a fixed sequence of kernels:
+    captured once in a CUDA graph (graph=True) and replayed per token; graph=False runs the
+    same step eagerly (CPU tests check it against `greedy_decode`)."""
+
+    def __init__(self, model: nn.Module, batch: int, max_len: int, device: torch.device,
+                 graph: bool):
+        from transformers import StaticCache
+
+        self.model, self.device, self.use_graph = model, device, graph
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph: Any = None
+
+    @torch.no_grad()
+    def prefill(self, ids: Tensor) -> Tensor:
+        """Prompt forward into the (reset) cache; tok <- first new token, pos <- prompt length."""
+        self.cache.reset()
+        p = ids.shape[1]
+        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True,
+                         cache_position=torch.arange(p, device=self.device), logits_to_keep=1)
+        self.tok.copy_(out.logits[:, -1].argmax(dim=-1, keepdim=True))
+        self.pos.fill_(p)
+        return self.tok.clone()
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        out = self.model(input_ids=self.tok, past_key_values=self.cache, use_cache=True,
+                         cache_position=self.pos)
+        self.tok.copy_(out.logits[:, -1].argmax(dim=-1, keepdim=True))
+        self.pos.add_(1)
+
+    def capture(self, ids: Tensor) -> None:
+        """Warm up (lazy cache allocation, autotuning, scale checks) on a side stream, then
+        capture one step; the warm-up's cache writes are undone by the next prefill."""
+        self.prefill(ids)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.prefill(ids)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+
+    def step(self) -> Tensor:
+        if self.use_graph:
+            self.graph.replay()
+        else:
+            self._step()
+        return self.tok
+
+    def decode(self, ids: Tensor, new_tokens: int) -> tuple[Tensor, float]:
+        """As `greedy_decode`: (tokens [b, new_tokens], seconds of the new_tokens - 1 steps)."""
+        out = [self.prefill(ids)]
+        _sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            out.append(self.step().clone())
+        _sync(self.device)
+        return torch.cat(out, dim=1), time.perf_counter() - t0
+
+
 def backend_label(model: nn.Module, device: torch.device) -> str:
     """Which code runs the linears: kernels, references, simulation or plain fp."""
     from kernels.ops import triton_available
@@ -133,6 +229,17 @@ def backend_label(model: nn.Module, device: torch.device) -> str:
     return "torch-fp"
 
 
+def _decoder(model: nn.Module, ids: Tensor, spec: LatencySpec, device: torch.device,
+             mode: str) -> Callable[[int], tuple[Tensor, float]]:
+    """new_tokens -> (tokens, decode seconds) in the given decode mode."""
+    if mode == "eager":
+        return lambda n: greedy_decode(model, ids, n, device)
+    dec = StaticDecoder(model, ids.shape[0], spec.decode_prompt_len + spec.new_tokens, device,
+                        graph=True)
+    dec.capture(ids)
+    return lambda n: dec.decode(ids, n)
+
+
 def evaluate(ctx: EvalContext, cfg: Any) -> EvalResult:
     spec = LatencySpec.from_cfg(cfg)
     model, device = ctx.model, ctx.device
@@ -142,10 +249,12 @@ def evaluate(ctx: EvalContext, cfg: Any) -> EvalResult:
     if max_pos and longest > max_pos:
         raise ValueError(f"latency needs {longest} positions but the model has {max_pos}; "
                          "lower eval.prompt_lens / eval.decode_prompt_len / eval.new_tokens")
+    mode, why = resolve_decode_mode(spec.decode_mode, device)
     res = EvalResult()
     backend = backend_label(model, device)
     res.provenance["latency"] = {
         "device_name": device_name(device), "backend": backend, "settings": spec.__dict__,
+        "decode_mode": mode, "decode_mode_reason": why, "prefill_mode": "eager",
         "peak_memory": "cuda max allocated" if device.type == "cuda" else "process RSS"}
     if backend == "reference-cpu":
         log.warning("latency on CPU measures the PyTorch reference path, not the kernels")
@@ -164,12 +273,13 @@ def evaluate(ctx: EvalContext, cfg: Any) -> EvalResult:
     for b in tqdm(spec.decode_batches, desc="latency decode", leave=False):
         try:
             ids = _prompt(b, spec.decode_prompt_len, vocab, spec.seed, device)
+            run = _decoder(model, ids, spec, device, mode)
             for _ in range(spec.warmup):
-                greedy_decode(model, ids, min(spec.new_tokens, 2), device)
+                run(min(spec.new_tokens, 2))
             runs = []
             with PeakMemory(device) as mem:
                 for _ in range(spec.repeats):
-                    runs.append(greedy_decode(model, ids, spec.new_tokens, device)[1])
+                    runs.append(run(spec.new_tokens)[1])
             steps = spec.new_tokens - 1
             sec = statistics.median(runs)
             if steps:
