@@ -64,3 +64,12 @@ $PTQ -m model=smollm2-135m method=rtn,gptq,awq bits=w4a16 calib=c4-32x512 \
 # MMLU 5-shot beyond the pipeline check: 5 questions per subject (285), fp16 vs FPTQ w4a8
 $PTQ -m model=smollm2-135m method=fp16,fptq bits=w16a16,w4a8 calib=c4-32x512 \
     eval=mmlu eval.limit=5 eval.batch_size=4 sweep=mmlu-limit5
+# QuIP at 2-4 bits beside RTN / GPTQ at the same widths (docs/methods_quip_quarot.md)
+$PTQ -m "${BUDGET[@]}" method=quip bits=w2a16,w3a16,w4a16
+$PTQ -m "${BUDGET[@]}" method=rtn,gptq bits=w3a16,w2a16
+# QuaRot-style rotation (GPTQ weights, per-token activations) at w4a8 / w4a4, beside the
+# other methods at w4a4
+$PTQ -m "${BUDGET[@]}" method=quarot bits=w4a8,w4a4
+$PTQ -m "${BUDGET[@]}" method=rtn,smoothquant,fptq bits=w4a4
+$PTQ -m model=smollm2-135m method=quarot bits=w4a8 calib=c4-32x512 \
+    eval=commonsense eval.limit=200 sweep=accuracy-limit200

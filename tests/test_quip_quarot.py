@@ -324,3 +324,20 @@ def test_rotation_dataclass_checks_order():
     R = Rotation((torch.eye(4),))
     with pytest.raises(ValueError, match="order 4"):
         R.apply(torch.zeros(2, 8))
+
+
+@pytest.mark.slow
+def test_smollm2_rotated_logits_equal_the_original(compose_cfg):
+    """SmolLM2-135M (tied lm_head, 576 = 36 x 16, 1536 = 12 x 128): exact before quantizing."""
+    from harness.inputs.models import load_model
+
+    cfg = compose_cfg("model=smollm2-135m", "model.device=cpu")
+    lm = load_model(cfg.model, cfg.paths.cache_dir)
+    ids = torch.randint(0, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = lm.model(ids).logits
+    info = rotate_model(lm.model, lm.spec, QuaRotConfig(w_bits=4, a_bits=8, online_heads=True))
+    assert info["untied_lm_head"]
+    with torch.no_grad():
+        out = lm.model(ids).logits
+    assert float((out - ref).norm() / ref.norm()) < 1e-4
