@@ -237,6 +237,10 @@ class Method(ABC, Generic[C]):
         return {"name": self.name, "class": type(self).__qualname__,
                 **dataclasses.asdict(self.config)}
 
+    # True when quantize rewrites the model outside its block linears (e.g. rotates the
+    # residual stream): per-linear comparisons with the fp model are then in other bases.
+    rewrites_model: ClassVar[bool] = False
+
     # Modules imported by a computed name (importlib), which the import scan of `code_files`
     # cannot see, whose code still shapes this method's quantized model.
     extra_code_modules: ClassVar[tuple[str, ...]] = ()

@@ -205,6 +205,7 @@ class QuaRot(Method[QuaRotConfig]):
     name = "quarot"
     supported_bits = frozenset({(4, 8), (4, 4), (8, 8), (4, 16), (3, 16), (8, 16)})
     cacheable = False              # embeddings, norms and lm_head change too
+    rewrites_model = True          # the residual stream is rotated
 
     @property
     def needs_calibration(self) -> bool:

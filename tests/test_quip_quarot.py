@@ -341,3 +341,14 @@ def test_smollm2_rotated_logits_equal_the_original(compose_cfg):
     with torch.no_grad():
         out = lm.model(ids).logits
     assert float((out - ref).norm() / ref.norm()) < 1e-4
+
+
+def test_distributions_compare_quip_in_the_input_basis_and_refuse_quarot(compose_cfg):
+    diag = ["model=tiny-llama", "calib=random-tokens", "calib.n_samples=2", "calib.seqlen=32",
+            "eval=distributions", "eval.max_windows=1", "eval.seqlen=64"]
+    rec = run_one(compose_cfg(*diag, "method=quip", "bits=w4a16"))
+    assert rec.status == "ok", rec.error
+    # Ŵ in the processed basis vs W would give ~0 dB; the undone W_tilde is close to W
+    assert rec.metrics["sqnr_w_min_db"] > 10
+    rec = run_one(compose_cfg(*diag, "method=quarot", "bits=w4a8"))
+    assert "rotated residual stream" in str(rec.error or rec.artifacts.get("eval_errors")), rec

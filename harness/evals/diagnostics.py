@@ -39,6 +39,7 @@ from methods.arch import ModelSpec, sublayer_of
 from methods.base import Method, build, matches_any
 from methods.layers import FakeQuantLinear, iter_block_linears
 from methods.primitives import fake_quantize_activation
+from methods.transformed import TransformedLinear
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,13 @@ def effective_input(module: nn.Module, x: Tensor) -> Tensor:
     activation fake-quant applied, smoothing divided back out."""
     if not isinstance(module, FakeQuantLinear) or module.a_bits >= 16:
         return x
+    if isinstance(module, TransformedLinear) and module.r_in is not None:
+        # quantized in the rotated basis R x: back to x's units with R^T
+        xr = module.r_in.apply(x * module.smooth_inv.to(x.dtype)
+                               if module.smooth_inv is not None else x)
+        xq = module.r_in.apply_t(fake_quantize_activation(xr, module.a_bits, module.act_mode,
+                                                          module.act_scale))
+        return xq / module.smooth_inv.to(x.dtype) if module.smooth_inv is not None else xq
     s_inv = module.smooth_inv
     xs = x * s_inv.to(x.dtype) if s_inv is not None else x
     xq = fake_quantize_activation(xs, module.a_bits, module.act_mode, module.act_scale)
@@ -165,6 +173,12 @@ class LinearDiag:
     x_err: PairError = field(default_factory=PairError)
     y_err: PairError = field(default_factory=PairError)
     x_eff_sample: list[Tensor] = field(default_factory=list)
+
+
+def effective_weight(module: nn.Module) -> Tensor:
+    """The weight the module's input meets, in the input's basis: W_tilde for a linear whose
+    grid lives in a rotated basis (QuIP), else its weight."""
+    return module.dense_weight() if isinstance(module, TransformedLinear) else module.weight
 
 
 def weight_row(W: Tensor, W_hat: Tensor, gen: torch.Generator) -> dict[str, Any]:
@@ -213,7 +227,7 @@ def measure_distributions(ref: nn.Module, quant: nn.Module, spec: ModelSpec, win
         rows[full] = {"linear": full, "block": i, "role": group.role,
                       "w_bits": getattr(q_mods[full], "w_bits", 16),
                       "a_bits": getattr(q_mods[full], "a_bits", 16),
-                      **weight_row(ref_mods[full].weight, q_mods[full].weight, gen)}
+                      **weight_row(ref_mods[full].weight, effective_weight(q_mods[full]), gen)}
     scored = [(r["sqnr_w_db"], n) for n, r in rows.items() if r["sqnr_w_db"] is not None]
     worst = [n for _, n in sorted(scored)[:n_worst]]
     first_of_input = {}
@@ -348,6 +362,10 @@ def plot_worst_histograms(samples: dict[str, dict[str, Tensor]], rows: dict[str,
 
 def evaluate_distributions(ctx: EvalContext, cfg: Any) -> EvalResult:
     t0 = time.perf_counter()
+    if ctx.method is not None and ctx.method.rewrites_model:
+        raise ValueError(f"{ctx.method_name} rewrites the model outside its linears (rotated "
+                         "residual stream): per-linear comparisons with the fp model would "
+                         "compare different bases")
     ref = reference_model(ctx)
     windows = eval_windows(ctx, cfg)
     rows, diags, samples = measure_distributions(
