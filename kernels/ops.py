@@ -118,6 +118,31 @@ def quantize_activations(
     raise ValueError(f"act_mode must be 'dynamic_token' or 'static_tensor', got {act_mode!r}")
 
 
+def rmsnorm_quantize(
+    x2d: Tensor,
+    weight: Tensor,
+    eps: float,
+    act_mode: ActMode = "dynamic_token",
+    act_scale: float | Tensor | None = None,
+    smooth_inv: Tensor | None = None,
+    backend: Backend = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """LLaMA RMSNorm of x [M, K] and the int8 quantization of its output in one step:
+    (y [M, K], xq int8 [M, K], x_scale fp32 [M]), one launch on the Triton path
+    (`kernels.rmsnorm_quant`), `reference.rmsnorm_quant_ref` otherwise."""
+    if act_mode not in ("dynamic_token", "static_tensor"):
+        raise ValueError(f"act_mode must be 'dynamic_token' or 'static_tensor', got {act_mode!r}")
+    if (act_mode == "static_tensor") != (act_scale is not None):
+        raise ValueError("act_scale is needed for act_mode='static_tensor' and only there")
+    if smooth_inv is not None:
+        smooth_inv = smooth_inv.to(x2d.device).contiguous()
+    if _use_triton(x2d, backend):
+        from kernels.rmsnorm_quant import rmsnorm_quant
+
+        return rmsnorm_quant(x2d.contiguous(), weight.contiguous(), eps, act_scale, smooth_inv)
+    return ref.rmsnorm_quant_ref(x2d, weight, eps, act_scale, smooth_inv)
+
+
 def _out_dtype(x: Tensor, out_dtype: torch.dtype | None) -> torch.dtype:
     if out_dtype is None:
         return x.dtype if x.dtype in _FLOAT_OUT else torch.float16
@@ -136,6 +161,7 @@ def w4a8_linear(
     bias: Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     backend: Backend = "auto",
+    quantized: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """y [..., N] = W4A8 linear of x [..., K]: int8 activations, int4 group-wise weights.
 
@@ -146,7 +172,7 @@ def w4a8_linear(
     x2d, lead = _flatten(x, 2 * w_packed.shape[1])
     dtype = _out_dtype(x, out_dtype)
     use_triton = _use_triton(x2d, backend) and (group_size % 64 == 0 or backend == "triton")
-    xq, xs = quantize_activations(x2d, act_mode, act_scale, smooth_inv, use_triton)
+    xq, xs = quantized or quantize_activations(x2d, act_mode, act_scale, smooth_inv, use_triton)
     if use_triton:
         from kernels.w4a8_gemm import w4a8_gemm
 
@@ -171,6 +197,7 @@ def w4a8_two_level_linear(
     bias: Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     backend: Backend = "auto",
+    quantized: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """y [..., N] = W4A8 linear with two-level weight scales (`reference.w4a8_two_level_ref`):
     w_packed uint8 [N, K//2] signed codes (kernel layout, `prepare_w4a8_weight`), w_scale
@@ -179,7 +206,7 @@ def w4a8_two_level_linear(
     x2d, lead = _flatten(x, 2 * w_packed.shape[1])
     dtype = _out_dtype(x, out_dtype)
     use_triton = _use_triton(x2d, backend) and (group_size % 64 == 0 or backend == "triton")
-    xq, xs = quantize_activations(x2d, act_mode, act_scale, smooth_inv, use_triton)
+    xq, xs = quantized or quantize_activations(x2d, act_mode, act_scale, smooth_inv, use_triton)
     if use_triton:
         from kernels.w4a8_gemm import w4a8_two_level_gemm
 
@@ -201,6 +228,7 @@ def w8a8_linear(
     bias: Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     backend: Backend = "auto",
+    quantized: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """y [..., N] = W8A8 linear of x [..., K]: wq int8 [N, K], w_scale fp32 [N] per channel.
 
@@ -208,7 +236,7 @@ def w8a8_linear(
     x2d, lead = _flatten(x, wq.shape[1])
     dtype = _out_dtype(x, out_dtype)
     use_triton = _use_triton(x2d, backend)
-    xq, xs = quantize_activations(x2d, act_mode, act_scale, smooth_inv, use_triton or (
+    xq, xs = quantized or quantize_activations(x2d, act_mode, act_scale, smooth_inv, use_triton or (
         backend == "int_mm" and x2d.is_cuda and triton_available()))  # fmt: skip
     if backend == "int_mm":
         from kernels.w8a8_gemm import w8a8_gemm_torch

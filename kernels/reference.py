@@ -158,6 +158,28 @@ def quant_per_tensor_ref(
     return quant_static_ref(x, scale, smooth_inv)[0]
 
 
+def rmsnorm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """LLaMA RMSNorm as Hugging Face computes it: h = f32(x) * rsqrt(mean(f32(x)^2) + eps),
+    y = weight * h.to(x.dtype)."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rmsnorm_quant_ref(
+    x: Tensor, weight: Tensor, eps: float, act_scale: float | Tensor | None = None,
+    smooth_inv: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """RMSNorm then int8 quantization of its output, the step a fused kernel does in one
+    launch: (y [M, K] (the norm's output), xq int8 [M, K], x_scale fp32 [M]); act_scale None:
+    dynamic per token, else static (`quant_static_ref`); smooth_inv (LAE / SmoothQuant 1/s)
+    multiplies y before quantization."""
+    y = rmsnorm_ref(x, weight, eps)
+    if act_scale is None:
+        return (y, *quant_per_token_ref(y, smooth_inv))
+    return (y, *quant_static_ref(y, act_scale, smooth_inv))
+
+
 # --------------------------------------------------------------------------------------
 # Exact integer matmul
 # --------------------------------------------------------------------------------------

@@ -158,10 +158,12 @@ class W4A8Linear(RuntimeLinear):
         mod.w_bits = fq.w_bits
         return mod
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, quantized: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """quantized: (xq, x_scale) of x made upstream (methods.fusion), else quantized here."""
         return ops.w4a8_linear(x, self.w_packed, self.w_scale, self.group_size,
                                act_mode=self.act_mode, act_scale=self.act_scale,
-                               smooth_inv=self.smooth_inv, bias=self.bias, backend=_backend(x))
+                               smooth_inv=self.smooth_inv, bias=self.bias, backend=_backend(x),
+                               quantized=quantized)
 
     def layout(self) -> dict[str, Any]:
         return {**super().layout(), "w_bits": self.w_bits, "group_size": self.group_size,
@@ -221,11 +223,11 @@ class W4A8TwoLevelLinear(RuntimeLinear):
         return cls(pack_int4(q.to(torch.int8)), s1[:, 0].half(), s2.to(torch.uint8), zero,
                    fq.group_size, **cls._act_of(fq))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, quantized: tuple[Tensor, Tensor] | None = None) -> Tensor:
         return ops.w4a8_two_level_linear(
             x, self.w_packed, self.w_scale, self.w_scale2, self.w_zero, self.group_size,
             act_mode=self.act_mode, act_scale=self.act_scale, smooth_inv=self.smooth_inv,
-            bias=self.bias, backend=_backend(x))
+            bias=self.bias, backend=_backend(x), quantized=quantized)
 
     def layout(self) -> dict[str, Any]:
         return {**super().layout(), "w_bits": 4, "group_size": self.group_size,
@@ -276,10 +278,10 @@ class W8A8Linear(RuntimeLinear):
         return cls(fq.codes().to(torch.int8), _group_scales(fq, torch.float32)[:, 0],
                    **cls._act_of(fq))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, quantized: tuple[Tensor, Tensor] | None = None) -> Tensor:
         return ops.w8a8_linear(x, self.wq, self.w_scale, act_mode=self.act_mode,
                                act_scale=self.act_scale, smooth_inv=self.smooth_inv,
-                               bias=self.bias, backend=_backend(x))
+                               bias=self.bias, backend=_backend(x), quantized=quantized)
 
     @classmethod
     def empty(cls, layout: dict[str, Any], dtype: torch.dtype) -> W8A8Linear:

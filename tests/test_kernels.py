@@ -661,3 +661,45 @@ def test_ops_two_level_linear_triton_vs_reference(device):
                                       backend="reference")  # fmt: skip
         assert y.shape == (2, 3, n) and y.dtype == torch.float16
         _close(y, r)
+
+
+# ---------------------------------------------------------------------------------------
+# RMSNorm fused with the activation quantization
+# ---------------------------------------------------------------------------------------
+
+
+def test_rmsnorm_ref_is_hugging_face_llama_rmsnorm():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from kernels.reference import rmsnorm_ref
+
+    for dtype in (torch.float32, torch.float16):
+        norm = LlamaRMSNorm(96, eps=1e-5).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(96, generator=_gen(1)) + 0.5)
+        x = (torch.randn(5, 96, generator=_gen(2)) * 3).to(dtype)
+        assert torch.equal(rmsnorm_ref(x, norm.weight.detach(), 1e-5), norm(x).detach())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("static", [False, True])
+def test_rmsnorm_quant_kernel_vs_ref(device, dtype, static):
+    """Same norm output and codes as RMSNorm followed by the quantizer, up to the order of
+    the variance sum (a code on a rounding boundary may move by one step)."""
+    from kernels.reference import rmsnorm_quant_ref
+    from kernels.rmsnorm_quant import rmsnorm_quant
+
+    m, k = 6, 300
+    x = (torch.randn(m, k, generator=_gen(3)) * 2).to(dtype)
+    x[3, 7] = float("nan")
+    w = (torch.rand(k, generator=_gen(4)) + 0.5).to(dtype)
+    smooth = torch.rand(k, generator=_gen(5)) + 0.5
+    scale = 0.05 if static else None
+    y_r, q_r, s_r = rmsnorm_quant_ref(x, w, 1e-5, scale, smooth)
+    y, q, s = rmsnorm_quant(x.to(device), w.to(device), 1e-5, scale, smooth.to(device))
+    ok = torch.arange(m) != 3
+    assert_close(y.cpu()[ok], y_r[ok], rtol=2e-3 if dtype == torch.float16 else 1e-6, atol=0)
+    assert_close(s.cpu(), s_r, rtol=1e-6, atol=0, equal_nan=True)
+    assert bool(s.cpu()[3].isnan()) and (q.cpu() - q_r).abs().max() <= 1
+    assert (q.cpu() != q_r).float().mean() < 0.01

@@ -243,6 +243,9 @@ def _execute(cfg: DictConfig, record: RunRecord, timer: Timer) -> None:
                 "bits": record.bits, "config_hash": record.config_hash}
         record.artifacts["checkpoint"] = str(
             save_runtime_checkpoint(model, lm.spec, run_dir / "checkpoint", meta))
+    if cfg.get("runtime", False) and cfg.get("runtime_fuse", False):
+        from methods.fusion import fuse_runtime  # one launch per linear group (after saving)
+        model = fuse_runtime(model, lm.spec, record.artifacts.setdefault("runtime_fusion", {}))
     ctx = EvalContext(model=model, tokenizer=lm.tokenizer, spec=lm.spec, data_dir=data_dir,
                       run_dir=run_dir, device=device, method=method, calib=calib,
                       reference_model=reference)
