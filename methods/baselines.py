@@ -274,6 +274,14 @@ class LLMCompressorGPTQ(_LLMCompressorMethod):
 class LLMCompressorAWQ(_LLMCompressorMethod):
     name = "llmc_awq"
     supported_bits = frozenset({(4, 16), (3, 16), (4, 8)})
+    # family -> why the library's AWQ mapping for it does not run here
+    UNSUPPORTED_FAMILIES = {
+        "bloom": "llm-compressor 0.14's BLOOM AWQ mapping smooths into `mlp.gelu_impl`, a "
+                 "BloomGelu without a weight in transformers 5 (AttributeError in the library)",
+    }
+
+    def check(self, spec: ModelSpec) -> str | None:
+        return self.UNSUPPORTED_FAMILIES.get(spec.table.family) or super().check(spec)
 
     def modifiers(self, spec: ModelSpec, ignore: list[str]) -> list[Any]:
         from llmcompressor.modifiers.awq import AWQModifier

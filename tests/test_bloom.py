@@ -59,8 +59,11 @@ def test_smoothing_folds_into_layernorm_weight_and_bias_exactly(bloom, role):
 
 @pytest.mark.parametrize("method,bits", [("rtn", "w4a8"), ("smoothquant", "w8a8"),
                                          ("gptq", "w4a16"), ("awq", "w4a16"),
-                                         ("fptq", "w4a8"), ("quip", "w2a16")])
+                                         ("fptq", "w4a8"), ("quip", "w2a16"),
+                                         ("llmc_gptq", "w4a16"), ("llmc_smoothquant", "w8a8")])
 def test_every_method_runs_on_bloom(compose_cfg, method, bits):
+    if method.startswith("llmc_"):
+        pytest.importorskip("llmcompressor")
     rec = run_one(compose_cfg(*QUICK, f"method={method}", f"bits={bits}"))
     assert rec.status == "ok", rec.error
     assert rec.metrics["ppl_ptb"] > 1
@@ -68,8 +71,11 @@ def test_every_method_runs_on_bloom(compose_cfg, method, bits):
 
 
 @pytest.mark.parametrize("method,bits,why", [("quarot", "w4a8", "LayerNorm"),
-                                             ("fptq", "w4a8", "kv")])
+                                             ("fptq", "w4a8", "kv"),
+                                             ("llmc_awq", "w4a16", "gelu_impl")])
 def test_methods_bloom_cannot_run_are_skipped_with_reason(compose_cfg, method, bits, why):
+    if method.startswith("llmc_"):
+        pytest.importorskip("llmcompressor")
     extra = ["method.kv_bits=8"] if why == "kv" else []
     rec = run_one(compose_cfg(*QUICK, f"method={method}", f"bits={bits}", *extra))
     assert rec.status == "skipped" and why.lower() in rec.error.lower(), rec.error
