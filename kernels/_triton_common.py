@@ -107,15 +107,30 @@ def pick_split_k(tiles: int, n_chunks: int, device: torch.device, split_k: int |
     return triton.cdiv(n_chunks, per_split), per_split
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def tile_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 [>= n] arrival counters for in-kernel split-K reduction, cached per
+    device (no allocation or memset per call, so graph capture sees none): the program that
+    reduces a tile resets its counter to 0."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
+
+
 def launch_splitk_gemm(
     out: torch.Tensor,
     n_chunks: int,
     split_k: int | None,
-    make_args: Callable[[torch.Tensor, int], tuple],
+    make_args: Callable[..., tuple],
     meta: dict,
     kernel,
     tuned_kernel: Callable[[str], Any],
     interp_meta: dict,
+    in_kernel_reduce: bool = False,
 ) -> torch.Tensor:
     """Launch a split-K GEMM kernel writing out [M, N] (M, N > 0), shared by W4A8 / W8A8.
 
@@ -124,7 +139,9 @@ def launch_splitk_gemm(
     autotuned (or fixed under the interpreter). make_args(dest, chunks_per_split) builds the
     kernel's positional arguments; tuned_kernel(mode) its autotuned wrapper ("decode" /
     "prefill"); interp_meta the fixed config used without autotuning. fp32 partials
-    [split, M, N] are reduced into out in split order."""
+    [split, M, N] are reduced into out in split order: by a second small kernel, or, with
+    in_kernel_reduce (the kernel has REDUCE_IN_KERNEL), inside the same launch by the last
+    split program to finish each tile (make_args(out, per_split, (ws, counters)))."""
     m, n = out.shape
     device = out.device
     decode = m <= DECODE_MAX_M
@@ -138,7 +155,13 @@ def launch_splitk_gemm(
         block_m, block_n = (None, None) if tuned else (32, INTERP_BLOCK_N)
         split, per_split = pick_split_k(1, n_chunks, device, split_k or 1)
     dest = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=device)
-    args = make_args(dest, per_split)
+    one_launch = in_kernel_reduce and split > 1
+    if one_launch:
+        counters = tile_counters(device, triton.cdiv(m, block_m or 16) * triton.cdiv(n, block_n or 16))
+        args = make_args(out, per_split, (dest, counters))
+        meta = {**meta, "REDUCE_IN_KERNEL": True}
+    else:
+        args = make_args(dest, per_split, None)
     if tuned and decode:
         grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split)
         tuned_kernel("decode")[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
@@ -151,7 +174,7 @@ def launch_splitk_gemm(
     else:
         grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split)
         kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, **interp_meta)
-    if split > 1:
+    if split > 1 and not one_launch:
         splitk_reduce(dest, out)
     return out
 

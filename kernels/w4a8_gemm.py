@@ -86,13 +86,14 @@ def _unpack_nibbles(b, FAST: tl.constexpr):
 
 @triton.jit
 def _w4a8_kernel(
-    x_ptr, xs_ptr, w_ptr, ws_ptr, ws2_ptr, wz_ptr, bias_ptr, out_ptr,
+    x_ptr, xs_ptr, w_ptr, ws_ptr, ws2_ptr, wz_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
     M, N, K,
     stride_xm, stride_wn, stride_sn, stride_s2n, stride_os, stride_om,
     GROUPS_PER_SPLIT, M_BUCKET,
     GROUP_SIZE: tl.constexpr, CHUNK: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     TWO_LEVEL: tl.constexpr = False, HAS_ZERO: tl.constexpr = False,
+    REDUCE_IN_KERNEL: tl.constexpr = False,
     FAST_UNPACK: tl.constexpr = False,
     SKIP_UNPACK: tl.constexpr = False, SKIP_RESCALE: tl.constexpr = False,
 ):  # fmt: skip
@@ -187,8 +188,24 @@ def _w4a8_kernel(
         first_split = (rn * 0 + pid_k) == 0
         bias = tl.load(bias_ptr + rn, mask=mask_n & first_split, other=0.0)
         acc = acc + bias.to(tl.float32)[None, :]
-    out_ptrs = out_ptr + pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    mask_out = mask_m[:, None] & mask_n[None, :]
+    offs = rm[:, None] * stride_om + rn[None, :]
+    if REDUCE_IN_KERNEL:
+        # split-K in one launch: fp32 partial to part[pid_k]; the last split program of this
+        # tile to arrive sums the partials in split order (as splitk_reduce: deterministic)
+        tl.store(part_ptr + pid_k * stride_os + offs, acc, mask=mask_out)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + pid, 1)  # acq_rel: our partial is visible first
+        tl.debug_barrier()
+        if arrived == tl.num_programs(1) - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(0, tl.num_programs(1)):
+                total += tl.load(part_ptr + s * stride_os + offs, mask=mask_out, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask_out)
+            tl.atomic_xchg(cnt_ptr + pid, 0)  # ready for the next launch
+    else:
+        tl.store(out_ptr + pid_k * stride_os + offs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
 
 
 # ----------------------------------------------------------------------------------------
@@ -224,7 +241,7 @@ def _tuned_kernel(mode: str):
     """Autotuned wrapper of `_w4a8_kernel` for decode or prefill launches."""
     configs = _DECODE_TUNE if mode == "decode" else _PREFILL_TUNE
     key = ["N", "K", "GROUP_SIZE", "PER_TOKEN", "HAS_BIAS", "TWO_LEVEL", "HAS_ZERO", "FAST_UNPACK",
-           "SKIP_UNPACK", "SKIP_RESCALE"]
+           "SKIP_UNPACK", "SKIP_RESCALE", "REDUCE_IN_KERNEL"]
     key += ["BLOCK_M", "BLOCK_N", "GROUPS_PER_SPLIT"] if mode == "decode" else ["M_BUCKET"]
     return autotune(configs, key)(_w4a8_kernel)
 
@@ -312,7 +329,8 @@ def w4a8_two_level_gemm(
 def launch_w4a8(xq, x_scale, w_packed, w_scale, group_size, bias, out_dtype, split_k,
                 flags: dict, *, w_scale2=None, w_zero=None) -> torch.Tensor:  # fmt: skip
     """`w4a8_gemm` (or, with w_scale2, `w4a8_two_level_gemm`) with extra kernel constexprs
-    `flags` (kernels.ablate: SKIP_UNPACK, SKIP_RESCALE, FAST_UNPACK=False); the production
+    `flags` (kernels.ablate: SKIP_UNPACK, SKIP_RESCALE, FAST_UNPACK=False; and
+    in_kernel_reduce=False: split-K partials summed by a second launch); the production
     wrappers pass none."""
     check_tensor(xq, "xq", torch.int8, xq.device, 2)
     device = xq.device
@@ -334,19 +352,23 @@ def launch_w4a8(xq, x_scale, w_packed, w_scale, group_size, bias, out_dtype, spl
     ws2 = w_scale2 if two_level else w_packed
     wz = w_zero if w_zero is not None else w_packed
 
-    def make_args(dest: torch.Tensor, per_split: int) -> tuple:
+    def make_args(dest: torch.Tensor, per_split: int, reduce=None) -> tuple:
+        part, counters = reduce if reduce is not None else (dest, x_scale)
         return (
             xq, x_scale, w_packed, w_scale, ws2, wz, bias if bias is not None else x_scale, dest,
+            part, counters,
             m, n, k,
             xq.stride(0), w_packed.stride(0), w_scale.stride(0), ws2.stride(0), m * n, n,
             per_split, next_pow2(m),
         )  # fmt: skip
 
+    flags = dict(flags)
+    one_launch = flags.pop("in_kernel_reduce", True)
     meta = {"GROUP_SIZE": group_size, "CHUNK": kernel_layout_chunk(group_size),
             "PER_TOKEN": per_token, "HAS_BIAS": bias is not None,
             "TWO_LEVEL": two_level, "HAS_ZERO": w_zero is not None,
             "FAST_UNPACK": not INTERPRETED, **flags}  # fmt: skip
     return launch_splitk_gemm(
         out, n_groups, split_k, make_args, meta, _w4a8_kernel,
-        _tuned_kernel, {**_INTERP_CONFIG, "num_warps": 4},
+        _tuned_kernel, {**_INTERP_CONFIG, "num_warps": 4}, in_kernel_reduce=one_launch,
     )  # fmt: skip

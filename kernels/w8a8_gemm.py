@@ -149,7 +149,7 @@ def w8a8_gemm(
         return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
     chunks = triton.cdiv(k, SPLIT_UNIT)
 
-    def make_args(dest: torch.Tensor, per_split: int) -> tuple:
+    def make_args(dest: torch.Tensor, per_split: int, _reduce=None) -> tuple:
         return (
             xq, x_scale, wq, w_scale, bias if bias is not None else w_scale, dest,
             m, n, k,

@@ -703,3 +703,25 @@ def test_rmsnorm_quant_kernel_vs_ref(device, dtype, static):
     assert_close(s.cpu(), s_r, rtol=1e-6, atol=0, equal_nan=True)
     assert bool(s.cpu()[3].isnan()) and (q.cpu() - q_r).abs().max() <= 1
     assert (q.cpu() != q_r).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("two_level", [False, True])
+def test_splitk_reduced_in_one_launch_equals_two_launches(device, two_level):
+    """Decode split-K: the last split program of each tile sums the partials in split order,
+    in the GEMM's own launch; bit for bit the two-launch result, counters left at zero."""
+    from kernels._triton_common import _COUNTERS
+    from kernels.w4a8_gemm import launch_w4a8
+
+    m, n, k, g = 3, 72, 512, 64
+    xq, _, p, ws, xs, bias = _w4_problem(m, n, k, g, seed=21, device=device)
+    kp = to_kernel_layout(p, g)
+    extra = {}
+    if two_level:
+        _, _, p2, s1, s2, z, _, _ = _two_level_problem(m, n, k, g, True, seed=22, device=device)
+        kp, ws, extra = to_kernel_layout(p2, g), s1, {"w_scale2": s2, "w_zero": z}
+    for split in (2, 3, 8):
+        one = launch_w4a8(xq, xs, kp, ws, g, bias, torch.float32, split, {}, **extra)
+        two = launch_w4a8(xq, xs, kp, ws, g, bias, torch.float32, split, {"in_kernel_reduce": False}, **extra)
+        assert torch.equal(one, two), split
+    assert not _COUNTERS[xq.device].any()
