@@ -9,7 +9,11 @@ Variants of `kernels.w4a8_gemm` (CUDA-graph replay over weight copies larger tha
   no_unpack     packed bytes fed to the dots as int8 (no unpack; wrong results)
   no_rescale    one int32 accumulator over K, one rescale at the end (wrong results)
   neither       no unpack and no per-group rescale (wrong results)
-The difference to `full` is the cost of the stage left out. Needs a CUDA GPU.
+  two_level     the two-level weight format (q8 = s2 * (q - z) in registers, one rescale; the
+                real alternative to the per-group rescale, correct results)
+  two_launch_reduce  decode split-K partials summed by a second launch (same results)
+The difference to `full` is the cost of the stage left out. M covers decode (1, 16) and
+prefill (1024, 2048, 4096). Needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ VARIANTS = {
     "no_unpack": {"SKIP_UNPACK": True},
     "no_rescale": {"SKIP_RESCALE": True},
     "neither": {"SKIP_UNPACK": True, "SKIP_RESCALE": True},
+    "two_level": {},  # run with two-level weights (w_scale2)
+    "two_launch_reduce": {"in_kernel_reduce": False},
 }
 SHAPES = [(4096, 4096), (11008, 4096)]
-MS = [1, 16, 1024, 4096]
+MS = [1, 16, 1024, 2048, 4096]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from kernels.bench.gemm import GROUP_SIZE, make_problem
     from kernels.bench.timing import Rotation, gpu_timer, n_copies
     from kernels.quant_per_token import quant_per_token
-    from kernels.w4a8_gemm import launch_w4a8
+    from kernels.w4a8_gemm import launch_w4a8, w4a8_two_level_gemm
 
     timer = gpu_timer(quick=True)
     env = environment()
@@ -60,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
             w4 = Rotation([(c["w4"], c["w4_scale"]) for c in p["copies"]])
             x = p["x"]
             row = {"N": n, "K": k, "M": m, "ms": {"fp16": timer(lambda x=x, w16=w16: F.linear(x, w16()))}}
+            w2l = Rotation([(c["w4"], c["w4_s1"], c["w4_s2"]) for c in p["copies"]])
             for name, flags in VARIANTS.items():
+                if name == "two_level":
+                    row["ms"][name] = timer(lambda xq=xq, xs=xs, w2l=w2l: w4a8_two_level_gemm(
+                        xq, xs, *w2l(), None, GROUP_SIZE))
+                    continue
                 row["ms"][name] = timer(lambda flags=flags, xq=xq, xs=xs, w4=w4: launch_w4a8(
                     xq, xs, *w4(), GROUP_SIZE, None, torch.float16, None, flags))
             full = row["ms"]["full"]

@@ -725,3 +725,18 @@ def test_splitk_reduced_in_one_launch_equals_two_launches(device, two_level):
         two = launch_w4a8(xq, xs, kp, ws, g, bias, torch.float32, split, {"in_kernel_reduce": False}, **extra)
         assert torch.equal(one, two), split
     assert not _COUNTERS[xq.device].any()
+
+
+def test_bench_shape_sets_and_library_table():
+    """LLaMA-3-8B / Qwen2.5-7B shapes fit the W4A8 kernel (K a multiple of the group); the
+    library comparison lists an absent library with its reason instead of a number."""
+    from kernels.bench.gemm import GROUP_SIZE, SHAPES
+    from kernels.bench.libraries import LIBRARIES, bench_libraries, library_table
+    from kernels.bench.timing import cpu_timer
+
+    assert {"llama3-8b", "qwen2.5-7b"} <= set(SHAPES)
+    assert all(k % GROUP_SIZE == 0 for nks in SHAPES.values() for _, k in nks)
+    res = bench_libraries([(64, 128)], [1], lambda fn: cpu_timer(fn, reps=1), device="cpu")
+    assert set(res["rows"][0]["ms"]) >= {"fp16"}
+    missing = {n for n in LIBRARIES if importlib.util.find_spec(n.split("_")[0]) is None}
+    assert missing <= set(res["skipped"]) and "| 64x128 | 1 |" in library_table(res)

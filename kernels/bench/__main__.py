@@ -3,12 +3,15 @@
     python -m kernels.bench [--quick] [--out results/bench/<file>.json] [--plot <file>.png]
     python -m kernels.bench --allow-cpu     # tiny smoke run without a GPU (perf_counter)
 
-On a GPU: LLaMA-2 7B/13B/70B linear shapes (N x K) at M = 1 .. 4096 tokens for
+On a GPU: LLaMA-2 7B/13B/70B, LLaMA-3-8B and Qwen2.5-7B linear shapes (N x K) at M = 1 .. 4096
+tokens for
   fp16        torch.nn.functional.linear (cuBLAS)
   w4a8        Triton W4A8 GEMM, activations already quantized (gemm only)
   w4a8+quant  the same including the fused per-token activation quantization
   w8a8        Triton W8A8 GEMM (gemm only) and w8a8+quant
+  w4a8_2l     W4A8 with two-level weight scales (int8 GEMM over K) (+quant)
   w8a8_int_mm torch._int_mm (cuBLASLt int8) + torch epilogue (gemm only)
+and a comparison with gemlite / torchao kernels where importable (skipped with the reason).
 with speedups vs fp16, achieved bandwidth (GB/s) and int8 TOPS vs the device peak, plus an
 end-to-end LLaMA-2-7B-shaped stack of linears (decode M = 1, 16; prefill M = 2048).
 Timings: CUDA-graph replay medians (kernels.bench.timing). Needs torch + triton only.
@@ -41,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end stack")
     ap.add_argument("--allow-cpu", action="store_true", help="without a GPU: tiny smoke run")
     ap.add_argument("--models", nargs="+", choices=sorted(SHAPES), help="GEMM shape sets (default: all)")
+    ap.add_argument("--no-libraries", action="store_true",
+                    help="skip the comparison with gemlite / torchao (when importable)")
     ap.add_argument("--budget-min", type=float, default=None,
                     help="start no new GEMM shape after this many minutes (results so far are kept)")
     args = ap.parse_args(argv)
@@ -88,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:
             result["e2e_llama2_7b"] = {"error": repr(e)[:500]}
             print(f"e2e failed: {e!r}", flush=True)
+        save(rows)
+    if not args.no_libraries:  # other libraries at the 7B shapes, decode and prefill
+        from kernels.bench.libraries import bench_libraries, library_table
+
+        result["libraries"] = bench_libraries(SHAPES["llama2-7b"], QUICK_MS, timer)
+        print(library_table(result["libraries"]), flush=True)
         save(rows)
     rows = rows + bench_gemms(rest, ms, "cuda", timer, impl, env["peaks"], eager, deadline,
                               on_shape=lambda new: save(rows + new))  # fmt: skip
