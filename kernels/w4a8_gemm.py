@@ -24,7 +24,8 @@ unpack brought 1.5-1.9x and 0.7x.
 
 Configs: decode (M <= 64) uses BLOCK_M = 16..64 and splits the weight groups over a second
 grid axis (split-K) until ~2 waves of programs exist; fp32 partials [SPLIT_K, M, N] are summed
-in a fixed order by a small reduction kernel (deterministic, no atomics). Prefill (M > 64)
+in split order by the last program of each tile to arrive (an atomic counter elects it; the
+sum itself is deterministic), in the same launch. Prefill (M > 64)
 uses large tiles and no split. Autotuning (warps, stages, and the tile shape for prefill)
 runs only for compiled kernels on a GPU; under TRITON_INTERPRET=1 one small fixed config is
 used. An int8 dot needs K >= 32 per operand half, so group_size must be a multiple of 64.
