@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -158,39 +159,51 @@ STRATEGY_COLOURS = {"static": "#0072B2", "lae+static": "#009E73",
 ROLE_MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
-def plot_policy(rows: list[dict[str, Any]], path: str | Path, v0: float, v1: float,
-                title: str = "FPTQ layer-wise activation policy") -> Path:
-    """Activation range v per block (log y), thresholds as lines, points coloured by the
-    strategy used and shaped by role. Written atomically (tmp file + rename)."""
+def policy_figure(rows: Sequence[dict[str, Any]], thresholds: Mapping[str, float],
+                  title: str = "FPTQ layer-wise activation policy"):
+    """The one FPTQ policy plot: activation range v per block (log y), points coloured by
+    the strategy the data names (STRATEGY_COLOURS) and shaped by role, the thresholds
+    (v0 dashed, v1 dotted) as lines. Returns the matplotlib Figure; the caller saves it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     roles = list(dict.fromkeys(r["role"] for r in rows))
     offsets = {role: (k - (len(roles) - 1) / 2) * 0.15 for k, role in enumerate(roles)}
     fig, ax = plt.subplots(figsize=(9, 4.5))
+    seen = set()
+    for r in rows:
+        role, strat = r["role"], r["strategy"]
+        key = (role, strat)
+        ax.scatter(r["block"] + offsets[role], max(r["v"], 1e-3),
+                   c=STRATEGY_COLOURS.get(strat, "#000000"),
+                   marker=ROLE_MARKERS[roles.index(role) % len(ROLE_MARKERS)],
+                   s=28, edgecolors="black", linewidths=0.3,
+                   label=f"{role}: {strat}" if key not in seen else None)
+        seen.add(key)
+    for name, style in (("v0", "--"), ("v1", ":")):
+        if name in thresholds:
+            ax.axhline(thresholds[name], color="black", linestyle=style, linewidth=1,
+                       label=f"{name} = {thresholds[name]:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("activation range v = max|X| (log scale)")
+    ax.set_title(title)
+    ax.grid(True, which="major", axis="y", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_policy(rows: list[dict[str, Any]], path: str | Path, v0: float, v1: float,
+                title: str = "FPTQ layer-wise activation policy") -> Path:
+    """policy_figure written to `path` atomically (tmp file + rename)."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = policy_figure(rows, {"v0": v0, "v1": v1}, title)
     try:
-        seen = set()
-        for r in rows:
-            role, strat = r["role"], r["strategy"]
-            key = (role, strat)
-            ax.scatter(r["block"] + offsets[role], max(r["v"], 1e-3),
-                       c=STRATEGY_COLOURS.get(strat, "#000000"),
-                       marker=ROLE_MARKERS[roles.index(role) % len(ROLE_MARKERS)],
-                       s=28, edgecolors="black", linewidths=0.3,
-                       label=f"{role}: {strat}" if key not in seen else None)
-            seen.add(key)
-        ax.axhline(v0, color="black", linestyle="--", linewidth=1, label=f"v0 = {v0:g}")
-        ax.axhline(v1, color="black", linestyle=":", linewidth=1, label=f"v1 = {v1:g}")
-        ax.set_yscale("log")
-        ax.set_xlabel("decoder block")
-        ax.set_ylabel("activation range v = max|X| (log scale)")
-        ax.set_title(title)
-        ax.grid(True, which="major", axis="y", alpha=0.3)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-        fig.tight_layout()
         tmp = path.with_name(path.name + ".partial")
         fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
         os.replace(tmp, path)

@@ -21,7 +21,14 @@ from harness.run.pipeline import run_one
 from methods.arch import ModelSpec
 from methods.base import ConfigError, build
 from methods.blockwise import capture_block_inputs, collect_block_stats
-from methods.fptq import FPTQConfig, assign_bucket, lae_scale, plot_policy
+from methods.fptq import (
+    STRATEGY_COLOURS,
+    FPTQConfig,
+    assign_bucket,
+    lae_scale,
+    plot_policy,
+    policy_figure,
+)
 from methods.layers import FakeQuantLinear
 from methods.rtn import RTNConfig
 from methods.smoothing import (
@@ -275,6 +282,26 @@ def test_plot_policy_writes_png(fptq_run, tmp_path):
     path = plot_policy(rows, tmp_path / "sub" / "policy.png", 15.0, 150.0)
     assert path.is_file() and path.read_bytes()[:4] == b"\x89PNG"
     assert not list(path.parent.glob("*.partial"))
+
+
+def test_policy_plot_colours_each_strategy_as_the_data_spells_it(fptq_run):
+    """One policy plot (the report and W&B draw methods.fptq.policy_figure too): every
+    strategy a run records has its own colour, keyed by the recorded spelling."""
+    from matplotlib.colors import to_rgba
+
+    rows = fptq_run[1].artifacts["fptq_policy"]["rows"]
+    strategies = {r["strategy"] for r in rows}
+    assert strategies <= set(STRATEGY_COLOURS)
+    assert len(set(STRATEGY_COLOURS.values())) == len(STRATEGY_COLOURS)
+    fig = policy_figure(rows, {"v0": 15.0, "v1": 150.0})
+    drawn = {}
+    for coll in fig.axes[0].collections:
+        label = coll.get_label()
+        if ": " in label:
+            drawn[label.split(": ", 1)[1]] = tuple(coll.get_facecolor()[0])
+    assert set(drawn) == strategies
+    for strategy, colour in drawn.items():
+        assert colour == to_rgba(STRATEGY_COLOURS[strategy])
 
 
 def test_hydra_fptq_run_records_policy_and_plot(compose_cfg):

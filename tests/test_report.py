@@ -54,7 +54,7 @@ POLICY = [{"block": b, "linear": lin, "role": lin.split(".")[0], "v": v, "bucket
            "strategy": s}
           for b in range(3)
           for lin, v, k, s in (("self_attn.q_proj", 5.0, 0, "static"),
-                               ("mlp.down_proj", 40.0 * (b + 1), 1, "lae"),
+                               ("mlp.down_proj", 40.0 * (b + 1), 1, "lae+static"),
                                ("mlp.up_proj", 400.0 if b == 2 else 9.0, 2 if b == 2 else 0,
                                 "dynamic" if b == 2 else "static"))]
 
@@ -166,7 +166,7 @@ def test_accuracy_mmlu_latency_cost_policy(df):
     assert cells(cost, "llama-2-7b", "gptq", "w4a16")["quantize (s)"] == "30.00"
     assert cells(cost, "llama-2-7b", "awq", "w4a16")["quantize (s)"] == "failed[1]"
     pol = fptq_policy_table(df)
-    assert pol.columns == ["Model", "Method", "Bits", "dynamic", "lae", "static", "total"]
+    assert pol.columns == ["Model", "Method", "Bits", "dynamic", "lae+static", "static", "total"]
     assert [c.text for c in pol.rows[0]] == ["llama-2-7b", "fptq", "w4a8", "1", "3", "5", "9"]
 
 

@@ -41,7 +41,6 @@ OKABE_ITO = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "
              "#CC79A7")
 METHOD_COLORS = {"fp16": "#000000", "rtn": "#E69F00", "smoothquant": "#56B4E9",
                  "gptq": "#009E73", "awq": "#D55E00", "fptq": "#0072B2"}
-STRATEGY_COLORS = {"static": "#009E73", "lae": "#E69F00", "dynamic": "#D55E00"}
 _EXTRA = ("#CC79A7", "#F0E442", "#999999")
 
 
@@ -161,34 +160,13 @@ def fptq_thresholds(method_cfg: Any) -> dict[str, float]:
 
 def plot_fptq_policy(rows: Sequence[dict], stem: str | os.PathLike,
                      thresholds: dict[str, float] | None = None, title: str = "") -> list[Path]:
-    """Per-linear activation range v (log y) in block order, coloured by strategy; the
-    thresholds v0/v1 that split the strategies as horizontal lines."""
+    """FPTQ's own policy plot (methods.fptq.policy_figure) saved as <stem>.png / .svg."""
     if not rows:
         return []
-    rows = sorted(rows, key=lambda r: (int(r.get("block", 0)), str(r.get("linear", ""))))
-    fig, ax = plt.subplots(figsize=(9, 3.8))
-    strategies = sorted({str(r.get("strategy")) for r in rows})
-    extra = iter(OKABE_ITO[1:] * 2)
-    colors = {s: STRATEGY_COLORS.get(s) or next(extra) for s in strategies}
-    for s in strategies:
-        pts = [(i, float(r["v"])) for i, r in enumerate(rows)
-               if str(r.get("strategy")) == s and float(r.get("v", 0)) > 0]
-        if pts:
-            ax.scatter(*zip(*pts, strict=True), s=12, color=colors[s], label=s, zorder=3)
-    for k, v in (thresholds or {}).items():
-        ax.axhline(v, color="#555555", ls="--", lw=0.8)
-        ax.annotate(f"{k} = {v:g}", (0, v), fontsize=7, xytext=(2, 2),
-                    textcoords="offset points")
-    blocks = sorted({int(r.get("block", 0)) for r in rows})
-    step = max(1, len(blocks) // 10)
-    first = {int(r.get("block", 0)): i for i, r in reversed(list(enumerate(rows)))}
-    ax.set_xticks([first[b] for b in blocks[::step]], [str(b) for b in blocks[::step]])
-    ax.set(yscale="log", xlabel="transformer block (linears in block order)",
-           ylabel="activation range max|X| (log scale)",
-           title=title or "FPTQ per-layer activation range and strategy")
-    ax.grid(alpha=0.3, which="both", axis="y")
-    _legend_outside(ax)
-    return save(fig, stem)
+    from methods.fptq import policy_figure
+
+    return save(policy_figure(rows, thresholds or {},
+                              title or "FPTQ layer-wise activation policy"), stem)
 
 
 def load_bench(bench_dir: str | os.PathLike) -> list[tuple[str, dict]]:

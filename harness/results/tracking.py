@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from harness.results.records import policy_rows
+
 log = logging.getLogger(__name__)
 # wandb's own config/cache/artifact dirs default to ~/.config/wandb, ~/.cache/wandb: keep
 # them in the run dir unless the user chose otherwise.
@@ -71,13 +73,11 @@ class WandbTracker:
             data: dict[str, Any] = dict(record.metrics)
             data.update({f"time/{k}": v for k, v in record.timings.items()})
             data.update({f"memory/{k}": v for k, v in record.memory.items()})
-            from harness.results.records import policy_rows
             policy = policy_rows((record.artifacts or {}).get("fptq_policy"))
             if isinstance(policy, list) and policy:
                 cols = sorted({k for row in policy for k in row})
                 data["fptq_policy"] = wandb.Table(
                     columns=cols, data=[[row.get(c) for c in cols] for row in policy])
-                data.update(self._policy_plot(record, policy))
             for png in sorted(self.run_dir.glob("*.png")):
                 data[f"plots/{png.stem}"] = wandb.Image(str(png))
             if data:
@@ -87,14 +87,6 @@ class WandbTracker:
                 self.run.summary["error"] = record.error
         finally:
             self.run.finish(exit_code=0 if record.status != "failed" else 1)
-
-    def _policy_plot(self, record: Any, policy: list[dict]) -> dict[str, Any]:
-        from harness.results.plots import fptq_thresholds, plot_fptq_policy
-
-        paths = plot_fptq_policy(policy, self.run_dir / "fptq_policy",
-                                 fptq_thresholds(record.config.get("method")),
-                                 title=f"FPTQ policy: {record.model} {record.bits}")
-        return {"plots/fptq_policy": self.wandb.Image(str(paths[0]))} if paths else {}
 
 
 class _Guarded:
