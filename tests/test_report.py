@@ -376,7 +376,10 @@ def test_ablation_runs_get_variant_labels_and_policy_dicts_are_read(tmp_path):
         rec.config["method"].update(policy=policy, v0=15 if i else 5)
         store.write(rec)
     df = records_frame(store).sort_values("run_id")
-    assert list(df["method"]) == ["fptq (v0=5.0)", "fptq", "fptq (policy=all_static)"]
+    assert list(df["method"]) == ["fptq"] * 3          # the variant is its own column
+    assert list(df["variant"]) == ["v0=5.0", "", "policy=all_static"]
+    t = perplexity_table(df)
+    assert [r[1].text for r in t.rows] == ["fptq", "fptq (policy=all_static)", "fptq (v0=5.0)"]
     assert all(isinstance(p, list) and len(p) == len(POLICY) for p in df["fptq_policy"])
 
 
@@ -388,8 +391,7 @@ def test_method_filter_selects_variants(tmp_path):
         store.write(rec)
     store.write(_rec(9, "m", "rtn", "w4a8", metrics={"ppl_ptb": 20.0}))
     df = records_frame(store)
-    assert sorted(filter_runs(df, method=["fptq"])["method"]) == [
-        "fptq", "fptq", "fptq (policy=all_static)"]
+    assert sorted(filter_runs(df, method=["fptq"])["variant"]) == ["", "", "policy=all_static"]
     assert list(filter_runs(df, method=["fptq (policy=all_static)"])["run_id"]) == ["r02-h2"]
 
 
@@ -421,7 +423,7 @@ def test_records_made_before_an_option_existed_are_not_labelled_by_it(tmp_path):
         rec.config["method"].update(extra)
         store.write(rec)
     df = records_frame(store).sort_values("run_id")
-    assert list(df["method"]) == ["awq", "awq", "awq", "awq (inputs_from=fp)"]
+    assert list(df["variant"]) == ["", "", "", "inputs_from=fp"]
 
 
 def test_accuracy_rows_stay_apart_per_docs_limit(tmp_path):

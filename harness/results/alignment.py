@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 
 from harness.results.paper_tables import DATASET_LABELS, ppl_datasets
-from harness.results.records import latest_per_config, numeric, with_defaults
+from harness.results.records import latest_per_config, method_label, numeric, with_defaults
 from harness.results.tables import NOT_MEASURED, Cell, Table, fmt, is_num
 
 # Reference-library baseline -> the native methods it is compared with (conf/method/llmc_*).
@@ -18,10 +18,6 @@ LIBRARY_NATIVE = {"llmc_gptq": ("gptq",), "gptqmodel_gptq": ("gptq",), "llmc_awq
 # Settings a native run must share with the library run to be its like-for-like partner
 # (besides model, bits, calibration and the perplexity windows).
 _ALIGN_KEYS = ("group_size", "symmetric", "act_mode", "alpha")
-
-
-def _base_method(label: str) -> str:
-    return str(label).split(" (", 1)[0]
 
 
 def _key_text(v: Any) -> str:
@@ -61,11 +57,10 @@ def alignment_table(df: pd.DataFrame) -> Table:
         return Table("alignment", "Native vs reference library", [], [], 0)
     ok = latest_per_config(df[df["status"] == "ok"])
     sets = [d for d in ppl_datasets(ok) if ok[f"ppl_{d}"].notna().any()]
-    base = ok["method"].map(_base_method)
     same = ["model", "bits", "calib", "seqlen", "max_windows"]
     rows: list[list[Cell]] = []
-    for _, lib in ok[base.isin(list(LIBRARY_NATIVE))].iterrows():
-        natives = ok[base.isin(LIBRARY_NATIVE[_base_method(lib["method"])])]
+    for _, lib in ok[ok["method"].isin(list(LIBRARY_NATIVE))].iterrows():
+        natives = ok[ok["method"].isin(LIBRARY_NATIVE[lib["method"]])]
         for col in same:
             natives = natives[natives[col].map(_key_text) == _key_text(lib[col])]
         for _, nat in natives.iterrows():
@@ -73,7 +68,8 @@ def alignment_table(df: pd.DataFrame) -> Table:
                     nat, lib):
                 continue
             cells = [Cell(str(lib["model"])), Cell(str(lib["bits"])), Cell(str(lib["calib"])),
-                     Cell(str(nat["method"])), Cell(str(lib["method"]))]
+                     Cell(method_label(nat["method"], nat.get("variant"))),
+                     Cell(method_label(lib["method"], lib.get("variant")))]
             for d in sets:
                 n, ll = nat.get(f"ppl_{d}"), lib.get(f"ppl_{d}")
                 cells += [Cell(fmt(n, 2), n) if is_num(n) else Cell(NOT_MEASURED),

@@ -10,10 +10,13 @@ import pandas as pd
 
 from harness.results.records import (
     BASELINE_METHOD,
+    ROW_KEYS,
     bits_key,
     latest_per_config,
     method_key,
+    method_label,
     superseded,
+    with_method_label,
 )
 from harness.results.tables import (
     Cell,
@@ -60,8 +63,8 @@ def perplexity_table(df: pd.DataFrame) -> Table:
     sets = ppl_datasets(df)
     cols = [Column(DATASET_LABELS.get(d, d), f"ppl_{d}") for d in sets]
     rows = rows_for(df, "ppl", [c.metric for c in cols])
-    labels = [("model", "Model"), ("method", "Method"), ("bits", "Bits")]
-    keys: tuple[str, ...] = ("model", "method", "bits")
+    labels = [("model", "Model"), ("method_label", "Method"), ("bits", "Bits")]
+    keys: tuple[str, ...] = ROW_KEYS
     if _several_calibrations(rows):     # seeds or sets apart: never merged into one row
         # fp16 uses no calibration: one baseline row whatever its record's calib says
         rows = rows.assign(calib=[("-" if m == BASELINE_METHOD or not isinstance(c, str) else c)
@@ -86,6 +89,7 @@ def perplexity_wide_table(df: pd.DataFrame) -> Table:
     sets = ppl_datasets(df)
     metrics = [f"ppl_{d}" for d in sets]
     sub = rows_for(df, "ppl", metrics)
+    sub = sub.assign(method=with_method_label(sub)["method_label"], variant="")
     if _several_calibrations(sub):      # one column group per calibration setting
         sub = sub.assign(method=[m if m == BASELINE_METHOD or not isinstance(c, str)
                                  else f"{m} @{c}" for m, c in zip(sub["method"], sub["calib"],
@@ -160,7 +164,7 @@ def _limit_layout(merged: pd.DataFrame) -> tuple[list[tuple[str, str]], tuple[st
     """Accuracy rows are kept apart per lm-eval `limit` (docs per task): a 1-doc pipeline
     check never merges into a 200-doc measurement. One limit: named in the caption; several:
     a "Docs/task" column, and Δ compares with the fp16 row at the same limit."""
-    labels = [("model", "Model"), ("method", "Method"), ("bits", "Bits")]
+    labels = [("model", "Model"), ("method_label", "Method"), ("bits", "Bits")]
     limits = sorted(set(merged["docs_per_task"].astype(str))) if not merged.empty else []
     if len(limits) > 1:
         return [*labels, ("docs_per_task", "Docs/task")], ("model", "docs_per_task"), ""
@@ -185,7 +189,7 @@ def accuracy_table(df: pd.DataFrame, prefer_norm: bool = False) -> Table:
     df = _with_limit(with_commonsense_avg(df, [c.metric for c in cols]))
     cols.append(Column("Avg.", "acc_commonsense_avg", lower_is_better=False, scale=ACC_SCALE))
     merged = merge_rows(rows_for(df, "lm_eval", [c.metric for c in cols]),
-                        ("model", "method", "bits", "docs_per_task"), [c.metric for c in cols])
+                        (*ROW_KEYS, "docs_per_task"), [c.metric for c in cols])
     labels, groups, note = _limit_layout(merged)
     return build_table(merged, "accuracy", "Zero-shot accuracy (%, higher is better)",
                        labels, cols, group_cols=groups,
@@ -199,7 +203,7 @@ def mmlu_table(df: pd.DataFrame) -> Table:
     if not cols:
         return Table("mmlu", "MMLU (%)", [], [], 0)
     merged = merge_rows(rows_for(_with_limit(df), "lm_eval", [c.metric for c in cols]),
-                        ("model", "method", "bits", "docs_per_task"), [c.metric for c in cols])
+                        (*ROW_KEYS, "docs_per_task"), [c.metric for c in cols])
     labels, groups, note = _limit_layout(merged)
     return build_table(merged, "mmlu", "MMLU accuracy by category (%, higher is better)",
                        labels, cols, group_cols=groups, caption=note.strip())
@@ -239,9 +243,9 @@ def latency_table(df: pd.DataFrame) -> Table:
     long, cols = latency_long(keep)
     if not cols:
         return Table("latency", "Latency and memory", [], [], 0)
-    merged = merge_rows(long, ("model", "method", "bits", "batch"), [c.metric for c in cols])
+    merged = merge_rows(long, (*ROW_KEYS, "batch"), [c.metric for c in cols])
     return build_table(merged, "latency", "Latency and memory by batch size",
-                       [("model", "Model"), ("method", "Method"), ("bits", "Bits"),
+                       [("model", "Model"), ("method_label", "Method"), ("bits", "Bits"),
                         ("batch", "Batch")], cols, group_cols=("model", "batch"))
 
 
@@ -256,10 +260,10 @@ def cost_table(df: pd.DataFrame) -> Table:
     cols = [c for c in COST_COLUMNS if c.metric in df.columns]
     if not cols or df.empty:
         return Table("cost", "Quantization cost", [], [], 0)
-    merged = merge_rows(df, ("model", "method", "bits"), [c.metric for c in cols])
+    merged = merge_rows(df, ROW_KEYS, [c.metric for c in cols])
     merged = merged[merged["method"] != BASELINE_METHOD]
     return build_table(merged, "cost", "Quantization cost (lower is better)",
-                       [("model", "Model"), ("method", "Method"), ("bits", "Bits")], cols,
+                       [("model", "Model"), ("method_label", "Method"), ("bits", "Bits")], cols,
                        delta=False)
 
 
@@ -267,14 +271,14 @@ def fptq_policy_table(df: pd.DataFrame) -> Table:
     """How many linears took which FPTQ activation path, per model x bits."""
     if "fptq_policy" not in df.columns:
         return Table("fptq_policy", "FPTQ layer-wise policy", [], [], 0)
-    recs = latest_per_config(df)
+    recs = with_method_label(latest_per_config(df))
     recs = recs[recs["fptq_policy"].map(lambda p: isinstance(p, list) and bool(p))]
     counts: dict[tuple[str, str, str], dict[str, int]] = {}
     for _, r in recs.sort_values("finished_at").iterrows():
         c: dict[str, int] = {}
         for row in r["fptq_policy"]:
             c[str(row.get("strategy"))] = c.get(str(row.get("strategy")), 0) + 1
-        counts[(r["model"], r["method"], r["bits"])] = c
+        counts[(r["model"], r["method_label"], r["bits"])] = c
     if not counts:
         return Table("fptq_policy", "FPTQ layer-wise policy", [], [], 0)
     strategies = sorted({s for c in counts.values() for s in c})
@@ -292,7 +296,8 @@ def superseded_table(df: pd.DataFrame) -> Table:
     if old.empty:
         return Table("superseded", "Superseded runs", [], [], 0)
     header = ["Run id", "Model", "Method", "Bits", "Eval", "Status", "Finished", "Superseded by"]
-    rows = [[Cell(str(r["run_id"])), Cell(str(r["model"])), Cell(str(r["method"])),
+    rows = [[Cell(str(r["run_id"])), Cell(str(r["model"])),
+             Cell(method_label(r["method"], r.get("variant"))),
              Cell(str(r["bits"])), Cell(str(r["eval"])), Cell(str(r["status"])),
              Cell(str(r["finished_at"])), Cell(str(r["superseded_by"]))]
             for _, r in old.iterrows()]

@@ -32,6 +32,7 @@ from harness.results.records import (  # noqa: E402
     bits_key,
     latest_per_config,
     method_key,
+    with_method_label,
 )
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,8 @@ def _legend_outside(ax) -> None:
 
 
 def _ok(df: pd.DataFrame) -> pd.DataFrame:
-    return latest_per_config(df[df["status"] == "ok"]) if not df.empty else df
+    """Latest ok records, with `method_label` (method and variant) for legends and colours."""
+    return with_method_label(latest_per_config(df[df["status"] == "ok"])) if not df.empty else df
 
 
 def plot_ppl_vs_bits(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
@@ -90,8 +92,8 @@ def plot_ppl_vs_bits(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
     bits_order = sorted(ok["bits"].unique(), key=bits_key)
     for ax, (model, d) in zip(axes[0], panels, strict=True):
         sub = ok[(ok["model"] == model) & ok[f"ppl_{d}"].notna()]
-        for method in sorted(sub["method"].unique(), key=method_key):
-            pts = sub[sub["method"] == method].groupby("bits")[f"ppl_{d}"].last()
+        for method in sorted(sub["method_label"].unique(), key=method_key):
+            pts = sub[sub["method_label"] == method].groupby("bits")[f"ppl_{d}"].last()
             xs = [b for b in bits_order if b in pts.index]
             ax.plot([bits_order.index(b) for b in xs], [pts[b] for b in xs], marker="o",
                     color=method_color(method), label=method,
@@ -128,14 +130,14 @@ def plot_accuracy_vs_latency(df: pd.DataFrame, stem: str | os.PathLike) -> list[
     acc_col = "acc_commonsense_avg"
     if lat is None or not ok[acc_col].notna().any():
         return []
-    merged = ok.groupby(["model", "method", "bits"]).agg({lat: "last", acc_col: "last"})
+    merged = ok.groupby(["model", "method_label", "bits"]).agg({lat: "last", acc_col: "last"})
     merged = merged.dropna().reset_index()
     if merged.empty:
         return []
     fig, ax = plt.subplots(figsize=(6, 4))
     for _, r in merged.iterrows():
-        ax.scatter(r[lat], r[acc_col] * ACC_SCALE, color=method_color(r["method"]), s=40,
-                   label=r["method"], zorder=3)
+        ax.scatter(r[lat], r[acc_col] * ACC_SCALE, color=method_color(r["method_label"]),
+                   s=40, label=r["method_label"], zorder=3)
         ax.annotate(r["bits"], (r[lat], r[acc_col] * ACC_SCALE), fontsize=7,
                     xytext=(4, 3), textcoords="offset points")
     front = pareto_front(list(zip(merged[lat], merged[acc_col] * ACC_SCALE, strict=True)))
@@ -234,13 +236,13 @@ def plot_cost(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
     ok = ok[(ok["method"] != BASELINE_METHOD) & ok["time_quantize"].notna()]
     if ok.empty:
         return []
-    ok = ok.groupby(["model", "method", "bits"], as_index=False).last()
-    ok = ok.sort_values(["model", "method", "bits"],
-                        key=lambda s: s.map(method_key) if s.name == "method"
+    ok = ok.groupby(["model", "method_label", "bits"], as_index=False).last()
+    ok = ok.sort_values(["model", "method_label", "bits"],
+                        key=lambda s: s.map(method_key) if s.name == "method_label"
                         else s.map(bits_key) if s.name == "bits" else s)
-    labels = [f"{r.method}\n{r.bits}" + (f"\n{r.model}" if ok["model"].nunique() > 1 else "")
+    labels = [f"{r.method_label}\n{r.bits}" + (f"\n{r.model}" if ok["model"].nunique() > 1 else "")
               for r in ok.itertuples()]
-    colors = [method_color(m) for m in ok["method"]]
+    colors = [method_color(m) for m in ok["method_label"]]
     has_mem = "mem_peak_quantize_mb" in ok.columns and ok["mem_peak_quantize_mb"].notna().any()
     fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(max(5, 0.8 * len(ok)) * 1.6, 3.6),
                              squeeze=False)

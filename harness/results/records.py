@@ -13,6 +13,8 @@ from typing import Any
 import pandas as pd
 
 ID_COLS = ("model", "method", "bits", "eval")
+# One table row per combination (tables add their own: calibration, docs per task, batch).
+ROW_KEYS = ("model", "method", "variant", "bits")
 BASELINE_METHOD = "fp16"
 # A bits label like w4a8 -> (4, 8); papers order columns from wide to narrow.
 _BITS_RE = re.compile(r"^w(\d+)a(\d+)$")
@@ -25,6 +27,20 @@ def bits_key(bits: str) -> tuple[int, int, str]:
 
 def method_key(method: str) -> tuple[int, str]:
     return (0 if method == BASELINE_METHOD else 1, str(method))
+
+
+def method_label(method: Any, variant: Any) -> str:
+    """What tables and plots print: "fptq (v0=5.0)"; the bare method for its common setting."""
+    return f"{method} ({variant})" if isinstance(variant, str) and variant else str(method)
+
+
+def with_method_label(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` plus a `method_label` column from `method` and (when present) `variant`."""
+    if df.empty:
+        return df.assign(method_label=pd.Series(dtype=object))
+    variants = df["variant"] if "variant" in df.columns else [""] * len(df)
+    return df.assign(method_label=[method_label(m, v)
+                                   for m, v in zip(df["method"], variants, strict=True)])
 
 
 def latest_per_config(df: pd.DataFrame) -> pd.DataFrame:
@@ -56,10 +72,10 @@ def filter_runs(df: pd.DataFrame, model: Sequence[str] | None = None,
     for col, keep in (("model", model), ("method", method), ("bits", bits), ("eval", eval),
                       ("sweep", sweep)):
         if keep:
-            values = df[col].astype(str)
-            if col == "method":   # "fptq" also selects its variants, e.g. "fptq (policy=...)"
-                values = values.str.split(" (", n=1, regex=False).str[0]
-            df = df[values.isin(list(keep)) | df[col].isin(list(keep))]
+            hit = df[col].astype(str).isin(list(keep))
+            if col == "method":   # "fptq" selects all its variants, "fptq (v0=5.0)" one
+                hit |= with_method_label(df)["method_label"].isin(list(keep))
+            df = df[hit]
     for bound, op in ((since, "ge"), (until, "le")):
         if bound is not None:
             ts = pd.Timestamp(bound)
@@ -70,7 +86,8 @@ def filter_runs(df: pd.DataFrame, model: Sequence[str] | None = None,
 
 def records_frame(store) -> pd.DataFrame:
     """`store.load()` plus the config fields tables match on: evaluators, group size, eval
-    seqlen and window cap, calibration, and the FPTQ policy rows from the artifacts."""
+    seqlen and window cap, calibration, the method variant (method_variants) and the FPTQ
+    policy rows from the artifacts."""
     df = store.load()
     if df.empty:
         return df
@@ -91,8 +108,7 @@ def records_frame(store) -> pd.DataFrame:
         }
     cols = pd.DataFrame.from_dict(extra, orient="index")
     df = df.join(cols, on="run_id")
-    df["method"] = [f"{m} ({v})" if v else m
-                    for m, v in zip(df["method"], method_variants(df), strict=True)]
+    df["variant"] = method_variants(df)
     return df
 
 

@@ -29,7 +29,12 @@ from harness.results.paper_tables import (
     perplexity_wide_table,
     superseded_table,
 )
-from harness.results.records import filter_runs, latest_per_config, records_frame
+from harness.results.records import (
+    filter_runs,
+    latest_per_config,
+    records_frame,
+    with_method_label,
+)
 from harness.results.render import to_csv, to_latex, to_markdown
 from harness.results.reproduction import load_references, reproduction_table
 from harness.results.store import ResultStore
@@ -64,14 +69,14 @@ def build_plots(df: pd.DataFrame, plot_dir: Path, bench_dir: Path | None) -> dic
            "accuracy_vs_latency": P.plot_accuracy_vs_latency(df, plot_dir / "accuracy_vs_latency"),
            "cost": P.plot_cost(df, plot_dir / "cost")}
     if "fptq_policy" in df.columns:
-        latest = latest_per_config(df[df["status"] == "ok"])
+        latest = with_method_label(latest_per_config(df[df["status"] == "ok"]))
         for _, r in latest.iterrows():
             if isinstance(r["fptq_policy"], list) and r["fptq_policy"]:
-                label = re.sub(r"[^A-Za-z0-9.=-]+", "_", str(r["method"])).strip("_")
+                label = re.sub(r"[^A-Za-z0-9.=-]+", "_", r["method_label"]).strip("_")
                 name = f"fptq_policy_{r['model']}_{r['bits']}_{label}"
                 out[name] = P.plot_fptq_policy(
                     r["fptq_policy"], plot_dir / name, P.fptq_thresholds(r.get("method_cfg")),
-                    title=f"FPTQ policy: {r['model']} {r['bits']} {r['method']}")
+                    title=f"FPTQ policy: {r['model']} {r['bits']} {r['method_label']}")
     for stem, result in P.load_bench(bench_dir) if bench_dir else []:
         out[f"kernel_speedup_{stem}"] = P.plot_kernel_speedup(
             result, plot_dir / f"kernel_speedup_{stem}")

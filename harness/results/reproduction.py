@@ -45,6 +45,7 @@ def reproduction_table(df: pd.DataFrame, refs: pd.DataFrame) -> Table:
             continue
         gs = None if pd.isna(ref["group_size"]) else int(ref["group_size"])
         hit = ours[(ours["model"] == ref["model"]) & (ours["method"] == ref["method"])
+                   & (ours["variant"].fillna("") == "" if "variant" in ours else True)
                    & (ours["bits"] == ref["bits"]) & ours[metric].notna()
                    & ours["seqlen"].map(lambda s, r=ref: pd.isna(r["seqlen"]) or s == r["seqlen"])]
         if ref["bits"] != "w16a16" and not hit.empty:

@@ -23,6 +23,7 @@ from harness.results.records import (
     bits_key,
     latest_per_config,
     method_key,
+    with_method_label,
 )
 
 NOT_MEASURED = "–"
@@ -98,7 +99,8 @@ def is_num(v: Any) -> bool:
 
 def merge_rows(df: pd.DataFrame, keys: Sequence[str], metrics: Sequence[str]) -> pd.DataFrame:
     """One row per `keys` combination: per metric the newest ok value (with its stderr);
-    `status`/`error` from the newest non-ok record when no ok record exists for the row."""
+    `status`/`error` from the newest non-ok record when no ok record exists for the row.
+    Rows keyed by method also get its `method_label`."""
     df = latest_per_config(df).sort_values("finished_at", kind="stable")
     out = []
     for key, grp in df.groupby(list(keys), sort=False, dropna=False):
@@ -117,7 +119,8 @@ def merge_rows(df: pd.DataFrame, keys: Sequence[str], metrics: Sequence[str]) ->
         row["error"] = bad.iloc[-1]["error"] if not bad.empty else None
         row["has_failure"] = not bad.empty
         out.append(row)
-    return pd.DataFrame(out)
+    merged = pd.DataFrame(out)
+    return with_method_label(merged) if "method" in keys else merged
 
 
 def _count_key(v: Any) -> tuple[int, int]:
@@ -136,7 +139,7 @@ def build_table(merged: pd.DataFrame, name: str, title: str, label_cols: Sequenc
     if merged.empty:
         return Table(name, title, [], [], 0, caption=caption)
     merged = merged.sort_values(
-        [*group_cols, "method", "bits"],
+        [*group_cols, "method", *(["variant"] if "variant" in merged.columns else []), "bits"],
         key=lambda s: s.map(method_key) if s.name == "method"
         else s.map(bits_key) if s.name == "bits"
         else s.map(_count_key) if s.name == "docs_per_task"
@@ -222,6 +225,7 @@ def comparison_table(df: pd.DataFrame, prefix: str = "ppl_") -> pd.DataFrame:
     """Rows model x method x bits; one column per metric; failed/skipped shown as status."""
     df = latest_per_config(df)
     cols = metric_columns(df, prefix)
+    df = df.assign(method=with_method_label(df)["method_label"])
     out = df[[*ID_COLS[:3], "status", *cols]].copy()
     for c in cols:
         out[c] = [f"{v:.3f}" if s == "ok" and pd.notna(v) else (s if s != "ok" else "n/a")
