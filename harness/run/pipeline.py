@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 # Keys that change where or how results are written, not what is measured.
 NON_IDENTITY_KEYS = ("paths", "launcher", "tracking", "force", "rerun_failed", "sweep", "hydra",
-                     "cache", "save_checkpoint")
+                     "cache", "save_checkpoint", "export")
 
 
 def identity_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -227,14 +227,17 @@ def _execute(cfg: DictConfig, record: RunRecord, timer: Timer) -> None:
             model = method.quantize_kv_cache(model, lm.spec, calib)
     record_size_and_precision(record, model, lm.spec, method,
                               method.artifacts.get("mixed_precision_selection"))
+    run_dir = within_root(cfg.paths.artifacts_dir,
+                          Path(cfg.paths.artifacts_dir) / record.run_id, "artifact dir")
+    if cfg.get("export"):   # from the simulated model: runtime modules hold kernel layouts
+        with timer.phase("export", device):
+            record.artifacts["export"] = _export(cfg, method, model, lm, record, run_dir)
     if cfg.get("runtime", False):
         with timer.phase("to_runtime", device):
             model = method.to_runtime(model, lm.spec)
     record.artifacts.update(method.artifacts)
     record.provenance["model_repr"] = _linear_summary(model, lm.spec)
 
-    run_dir = within_root(cfg.paths.artifacts_dir,
-                          Path(cfg.paths.artifacts_dir) / record.run_id, "artifact dir")
     if hasattr(method, "write_artifacts"):  # plots / tables a method writes (path -> record)
         record.artifacts.update(method.write_artifacts(run_dir))
     if cfg.get("save_checkpoint", False):
@@ -261,6 +264,22 @@ def _execute(cfg: DictConfig, record: RunRecord, timer: Timer) -> None:
             record.provenance.setdefault("eval_errors", {}).update(result.errors)
     if not n_eval_metrics and record.provenance.get("eval_errors"):
         raise EvalsFailed(record.provenance["eval_errors"])
+
+
+def _export(cfg: DictConfig, method: Method, model: torch.nn.Module, lm: LoadedModel,
+            record: RunRecord, run_dir: Path) -> dict[str, Any]:
+    """export=<format>: the quantized model as a serving checkpoint beside the record. An
+    export that cannot be made is reported in the record (the evals still run)."""
+    from methods.export import ExportError, export_model
+    fmt = str(cfg.export)
+    meta = {"run_id": record.run_id, "model": record.model, "method": record.method,
+            "bits": record.bits, "config_hash": record.config_hash}
+    try:
+        return export_model(model, lm.spec, fmt, run_dir / f"export-{fmt}",
+                            tokenizer=lm.tokenizer, meta=meta, kv_bits=method.config.kv_bits)
+    except ExportError as e:
+        log.error("export %s failed: %s", fmt, e)
+        return {"format": fmt, "error": str(e)}
 
 
 def _load(cfg: DictConfig, cache_dir: Path) -> LoadedModel:

@@ -1,0 +1,267 @@
+"""Export a simulated (FakeQuantLinear) model as a compressed-tensors checkpoint.
+
+compressed-tensors is the format llm-compressor writes and vLLM / SGLang load. Each block
+linear keeps its exact grid: W_hat = (q - z) * s is written back as a plain weight with its
+scales (and zero points) attached as the library's parameters, and the library quantizes
+and packs it (`ModelCompressor.compress_model`), so the stored codes are ours.
+
+Schemes (one config group per distinct weight / activation setting):
+  W4A16   int4 group (or channel) weights, zero points when asymmetric  pack-quantized
+  W8A8    int8 per-channel weights, int8 activations per token (dynamic) or per tensor
+          (static, our calibrated scale as input_scale)                int-quantized
+  W4A8    int4 group weights, int8 per-token dynamic activations       pack-quantized
+Smoothing scales (SmoothQuant / FPTQ s) are already folded into the norms and feeder
+linears of the simulated model, so they travel as ordinary weights. Stated deviations (in
+the export report, never silent): static per-tensor activations of a 4-bit-weight layer
+are exported dynamic per-token (serving engines have no W4A8 static kernel); a simulated
+KV-cache setting is not exported. Refused with the reason: a linear that still carries an
+unfolded pre-scale (smooth_inv), weights of 2 / 3 bits, 4-bit activations.
+
+Asymmetric codes: ours q in [0, 2^b - 1] with zero point z; compressed-tensors stores signed
+codes q - 2^(b-1) with zero point z - 2^(b-1): (q - z) * s is unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from methods.arch import ModelSpec
+from methods.layers import FakeQuantLinear, iter_block_linears, replace_linear
+
+FORMATS = ("compressed_tensors",)
+SUPPORTED = "W4A16 (int4 group/channel), W8A16, W8A8 (dynamic per-token or static per-tensor), W4A8"
+REPORT_FILE = "ptqbench_export.json"
+
+
+class ExportError(ValueError):
+    """The model cannot be expressed in the export format; the message says why."""
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One compressed-tensors config group: weight and input-activation settings."""
+    w_bits: int
+    group_size: int | None
+    symmetric: bool
+    a_bits: int
+    act: str | None          # None (a16) | "token" (dynamic) | "tensor" (static)
+
+    @property
+    def label(self) -> str:
+        act = f"a{self.a_bits}-{self.act}" if self.act else "a16"
+        g = f"g{self.group_size}" if self.group_size else "channel"
+        return f"w{self.w_bits}-{g}-{'sym' if self.symmetric else 'asym'}-{act}"
+
+    @property
+    def format(self) -> str:
+        return "pack-quantized" if self.w_bits <= 4 else "int-quantized"
+
+
+def scheme_of(name: str, fq: FakeQuantLinear) -> tuple[Scheme, str | None]:
+    """(scheme, deviation or None) of one simulated linear; ExportError when impossible."""
+    if fq.smooth_inv is not None:
+        raise ExportError(f"{name} keeps an unfolded smoothing pre-scale (X / s at runtime), "
+                          "which compressed-tensors cannot store; use a setting that folds s "
+                          "(e.g. fold_linear_feeders) or another method")
+    if fq.w_bits not in (4, 8):
+        raise ExportError(f"{name}: w{fq.w_bits} weights cannot be exported; supported "
+                          f"schemes: {SUPPORTED}")
+    if fq.a_bits not in (8, 16):
+        raise ExportError(f"{name}: a{fq.a_bits} activations cannot be exported; supported "
+                          f"schemes: {SUPPORTED}")
+    act, deviation = None, None
+    if fq.a_bits == 8:
+        act = "token" if fq.act_mode == "dynamic_token" else "tensor"
+        if act == "tensor" and fq.w_bits == 4:
+            act = "token"
+            deviation = ("static per-tensor int8 activations exported as dynamic per-token "
+                         "(no W4A8 static kernel in serving engines)")
+    return Scheme(fq.w_bits, fq.group_size, fq.w_symmetric, fq.a_bits, act), deviation
+
+
+def _quant_args(s: Scheme):
+    from compressed_tensors.quantization import QuantizationArgs
+    weights = QuantizationArgs(num_bits=s.w_bits, type="int", symmetric=s.symmetric,
+                               strategy="group" if s.group_size else "channel",
+                               group_size=s.group_size)
+    acts = None if s.act is None else QuantizationArgs(
+        num_bits=s.a_bits, type="int", symmetric=True, strategy=s.act,
+        dynamic=s.act == "token")
+    return weights, acts
+
+
+def _plain_linear(fq: FakeQuantLinear) -> nn.Linear:
+    lin = nn.Linear(fq.in_features, fq.out_features, bias=fq.bias is not None,
+                    device=fq.weight.device, dtype=fq.weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(fq.weight)
+        if fq.bias is not None:
+            lin.bias.copy_(fq.bias)
+    return lin
+
+
+def _set_qparams(mod: nn.Module, fq: FakeQuantLinear, s: Scheme) -> None:
+    """Our scales / zero points / static input scale into the library's parameters."""
+    with torch.no_grad():
+        mod.weight_scale.copy_(fq.w_scale.reshape(mod.weight_scale.shape)
+                               .to(mod.weight_scale.dtype))
+        if not s.symmetric:
+            offset = 2 ** (s.w_bits - 1)
+            mod.weight_zero_point.copy_((fq.w_zero - offset).reshape(
+                mod.weight_zero_point.shape).to(mod.weight_zero_point.dtype))
+        if s.act == "tensor":
+            mod.input_scale.copy_(fq.act_scale.reshape(mod.input_scale.shape)
+                                  .to(mod.input_scale.dtype))
+
+
+def _expected_bytes(model: nn.Module, linears: dict[str, Scheme]) -> int:
+    """Tensor bytes the checkpoint should hold, from the bit widths: int4 codes packed eight
+    to an int32 (pack-quantized) or int8 codes, one scale per row and group at the weight's
+    dtype, packed int4 zero points when asymmetric, a static input scale, the [2] int64
+    weight_shape of packed layers; every other tensor at its own dtype (ties stored once)."""
+    total, seen = 0, set()
+    for name, t in model.state_dict().items():
+        mod_name, _, leaf = name.rpartition(".")
+        s = linears.get(mod_name)
+        if s is None:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+            continue
+        if leaf == "bias":
+            total += t.numel() * t.element_size()
+        if leaf != "weight":
+            continue                     # our w_scale / w_zero / act_scale: counted below
+        n, k = t.shape
+        groups = k // s.group_size if s.group_size else 1
+        packed = s.format == "pack-quantized"
+        total += n * k * s.w_bits // 8 if packed else n * k
+        total += n * groups * t.element_size()
+        if not s.symmetric:
+            total += (n * s.w_bits // 32) * groups * 4 if packed else n * groups
+        if s.act == "tensor":
+            total += t.element_size()
+        if packed:
+            total += 2 * 8
+    return total
+
+
+def export_compressed_tensors(model: nn.Module, spec: ModelSpec, out_dir: str | Path,
+                              tokenizer: Any = None, meta: dict[str, Any] | None = None,
+                              kv_bits: int | None = None) -> dict[str, Any]:
+    """Write `out_dir` (config.json with quantization_config, model.safetensors, tokenizer)
+    from a simulated model (left untouched); returns the export report (also written to
+    out_dir/ptqbench_export.json)."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        QuantizationScheme,
+        QuantizationStatus,
+        apply_quantization_config,
+    )
+
+    out_dir = Path(out_dir)
+    found: dict[str, tuple[FakeQuantLinear, Scheme]] = {}
+    kept_fp: list[str] = []
+    deviations: dict[str, list[str]] = {}
+    for _, _, full, mod in iter_block_linears(model, spec):
+        if isinstance(mod, FakeQuantLinear) and (mod.w_bits < 16 or mod.a_bits < 16):
+            if mod.w_bits == 16:
+                raise ExportError(f"{full}: activation-only quantization (w16a{mod.a_bits}) "
+                                  f"has no compressed-tensors scheme here; supported: {SUPPORTED}")
+            scheme, dev = scheme_of(full, mod)
+            found[full] = (mod, scheme)
+            if dev:
+                deviations.setdefault(dev, []).append(full)
+        elif isinstance(mod, nn.Linear):
+            kept_fp.append(full)
+        else:
+            raise ExportError(f"{full} is a {type(mod).__name__}: export the simulated model "
+                              "(FakeQuantLinear; a checkpoint saved with runtime=false), not "
+                              "one converted to runtime kernels")
+    if not found:
+        raise ExportError("the model has no quantized block linears: nothing to export")
+    if kv_bits:
+        deviations.setdefault(f"kv_bits={kv_bits}: the simulated KV-cache quantization is not "
+                              "exported (the checkpoint keeps an fp KV cache)", [])
+
+    ex = copy.deepcopy(model)
+    for kv in [m for m in ex.modules() if hasattr(m, "kv_quant")]:
+        del kv.kv_quant
+    for full in found:
+        replace_linear(ex, full, _plain_linear(found[full][0]))
+    schemes = sorted({s for _, s in found.values()}, key=lambda s: s.label)
+    groups = {}
+    for i, s in enumerate(schemes):
+        names = sorted(n for n, (_, sc) in found.items() if sc == s)
+        w_args, a_args = _quant_args(s)
+        groups[f"group_{i}"] = QuantizationScheme(
+            targets=["Linear"] if len(schemes) == 1 else names, weights=w_args,
+            input_activations=a_args, format=s.format)
+    ignore = [spec.table.lm_head, *kept_fp]
+    qconfig = QuantizationConfig(config_groups=groups, ignore=ignore,
+                                 quantization_status=QuantizationStatus.FROZEN)
+    apply_quantization_config(ex, qconfig, show_progress=False)
+    for full, (fq, s) in found.items():
+        _set_qparams(ex.get_submodule(full), fq, s)
+    fmt = schemes[0].format if len({s.format for s in schemes}) == 1 else "mixed-precision"
+    compressor = ModelCompressor.from_pretrained_model(ex, quantization_format=fmt)
+    compressor.compress_model(ex)
+    expected = _expected_bytes(model, {n: s for n, (_, s) in found.items()})
+
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    if tmp.exists():
+        import shutil
+        shutil.rmtree(tmp)
+    ex.save_pretrained(tmp)
+    compressor.update_config(str(tmp))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    tensors = tmp / "model.safetensors"
+    size = tensors.stat().st_size
+    header = 8 + int.from_bytes(tensors.read_bytes()[:8], "little")
+    n_weights = sum(fq.weight.numel() for fq, _ in found.values())
+    report = {
+        "format": "compressed_tensors", "ct_format": fmt, "path": str(out_dir),
+        "compressed_tensors_version": _version(),
+        "schemes": {s.label: sorted(n for n, (_, sc) in found.items() if sc == s)
+                    for s in schemes},
+        "ignored_fp": ignore, "deviations": deviations,
+        "size_bytes": size, "tensor_bytes": size - header, "expected_tensor_bytes": expected,
+        "quantized_weights": n_weights, "meta": meta or {},
+    }
+    (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+    if out_dir.exists():
+        import shutil
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return report
+
+
+def _version() -> str:
+    import compressed_tensors
+    return compressed_tensors.__version__
+
+
+def load_compressed_tensors(path: str | Path) -> nn.Module:
+    """The exported checkpoint loaded back through transformers, decompressed (fp weights
+    W_hat; activations fake-quantized by compressed-tensors' forward)."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), quantization_config=CompressedTensorsConfig(run_compressed=False)).eval()
+
+
+def export_model(model: nn.Module, spec: ModelSpec, fmt: str, out_dir: str | Path,
+                 **kwargs: Any) -> dict[str, Any]:
+    if fmt not in FORMATS:
+        raise ExportError(f"export={fmt!r}; supported formats: {FORMATS} (GPTQ format: not "
+                          "implemented yet)")
+    return export_compressed_tensors(model, spec, out_dir, **kwargs)

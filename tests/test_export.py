@@ -1,0 +1,188 @@
+"""compressed-tensors export, round-tripped through transformers on tiny-llama.
+
+Tolerances: the decompressed weights are bit-exact (same codes, scales, zero points), so a
+model with static (or no) activation quantization reproduces the simulated logits to 1e-5.
+Dynamic per-token activations are fake-quantized by compressed-tensors' own forward with
+s = max|x| / 127.5 (its symmetric scale spans 255 steps) where ptqbench and the serving
+kernels use max|x| / 127; against the simulated model on that grid (`_on_ct_token_grid`)
+the logits agree to 1e-4, against ptqbench's grid they differ by up to ~0.4 on tiny-llama
+(|logits| ~2.6)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from harness.inputs.models import tiny_llama
+from harness.run.pipeline import run_one
+from methods.arch import ModelSpec
+from methods.base import build
+from methods.checkpoint import save_runtime_checkpoint
+from methods.layers import FakeQuantLinear, iter_block_linears
+from methods.rtn import RTNConfig
+from tests.conftest import TINY_QUICK
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("compressed_tensors") is None,
+                                reason="compressed-tensors (the `export` extra) not installed")
+
+G = 32
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_llama(seed=4)
+    gen = torch.Generator().manual_seed(0)
+    calib = [torch.randint(3, 300, (1, 32), generator=gen) for _ in range(2)]
+    ids = torch.randint(3, 300, (1, 40), generator=gen)
+    return model, ModelSpec.from_model(model, "tiny"), calib, ids
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _quantized(tiny, cfg):
+    model, spec, calib, _ = tiny
+    m = copy.deepcopy(model)
+    build(cfg).quantize(m, spec, calib)
+    return m
+
+
+def _on_ct_token_grid(model, spec):
+    """A copy whose dynamic per-token int8 inputs use compressed-tensors' scale
+    max|x| / 127.5 (codes clamped to [-128, 127]) instead of ptqbench's max|x| / 127."""
+    ref = copy.deepcopy(model)
+
+    def quant(mod, args):
+        x = args[0]
+        s = (x.abs().amax(dim=-1, keepdim=True) / 127.5).clamp_min(1e-8)
+        return (torch.clamp(torch.round(x / s), -128, 127) * s,)
+
+    for *_, fq in iter_block_linears(ref, spec):
+        if isinstance(fq, FakeQuantLinear) and fq.a_bits == 8 and fq.act_mode == "dynamic_token":
+            fq.a_bits = 16
+            fq.register_forward_pre_hook(quant)
+    return ref
+
+
+def _gptq(**kw):
+    from methods.gptq import GPTQConfig
+    return GPTQConfig(**kw)
+
+
+def _smoothquant(**kw):
+    from methods.smoothquant import SmoothQuantConfig
+    return SmoothQuantConfig(**kw)
+
+
+def _fptq(**kw):
+    from methods.fptq import FPTQConfig
+    return FPTQConfig(**kw)
+
+
+CASES = {   # name: (config, exact logits?)
+    "rtn-w4a16-asym": (lambda: RTNConfig(w_bits=4, group_size=G, symmetric=False), True),
+    "gptq-w4a16": (lambda: _gptq(w_bits=4, group_size=G), True),
+    "rtn-w8a8-static": (lambda: RTNConfig(w_bits=8, a_bits=8, act_mode="static_tensor"), True),
+    "smoothquant-w8a8-static": (lambda: _smoothquant(w_bits=8, a_bits=8), True),
+    "rtn-w8a8-dynamic": (lambda: RTNConfig(w_bits=8, a_bits=8, act_mode="dynamic_token"), False),
+    "rtn-w4a8-dynamic": (lambda: RTNConfig(w_bits=4, a_bits=8, group_size=G,
+                                           act_mode="dynamic_token"), False),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_round_trip_reproduces_simulated_logits(tiny, tmp_path, name):
+    from methods.export import export_compressed_tensors, load_compressed_tensors
+    make, exact = CASES[name]
+    model, spec, _, ids = tiny
+    m = _quantized(tiny, make())
+    report = export_compressed_tensors(m, spec, tmp_path / "ct")
+    back = load_compressed_tensors(tmp_path / "ct")
+    for _, _, full, fq in iter_block_linears(m, spec):
+        torch.testing.assert_close(back.get_submodule(full).weight, fq.weight, atol=0, rtol=0)
+    sim, out = _logits(m, ids), _logits(back, ids)
+    if exact:
+        torch.testing.assert_close(out, sim, atol=1e-5, rtol=1e-5)
+    else:
+        torch.testing.assert_close(out, _logits(_on_ct_token_grid(m, spec), ids),
+                                   atol=1e-4, rtol=1e-4)
+    assert (out - _logits(model, ids)).abs().max() > 1e-3     # it is the quantized model
+    assert report["tensor_bytes"] == report["expected_tensor_bytes"]
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == report["ct_format"]
+
+
+def test_file_size_follows_bits_per_weight(tiny, tmp_path):
+    from methods.export import export_compressed_tensors
+    _, spec, _, _ = tiny
+    sizes = {}
+    for bits in (4, 8):
+        m = _quantized(tiny, RTNConfig(w_bits=bits, group_size=G if bits == 4 else None))
+        sizes[bits] = export_compressed_tensors(m, spec, tmp_path / f"w{bits}")
+    n = sizes[4]["quantized_weights"]
+    # 4 bits fewer per weight, less the int4 layers' extra group scales (fp32, one per G)
+    groups_extra = n // G - sum(fq.out_features for *_, fq in iter_block_linears(
+        _quantized(tiny, RTNConfig(w_bits=4, group_size=G)), spec))
+    assert sizes[8]["tensor_bytes"] - sizes[4]["tensor_bytes"] == (
+        n // 2 - 4 * groups_extra - 16 * 14)
+
+
+def test_fptq_static_w4a8_layers_exported_dynamic_and_listed(tiny, tmp_path):
+    from methods.export import export_compressed_tensors, load_compressed_tensors
+    model, spec, _, ids = tiny
+    m = _quantized(tiny, _fptq(group_size=G, v0=1.0, v1=1e4))     # every group static (LAE)
+    static = [full for *_, full, fq in iter_block_linears(m, spec)
+              if isinstance(fq, FakeQuantLinear) and fq.act_mode == "static_tensor"]
+    assert static
+    report = export_compressed_tensors(m, spec, tmp_path / "ct")
+    (dev, listed), = report["deviations"].items()
+    assert "dynamic per-token" in dev and sorted(listed) == sorted(static)
+    ref = copy.deepcopy(m)
+    for *_, fq in iter_block_linears(ref, spec):
+        fq.act_mode = "dynamic_token"
+    out = _logits(load_compressed_tensors(tmp_path / "ct"), ids)
+    torch.testing.assert_close(out, _logits(_on_ct_token_grid(ref, spec), ids),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_refusals_name_the_supported_schemes(tiny, tmp_path):
+    from methods.export import ExportError, export_compressed_tensors, export_model
+    _, spec, _, _ = tiny
+    with pytest.raises(ExportError, match="W4A16"):
+        export_compressed_tensors(_quantized(tiny, RTNConfig(w_bits=3, group_size=G)), spec,
+                                  tmp_path / "x")
+    with pytest.raises(ExportError, match="supported formats"):
+        export_model(_quantized(tiny, RTNConfig(w_bits=4, group_size=G)), spec, "awq", tmp_path)
+    m = _quantized(tiny, RTNConfig(w_bits=4, group_size=G))
+    rt = build(RTNConfig(w_bits=4, group_size=G)).to_runtime(m, spec)
+    with pytest.raises(ExportError, match="runtime=false"):
+        export_compressed_tensors(rt, spec, tmp_path / "y")
+
+
+def test_cli_exports_a_saved_checkpoint(tiny, tmp_path, capsys):
+    from harness.run.export_cli import main
+    from methods.export import load_compressed_tensors
+    _, spec, _, ids = tiny
+    m = _quantized(tiny, RTNConfig(w_bits=4, group_size=G))
+    ckpt = save_runtime_checkpoint(m, spec, tmp_path / "ckpt", {"model": "tiny"})
+    assert main([str(ckpt), str(tmp_path / "out")]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == "compressed_tensors"
+    torch.testing.assert_close(_logits(load_compressed_tensors(tmp_path / "out"), ids),
+                               _logits(m, ids), atol=1e-5, rtol=1e-5)
+    assert main([str(tmp_path / "nothing"), str(tmp_path / "o2")]) == 2
+
+
+def test_run_option_writes_export_beside_the_record(compose_cfg):
+    rec = run_one(compose_cfg(*TINY_QUICK, "method=rtn", "bits=w4a16", "export=compressed_tensors"))
+    assert rec.status == "ok", rec.error
+    ex = rec.artifacts["export"]
+    assert ex["format"] == "compressed_tensors" and ex["size_bytes"] > 0
+    assert ex["path"].endswith("export-compressed_tensors") and not ex["deviations"]
+    bad = run_one(compose_cfg(*TINY_QUICK, "method=rtn", "bits=w3a16", "export=compressed_tensors"))
+    assert bad.status == "ok" and "W4A16" in bad.artifacts["export"]["error"]
