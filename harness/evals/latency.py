@@ -230,14 +230,22 @@ def backend_label(model: nn.Module, device: torch.device) -> str:
 
 
 def _decoder(model: nn.Module, ids: Tensor, spec: LatencySpec, device: torch.device,
-             mode: str) -> Callable[[int], tuple[Tensor, float]]:
-    """new_tokens -> (tokens, decode seconds) in the given decode mode."""
-    if mode == "eager":
-        return lambda n: greedy_decode(model, ids, n, device)
-    dec = StaticDecoder(model, ids.shape[0], spec.decode_prompt_len + spec.new_tokens, device,
-                        graph=True)
-    dec.capture(ids)
-    return lambda n: dec.decode(ids, n)
+             mode: str, fallbacks: dict[str, str]) -> Callable[[int], tuple[Tensor, float]]:
+    """new_tokens -> (tokens, decode seconds) in the given decode mode. A model whose step
+    cannot be captured decodes eagerly; fallbacks[batch] records why (the record says so)."""
+    if mode == "cuda_graph":
+        dec = StaticDecoder(model, ids.shape[0], spec.decode_prompt_len + spec.new_tokens,
+                            device, graph=True)
+        try:
+            dec.capture(ids)
+            return lambda n: dec.decode(ids, n)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - capture is best effort; eager still measures
+            fallbacks[f"b{ids.shape[0]}"] = f"eager: CUDA-graph capture failed ({type(e).__name__}: {e})"[:300]
+            log.warning("latency: %s", fallbacks[f"b{ids.shape[0]}"])
+            torch.cuda.synchronize(device)
+    return lambda n: greedy_decode(model, ids, n, device)
 
 
 def evaluate(ctx: EvalContext, cfg: Any) -> EvalResult:
@@ -273,7 +281,8 @@ def evaluate(ctx: EvalContext, cfg: Any) -> EvalResult:
     for b in tqdm(spec.decode_batches, desc="latency decode", leave=False):
         try:
             ids = _prompt(b, spec.decode_prompt_len, vocab, spec.seed, device)
-            run = _decoder(model, ids, spec, device, mode)
+            run = _decoder(model, ids, spec, device, mode,
+                           res.provenance["latency"].setdefault("decode_mode_fallback", {}))
             for _ in range(spec.warmup):
                 run(min(spec.new_tokens, 2))
             runs = []
