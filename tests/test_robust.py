@@ -329,37 +329,6 @@ def test_missing_launcher_plugin_says_what_to_install(monkeypatch):
     require_launcher_plugin(["launcher=joblib"])   # installed: no error
 
 
-def test_gguf_is_converted_once_then_loaded_from_the_cached_copy(tmp_path, monkeypatch):
-    import harness.inputs.models as M
-
-    gguf = tmp_path / "model.Q4_1.gguf"
-    gguf.write_bytes(b"GGUF stand-in")
-    calls = []
-
-    def fake_gguf_load(path, dtype, trust):   # stands in for the ~25 s GGUF parse
-        calls.append(path)
-        return M.tiny_llama().to(dtype), M.tiny_tokenizer()
-
-    monkeypatch.setattr(M, "_load_gguf", fake_gguf_load)
-    cache = tmp_path / "cache"
-    m1, t1 = M._load_gguf_cached(gguf, torch.float32, False, cache)
-    m2, t2 = M._load_gguf_cached(gguf, torch.float32, False, cache)
-    assert len(calls) == 1                                   # second load: the copy
-    ids = torch.randint(0, 256, (1, 16))
-    with torch.no_grad():
-        torch.testing.assert_close(m2(ids).logits, m1(ids).logits, rtol=0, atol=0)
-    assert t2("a b c").input_ids == t1("a b c").input_ids
-    # A broken copy is rebuilt from the GGUF, not fatal.
-    entry = M._converted_dir(gguf, torch.float32, cache)
-    (entry / "config.json").write_text("{broken")
-    M._load_gguf_cached(gguf, torch.float32, False, cache)
-    assert len(calls) == 2 and (entry / M.COMPLETE_MARKER).exists()
-    # Another dtype is another entry; no cache dir: always the GGUF.
-    assert M._converted_dir(gguf, torch.bfloat16, cache) != entry
-    M._load_gguf_cached(gguf, torch.float32, False, None)
-    assert len(calls) == 3
-
-
 def test_staged_dir_publishes_once_keeps_an_existing_final_and_cleans_up(tmp_path):
     from harness.util.fsutil import StagedDir
 

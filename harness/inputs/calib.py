@@ -26,8 +26,12 @@ log = logging.getLogger(__name__)
 
 
 def tokenizer_fingerprint(tok: Any) -> str:
-    vocab = sorted(tok.get_vocab().items())
-    blob = json.dumps([type(tok).__name__, vocab, tok.bos_token, tok.eos_token])
+    """What decides the token ids: the whole tokenizers pipeline (model with its merges,
+    normalizer, added tokens) where there is one, not only the vocabulary (Gemma's Unigram
+    and BPE tokenizers share a vocabulary and split text differently)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    pipeline = backend.to_str() if backend is not None else sorted(tok.get_vocab().items())
+    blob = json.dumps([type(tok).__name__, pipeline, tok.bos_token, tok.eos_token])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

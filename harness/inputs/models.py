@@ -6,11 +6,9 @@ family table is chosen from `config.model_type` (methods/arch.py), never by clas
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
+import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.util.fsutil import StagedDir
+from harness.inputs.gguf import GGUFError, assemble_gguf, load_gguf_cached
 from methods.arch import ModelSpec
 
 log = logging.getLogger(__name__)
-COMPLETE_MARKER = "ptqbench_converted"   # written last: a copy without it is incomplete
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -166,74 +163,6 @@ def find_package_file(package: str, filename: str) -> Path:
     return path
 
 
-def assemble_gguf(package: str, function: str, cache_dir: Path, filename: str) -> Path:
-    """Packages that ship a GGUF in parts expose an assemble(path) function."""
-    target = cache_dir / filename
-    if target.is_file():
-        return target
-    try:
-        mod = importlib.import_module(package)
-    except ImportError as e:
-        raise ModelLoadError(f"package {package!r} is not installed: pip install "
-                             f"{package.replace('_', '-')}") from e
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".partial")
-    getattr(mod, function)(str(tmp))
-    os.replace(tmp, target)
-    return target
-
-
-def _converted_dir(path: Path, dtype: torch.dtype, cache_dir: Path) -> Path:
-    """Where the dequantized checkpoint of GGUF `path` is kept: keyed by the file's name,
-    size and mtime and the dtype (a changed file gets a new entry)."""
-    st = path.stat()
-    key = f"{path.stem}-{str(dtype).removeprefix('torch.')}-{st.st_size}-{int(st.st_mtime)}"
-    return Path(cache_dir) / "converted" / key
-
-
-def _load_gguf_cached(path: Path, dtype: torch.dtype, trust_remote_code: bool,
-                      cache_dir: Path | None):
-    """GGUF -> dequantized model, via a safetensors copy in the cache after the first time:
-    parsing and dequantizing the GGUF takes ~25 s for SmolLM2, reloading the copy ~1 s."""
-    if cache_dir is None:
-        return _load_gguf(path, dtype, trust_remote_code)
-    target = _converted_dir(path, dtype, cache_dir)
-    if (target / COMPLETE_MARKER).exists():
-        try:
-            return _load_pretrained(str(target), dtype, trust_remote_code, None)
-        except Exception as e:  # noqa: BLE001 - a broken entry is rebuilt, not fatal
-            log.warning("converted copy %s unreadable (%s): converting %s again", target, e,
-                        path.name)
-    if target.exists():                 # broken or unmarked: make room for a new copy
-        shutil.rmtree(target, ignore_errors=True)
-    model, tok = _load_gguf(path, dtype, trust_remote_code)
-    try:
-        with StagedDir(target) as stage:
-            model.save_pretrained(stage.path)
-            tok.save_pretrained(stage.path)
-            (stage.path / COMPLETE_MARKER).write_text(path.name)
-        if stage.published:
-            log.info("saved a dequantized copy of %s to %s", path.name, target)
-    except OSError as e:   # a full disk or read-only cache only costs the next load time
-        log.warning("could not keep a converted copy of %s: %s", path.name, e)
-    return model, tok
-
-
-def _load_gguf(path: Path, dtype: torch.dtype, trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    try:
-        from transformers import GgufConfig
-        qcfg = {"quantization_config": GgufConfig(dequantize=True)}
-    except ImportError:  # older transformers dequantize GGUF unconditionally
-        qcfg = {}
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name,
-                                        trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=dtype, trust_remote_code=trust_remote_code,
-        **qcfg)
-    return model, tok
-
-
 def _load_pretrained(ref: str, dtype: torch.dtype, trust_remote_code: bool, revision: str | None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(ref, revision=revision, trust_remote_code=trust_remote_code)
@@ -242,15 +171,84 @@ def _load_pretrained(ref: str, dtype: torch.dtype, trust_remote_code: bool, revi
     return model, tok
 
 
+KINDS = ("tiny", "gguf", "gguf_package", "gguf_assemble", "hub", "local")
+
+
+def model_label(cfg: Any) -> str:
+    """The model's label: model.name, else (model=local) the checkpoint directory's name or
+    the GGUF file's stem, so two local models do not share a label."""
+    if cfg.get("name"):
+        return str(cfg.name)
+    path = (cfg.get("source") or {}).get("path")
+    if not path:
+        raise ModelLoadError("model.name is not set and there is no model.source.path to "
+                             "take a label from; set model.name=LABEL")
+    p = Path(str(path)).expanduser()
+    return p.stem if p.suffix.lower() == ".gguf" else p.resolve().name
+
+
+def remote_code_files(path: Path) -> list[str]:
+    """Python files a trust_remote_code load of checkpoint `path` may run: the *.py files
+    in the directory and the modules config.json's auto_map names."""
+    files = {p.name for p in path.glob("*.py")}
+    try:
+        auto_map = json.loads((path / "config.json").read_text(encoding="utf-8")).get(
+            "auto_map") or {}
+    except (OSError, ValueError, AttributeError):
+        auto_map = {}
+    for ref in auto_map.values():
+        for r in (ref if isinstance(ref, list) else [ref]):
+            if isinstance(r, str) and "." in r:
+                files.add(r.split("--")[-1].rsplit(".", 1)[0] + ".py")
+    return sorted(files)
+
+
+def _warn_remote_code(cfg: Any, kind: str) -> dict[str, Any]:
+    """trust_remote_code=true: name the code that will run (logged and recorded)."""
+    src = cfg.source
+    if kind == "local":
+        files = remote_code_files(Path(str(src.path)).expanduser())
+        where = str(src.path)
+    elif kind == "hub":
+        files, where = ["(downloaded from the hub: *.py named by config.json auto_map)"], str(
+            src.repo_id)
+    else:
+        files, where = [], kind
+    log.warning("model.trust_remote_code=true: Python code from %s will run with your "
+                "permissions: %s", where, ", ".join(files) or "no .py files found")
+    return {"enabled": True, "source": where, "files": files}
+
+
+def _gguf_file(src: Any, cache_dir: Path | None) -> Path:
+    kind = src.kind
+    if kind == "gguf":
+        path = Path(str(src.get("path") or "")).expanduser()
+        if not str(src.get("path") or "") or not path.is_file():
+            raise ModelLoadError(f"GGUF file {str(src.get('path'))!r} does not exist; set "
+                                 "model.source.path=/path/to/model.gguf")
+        return path
+    if kind == "gguf_package":
+        return find_package_file(src.package, src.file)
+    cache = Path(cache_dir or Path.home() / ".cache" / "ptqbench") / "gguf"
+    return assemble_gguf(src.package, src.function, cache, src.file)
+
+
 def load_model(cfg: Any, cache_dir: Path | None = None) -> LoadedModel:
     """cfg: the `model` config group (name, source, dtype, device, ...)."""
     dtype = resolve_dtype(cfg.dtype)
     device = resolve_device(cfg.device)
     src = cfg.source
     kind = src.kind
+    name = model_label(cfg)
     trust = bool(cfg.get("trust_remote_code", False))
     t0 = time.perf_counter()
-    log.info("loading model %s (%s) as %s on %s", cfg.name, kind, dtype, device)
+    info: dict[str, Any] = {}
+    log.info("loading model %s (%s) as %s on %s", name, kind, dtype, device)
+    if kind not in KINDS:
+        raise ModelLoadError(f"unknown model.source.kind {kind!r}; use one of "
+                             f"{', '.join(KINDS)}")
+    if trust:
+        info["trust_remote_code"] = _warn_remote_code(cfg, kind)
     try:
         if kind == "tiny":
             family = src.get("family", "llama")
@@ -259,39 +257,35 @@ def load_model(cfg: Any, cache_dir: Path | None = None) -> LoadedModel:
                                      f"{sorted(TINY_BUILDERS)}")
             model = TINY_BUILDERS[family](**dict(src.get("kwargs") or {}))
             tok = tiny_tokenizer()
-        elif kind == "gguf_package":
-            model, tok = _load_gguf_cached(find_package_file(src.package, src.file), dtype,
-                                           trust, cache_dir)
-        elif kind == "gguf_assemble":
-            cache = Path(cache_dir or Path.home() / ".cache" / "ptqbench") / "gguf"
-            model, tok = _load_gguf_cached(
-                assemble_gguf(src.package, src.function, cache, src.file), dtype, trust,
-                cache_dir)
+        elif kind.startswith("gguf"):
+            path = _gguf_file(src, cache_dir)
+            model, tok, from_copy = load_gguf_cached(path, dtype, trust, cache_dir)
+            info.update(gguf_file=str(path), converted_copy=from_copy)
         elif kind == "hub":
             model, tok = _load_pretrained(src.repo_id, dtype, trust, src.get("revision"))
-        elif kind == "local":
-            path = Path(src.path).expanduser()
+        else:
+            path = Path(str(src.path)).expanduser()
             if not path.is_dir():
                 raise ModelLoadError(f"model directory {path} does not exist; set "
-                                     "model.source.path to a saved Hugging Face checkpoint")
+                                     "model.source.path to a saved Hugging Face checkpoint "
+                                     "(or model.source.kind=gguf for a .gguf file)")
             model, tok = _load_pretrained(str(path), dtype, trust, None)
-        else:
-            raise ModelLoadError(f"unknown model.source.kind {kind!r}; use one of "
-                                 "tiny, gguf_package, gguf_assemble, hub, local")
     except ModelLoadError:
         raise
+    except GGUFError as e:
+        raise ModelLoadError(str(e)) from e
     except OSError as e:
-        raise ModelLoadError(f"could not load model {cfg.name!r} ({kind}): {e}. Offline? "
+        raise ModelLoadError(f"could not load model {name!r} ({kind}): {e}. Offline? "
                              "Hub models need internet or a local copy (model.source.kind=local)"
                              ) from e
     model = model.to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    spec = ModelSpec.from_model(model, cfg.name)
+    spec = ModelSpec.from_model(model, name)
     n_params = sum(p.numel() for p in model.parameters())
-    info = {"load_s": time.perf_counter() - t0, "n_params": n_params, "dtype": str(dtype),
-            "device": str(device), "family": spec.table.family}
-    log.info("loaded %s: %s, %.1fM params, %d blocks, %.1fs", cfg.name, spec.table.family,
+    info.update(load_s=time.perf_counter() - t0, n_params=n_params, dtype=str(dtype),
+                device=str(device), family=spec.table.family)
+    log.info("loaded %s: %s, %.1fM params, %d blocks, %.1fs", name, spec.table.family,
              n_params / 1e6, spec.num_layers, info["load_s"])
     return LoadedModel(model, tok, spec, info)

@@ -37,6 +37,7 @@ from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
 from harness.util.fsutil import StagedDir
+from harness.util.hashing import sha256_file
 from harness.util.security import safe_name, within_root
 from methods.arch import ModelSpec
 from methods.base import Method
@@ -54,14 +55,6 @@ class CacheEntryError(RuntimeError):
 
 
 # ---------------------------------------------------------------- keys
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
 
 def cache_key_parts(model_cfg: Mapping, method_cfg: Mapping, calib_cfg: Mapping | None,
                     seed: int, method: Method) -> dict[str, Any]:
