@@ -326,17 +326,70 @@ def _load_builtin() -> None:
                 raise
 
 
+def config_class(target: Any) -> type[QuantConfig]:
+    """The QuantConfig dataclass that a method config's `_target_` names.
+
+    Only dataclasses defined in the `methods` package qualify: a config value (or a record
+    read back by the report) never names other code to import or call (`os.system`)."""
+    module, _, name = str(target).rpartition(".")
+    parts = module.split(".")
+    if parts[0] != "methods" or not all(p.isidentifier() for p in [*parts, name]):
+        raise ConfigError(f"method._target_={target!r}: must name a config class of the "
+                          "methods package (e.g. methods.rtn.RTNConfig); other code is never "
+                          "imported or called")
+    try:
+        cls = getattr(importlib.import_module(module), name, None)
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"method._target_={target!r}: module {module} not found") from e
+    if not (isinstance(cls, type) and issubclass(cls, QuantConfig)
+            and dataclasses.is_dataclass(cls) and cls.__module__.startswith("methods")):
+        raise ConfigError(f"method._target_={target!r} is not a QuantConfig dataclass of the "
+                          "methods package")
+    return cls
+
+
+def make_config(node: dict[str, Any]) -> QuantConfig:
+    """A method config node ({_target_, field: value}) -> its validated QuantConfig,
+    without Hydra's instantiate (which calls whatever `_target_`, `_args_` or a nested
+    `_target_` names)."""
+    cls = config_class(node.get("_target_"))
+    special = sorted(k for k in node if str(k).startswith("_") and k != "_target_")
+    if special:
+        raise ConfigError(f"method.{special[0]}: Hydra instantiation keys are not accepted in "
+                          "a method config; give the config's fields only")
+    _reject_nested_targets(node, "method")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(node) - fields - {"_target_"})
+    if unknown:
+        raise ConfigError(f"method.{unknown[0]} is not a setting of {cls.__name__}; its "
+                          f"settings: {', '.join(sorted(fields))}")
+    try:
+        return cls(**{k: v for k, v in node.items() if k != "_target_"})
+    except TypeError as e:
+        raise ConfigError(f"{cls.__name__}: {e}") from e
+
+
+def _reject_nested_targets(value: Any, where: str) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k != "_target_" or where != "method":
+                if str(k) in ("_target_", "_args_", "_partial_", "_recursive_", "_convert_"):
+                    raise ConfigError(f"{where}.{k}: nested instantiation is not accepted")
+                _reject_nested_targets(v, f"{where}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _reject_nested_targets(v, f"{where}[{i}]")
+
+
 @functools.cache
 def config_field_defaults(target: str) -> dict[str, Any] | None:
     """{field: default} of the config dataclass at dotted path `target` (a Hydra
     `_target_`); dataclasses.MISSING for fields without a plain default. None when the path
-    does not import or names no dataclass (a renamed class, a foreign target)."""
-    module, _, name = str(target).rpartition(".")
+    names no QuantConfig of the methods package (a renamed class, a foreign target: never
+    imported)."""
     try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return None
-    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        cls = config_class(target)
+    except ConfigError:
         return None
     return {f.name: f.default for f in dataclasses.fields(cls)}
 

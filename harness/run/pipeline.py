@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from harness.evals import EvalContext, get_evaluator
@@ -38,7 +37,7 @@ from harness.run.cache import (
 )
 from harness.run.mixed_precision import record_size_and_precision, resolve_selection
 from harness.util.security import UnsafePathError, safe_name, scrub_secrets, within_root
-from methods.base import ConfigError, Method, QuantConfig, build, config_field_defaults
+from methods.base import ConfigError, Method, build, config_field_defaults, make_config
 
 log = logging.getLogger(__name__)
 
@@ -115,16 +114,9 @@ def build_method(method_cfg: DictConfig, runs_dir: str | None = None) -> Method:
     selection = resolve_selection(node, runs_dir)  # keep_top_k_sensitive -> keep_fp
     _reject_foreign_settings(name, node)
     try:
-        qcfg = instantiate(node, _convert_="all")
-    except Exception as e:  # Hydra wraps the dataclass's ValueError
-        cause = e
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        if isinstance(cause, ConfigError):
-            raise Skip(str(cause)) from e
-        raise
-    if not isinstance(qcfg, QuantConfig):
-        raise TypeError(f"method._target_ must build a QuantConfig, got {type(qcfg).__name__}")
+        qcfg = make_config(node)   # _target_ from the methods package only, never called
+    except ConfigError as e:
+        raise Skip(str(e)) from e
     method = build(qcfg)
     if selection:
         method.artifacts["mixed_precision_selection"] = selection
@@ -136,7 +128,7 @@ def _reject_foreign_settings(name: str | None, node: dict) -> None:
     no such field (`method=awq,llmc_awq method.inputs_from=fp`) is skipped, saying so."""
     fields = config_field_defaults(node["_target_"]) if node.get("_target_") else None
     if fields is None:
-        return          # instantiate() reports a target that does not resolve
+        return          # make_config() reports a target that is not a methods config
     known = set(fields) | {"_target_"}
     foreign = sorted(set(node) - known)
     if foreign:
