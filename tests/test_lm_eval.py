@@ -18,7 +18,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from harness.evals import EvalContext, EvalResult, get_evaluator  # noqa: E402
+from harness.evals import EvalContext, EvalResult, get_evaluator, metric_info  # noqa: E402
 from harness.evals.lm_eval import Options, evaluate  # noqa: E402
 from harness.evals.tasks import (  # noqa: E402
     COMMONSENSE_TASKS,
@@ -82,6 +82,11 @@ def test_commonsense_tasks_load_and_score(tiny, tmp_path):
     assert res.provenance["num_fewshot"]["piqa"] == 0
     assert Path(res.artifacts["lm_eval_raw"]).is_file()
     assert all(math.isfinite(v) for v in res.metrics.values())
+    for name in res.metrics:      # every metric (stderrs aside) is described by lm_eval
+        info = metric_info(name)
+        assert info is not None or name.endswith("_stderr"), name
+        assert info is None or (info.evaluator == "lm_eval"
+                                and (info.stderr is None or info.stderr in {*res.metrics, *res.errors})), name
 
 
 @needs_data

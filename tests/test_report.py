@@ -517,3 +517,30 @@ def test_skipped_baseline_job_is_not_a_reference(tmp_path):
     assert cells(t, "m", "fp16", "w16a16")["Δ PTB"] == "ref"
     row = cells(t, "m", "fp16", "w4a8")
     assert row["PTB"].startswith("skipped") and row["Δ PTB"] == NOT_MEASURED
+
+
+def test_every_committed_metric_is_described_by_one_evaluator():
+    """The report reads label, unit, direction and stderr from the evaluator that made a
+    metric (harness.evals.metric_info), never from name prefixes; each name has one owner."""
+    import importlib
+
+    from harness.evals import METRIC_INFO, metric_info
+
+    describers = {ev: getattr(importlib.import_module(t.partition(":")[0]), t.partition(":")[2])
+                  for ev, t in METRIC_INFO.items()}
+    pipeline_made = {"avg_bits_linear", "avg_bits_per_weight", "model_size_bytes"}
+    names = set()
+    for f in (Path(__file__).resolve().parent.parent / "results" / "runs").glob("*.json"):
+        names |= set(json.loads(f.read_text()).get("metrics") or {})
+    assert names
+    for name in sorted(names - pipeline_made):
+        owners = [ev for ev, describe in describers.items() if describe(name) is not None]
+        if name.endswith("_stderr"):
+            assert owners == [], name
+            assert any(metric_info(m) and metric_info(m).stderr == name for m in names), name
+        else:
+            assert len(owners) == 1, (name, owners)
+    assert metric_info("ppl_wikitext2").label == "WikiText-2"
+    assert metric_info("ppl_lambada_openai").table == "word_perplexity"   # not a GPTQ ppl
+    assert metric_info("acc_arc_easy").higher_is_better
+    assert metric_info("mmlu_stem").stderr == "mmlu_stem_stderr"

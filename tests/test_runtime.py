@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from harness.evals import EvalContext, get_evaluator
+from harness.evals import EvalContext, get_evaluator, metric_info
 from harness.inputs.models import tiny_llama, tiny_tokenizer
 from harness.run.pipeline import run_one
 from kernels import reference as kref
@@ -374,6 +374,10 @@ def test_latency_eval_reports_metrics(tmp_path):
                 "peak_mem_mb_decode_b2"}
     assert expected <= set(res.metrics) and not res.errors
     assert all(v > 0 for v in res.metrics.values())
+    info = {k: metric_info(k) for k in res.metrics}     # the evaluator describes each one
+    assert all(i is not None and i.evaluator == "latency" for i in info.values()), info
+    assert info["decode_tok_s_b2"].higher_is_better and info["decode_tok_s_b2"].batch == 2
+    assert not info["ttft_ms_b2_p16"].higher_is_better and info["ttft_ms_b2_p16"].unit == "ms"
     assert res.provenance["latency"]["backend"] == "reference-cpu"
     assert res.provenance["latency"]["device_name"].startswith("cpu")
 

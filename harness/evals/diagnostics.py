@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from harness.evals import EvalContext, EvalResult
+from harness.evals import EvalContext, EvalResult, MetricInfo
 from harness.evals.ppl import make_windows, perplexity, tokenize_text
 from harness.inputs.data import eval_text
 from methods.arch import ModelSpec, sublayer_of
@@ -293,6 +293,15 @@ def distribution_metrics(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def distribution_metric_info(name: str) -> MetricInfo | None:
+    """sqnr_{w,x,y}_{min,mean}_db (higher is better), kurtosis_{x,w}_max, x_max, w_mse_mean."""
+    if name.startswith("sqnr_") and name.endswith("_db"):
+        return MetricInfo("distributions", "distributions", name, "dB", True, subject=name)
+    if name in ("kurtosis_x_max", "kurtosis_w_max", "x_max", "w_mse_mean"):
+        return MetricInfo("distributions", "distributions", name, subject=name)
+    return None
+
+
 def plot_activation_heatmap(diags: dict[str, LinearDiag], spec: ModelSpec, path: Path,
                             title: str) -> Path:
     import matplotlib
@@ -491,6 +500,18 @@ def plot_sensitivity(table: Sequence[dict[str, Any]], path: Path, title: str,
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def sensitivity_metric_info(name: str) -> MetricInfo | None:
+    """sens_<group>: perplexity increase when only that group is quantized; sens_kl_<group>:
+    mean KL to the fp model; sens_ppl_fp / sens_ppl_quantized / sens_kl_quantized."""
+    if not name.startswith("sens_"):
+        return None
+    kl = name.startswith("sens_kl_")
+    group = name.removeprefix("sens_kl_" if kl else "sens_")
+    label = {"sens_ppl_fp": "ppl fp", "sens_ppl_quantized": "ppl quantized"}.get(
+        name, f"{'KL' if kl else 'Δ ppl'} {group}")
+    return MetricInfo("sensitivity", "sensitivity", label, subject=group)
 
 
 def evaluate_sensitivity(ctx: EvalContext, cfg: Any) -> EvalResult:

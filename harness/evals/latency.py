@@ -26,6 +26,7 @@ CPU numbers measure the reference path, not the kernels: provenance says `backen
 from __future__ import annotations
 
 import logging
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -36,13 +37,40 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from harness.evals import EvalContext, EvalResult
+from harness.evals import EvalContext, EvalResult, MetricInfo
 from harness.run.provenance import PeakMemory, device_name
 
 log = logging.getLogger(__name__)
 
 
 DECODE_MODES = ("auto", "eager", "cuda_graph")
+# metric kind -> (column label, unit, higher is better, digits), in table column order;
+# peak_mem_mb_b{b}: records made before peak memory was split into prefill and decode.
+KINDS = {
+    "latency_prefill_ms": ("prefill", "ms", False, 2),
+    "ttft_ms": ("TTFT", "ms", False, 2),
+    "decode_tok_s": ("decode", "tok/s", True, 2),
+    "decode_ms_per_step": ("decode step", "ms", False, 2),
+    "peak_mem_mb_prefill": ("peak mem prefill", "MB", False, 0),
+    "peak_mem_mb_decode": ("peak mem decode", "MB", False, 0),
+    "peak_mem_mb": ("peak mem", "MB", False, 0),
+}
+_NAME = re.compile(rf"^(?P<kind>{'|'.join(KINDS)})_b(?P<batch>\d+)(?:_p(?P<prompt>\d+))?$")
+
+
+def metric_info(name: str) -> MetricInfo | None:
+    """<kind>_b<batch>[_p<prompt len>] (see the module doc); one table row per batch, one
+    column per kind x prompt length."""
+    m = _NAME.match(name)
+    if not m:
+        return None
+    label, unit, higher, digits = KINDS[m["kind"]]
+    prompt = f" p{m['prompt']}" if m["prompt"] else ""
+    column = m["kind"] + (f"_p{m['prompt']}" if m["prompt"] else "")
+    return MetricInfo("latency", "latency", f"{label}{prompt} ({unit})", unit, higher,
+                      digits=digits, kind=m["kind"], subject=column,
+                      order=(list(KINDS).index(m["kind"]), int(m["prompt"] or 0)),
+                      batch=int(m["batch"]))
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.evals import EvalContext, EvalResult
+from harness.evals import EvalContext, EvalResult, MetricInfo
 from harness.evals.tasks import (
     ALL_TASKS,
     COMMONSENSE_TASKS,
@@ -49,6 +49,33 @@ DEFAULT_FEWSHOT = {"mmlu": 5}
 SOURCES = ("local", "hub")
 # lm-eval result keys are "<metric>,<filter>"; our tasks use the default "none" filter.
 _METRICS = {"acc": "acc", "acc_norm": "acc_norm", "perplexity": "ppl"}
+COMMONSENSE_AVG = "acc_commonsense_avg"
+MMLU_LABELS = {"stem": "STEM", "humanities": "Humanities", "social_sciences": "Social Sci.",
+               "other": "Other", "avg": "Avg."}
+ACC_SCALE = 100.0   # lm-eval reports fractions; papers print percent
+
+
+def metric_info(name: str) -> MetricInfo | None:
+    """acc_<task> / acc_norm_<task> (table accuracy / accuracy_norm), acc_commonsense_avg,
+    mmlu_<category> (table mmlu), ppl_<task> (LAMBADA word perplexity)."""
+    def acc(table: str, label: str, subject: str, order: tuple, stderr: bool = True):
+        return MetricInfo("lm_eval", table, label, "%", True, f"{name}_stderr" if stderr else None,
+                          ACC_SCALE, kind=table, subject=subject, order=order)
+    if name == COMMONSENSE_AVG:
+        return acc("accuracy_avg", "Avg.", "commonsense", (), stderr=False)
+    for prefix, table in (("acc_norm_", "accuracy_norm"), ("acc_", "accuracy")):
+        task = name.removeprefix(prefix)
+        if task != name and task in COMMONSENSE_TASKS:
+            return acc(table, task, task, (task,))
+    category = name.removeprefix("mmlu_")
+    if category != name and category in MMLU_LABELS:
+        return acc("mmlu", MMLU_LABELS[category], category,
+                   (list(MMLU_LABELS).index(category),))
+    task = name.removeprefix("ppl_")
+    if task != name and task in ALL_TASKS:
+        return MetricInfo("lm_eval", "word_perplexity", task, stderr=f"{name}_stderr",
+                          subject=task, order=(task,))
+    return None
 
 
 @dataclass
@@ -195,7 +222,7 @@ def _put(result: EvalResult, name: str, value: Any) -> None:
 def _add_commonsense_avg(result: EvalResult) -> None:
     ran = [t for t in COMMONSENSE_TASKS if f"acc_{t}" in result.metrics]
     if len(ran) >= 2:
-        result.metrics["acc_commonsense_avg"] = sum(result.metrics[f"acc_{t}"] for t in ran) / len(ran)
+        result.metrics[COMMONSENSE_AVG] = sum(result.metrics[f"acc_{t}"] for t in ran) / len(ran)
         result.provenance["commonsense_avg_tasks"] = ran
 
 

@@ -19,11 +19,26 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from harness.evals import EvalContext, EvalResult
+from harness.evals import EvalContext, EvalResult, MetricInfo
 from harness.inputs.data import eval_text
 
 log = logging.getLogger(__name__)
 C4_MAX_WINDOWS = 256
+# The datasets eval_text knows, in the order papers print them.
+DATASET_LABELS = {"wikitext2": "WikiText-2", "c4": "C4", "ptb": "PTB"}
+
+
+def metric_name(dataset: str) -> str:
+    return f"ppl_{dataset}"
+
+
+def metric_info(name: str) -> MetricInfo | None:
+    """ppl_<dataset>: GPTQ-protocol perplexity, lower is better, no stderr."""
+    dataset = name.removeprefix("ppl_")
+    if name == dataset or dataset not in DATASET_LABELS:
+        return None
+    return MetricInfo("ppl", "perplexity", DATASET_LABELS[dataset], subject=dataset,
+                      order=(list(DATASET_LABELS).index(dataset),))
 
 
 def make_windows(ids: Tensor, seqlen: int, bos_id: int | None = None,
@@ -91,14 +106,14 @@ def evaluate(ctx: EvalContext, cfg: Any) -> EvalResult:
             ppl = perplexity(nlls)
             if not math.isfinite(ppl):
                 raise FloatingPointError(f"perplexity on {name} is {ppl} (non-finite loss)")
-            res.metrics[f"ppl_{name}"] = ppl
-            res.provenance[f"ppl_{name}"] = {
+            res.metrics[metric_name(name)] = ppl
+            res.provenance[metric_name(name)] = {
                 "seqlen": seqlen, "windows": len(windows), "windows_available": n_total,
                 "tokens": int(windows.numel()), "bos_per_window": bos is not None,
                 "seconds": time.perf_counter() - t0}
             log.info("ppl %s = %.3f (%d/%d windows of %d)", name, ppl, len(windows), n_total,
                      seqlen)
         except (FileNotFoundError, ValueError, FloatingPointError) as e:
-            res.errors[f"ppl_{name}"] = f"{type(e).__name__}: {e}"
+            res.errors[metric_name(name)] = f"{type(e).__name__}: {e}"
             log.error("ppl %s failed: %s", name, e)
     return res

@@ -8,7 +8,8 @@ from typing import Any
 
 import pandas as pd
 
-from harness.results.paper_tables import DATASET_LABELS, ppl_datasets
+from harness.evals import metric_info
+from harness.results.paper_tables import ppl_metrics
 from harness.results.records import latest_per_config, method_label, numeric, with_defaults
 from harness.results.tables import NOT_MEASURED, Cell, Table, fmt, is_num
 
@@ -56,7 +57,7 @@ def alignment_table(df: pd.DataFrame) -> Table:
     if df.empty or not need <= set(df.columns):
         return Table("alignment", "Native vs reference library", [], [], 0)
     ok = latest_per_config(df[df["status"] == "ok"])
-    sets = [d for d in ppl_datasets(ok) if ok[f"ppl_{d}"].notna().any()]
+    sets = ppl_metrics(ok)
     same = ["model", "bits", "calib", "seqlen", "max_windows"]
     rows: list[list[Cell]] = []
     for _, lib in ok[ok["method"].isin(list(LIBRARY_NATIVE))].iterrows():
@@ -71,7 +72,7 @@ def alignment_table(df: pd.DataFrame) -> Table:
                      Cell(method_label(nat["method"], nat.get("variant"))),
                      Cell(method_label(lib["method"], lib.get("variant")))]
             for d in sets:
-                n, ll = nat.get(f"ppl_{d}"), lib.get(f"ppl_{d}")
+                n, ll = nat.get(d), lib.get(d)
                 cells += [Cell(fmt(n, 2), n) if is_num(n) else Cell(NOT_MEASURED),
                           Cell(fmt(ll, 2), ll) if is_num(ll) else Cell(NOT_MEASURED)]
                 if is_num(n) and is_num(ll):
@@ -85,7 +86,7 @@ def alignment_table(df: pd.DataFrame) -> Table:
             rows.append(cells)
     header = ["Model", "Bits", "Calib", "Native", "Library"]
     for d in sets:
-        lbl = DATASET_LABELS.get(d, d)
+        lbl = metric_info(d).label
         header += [f"{lbl} native", f"{lbl} library", f"{lbl} rel. Δ"]
     header += ["quantize native (s)", "quantize library (s)"]
     foot = ["rel. Δ = native / library - 1; bold: within the 1% target. Pairs share model, "

@@ -3,11 +3,12 @@ MMLU, latency and memory, quantization cost, FPTQ's layer policy and superseded 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import pandas as pd
 
+from harness.evals import metric_info
+from harness.evals.lm_eval import COMMONSENSE_AVG
 from harness.results.records import (
     BASELINE_METHOD,
     ROW_KEYS,
@@ -16,6 +17,7 @@ from harness.results.records import (
     method_key,
     method_label,
     superseded,
+    table_metrics,
     with_method_label,
 )
 from harness.results.tables import (
@@ -30,38 +32,23 @@ from harness.results.tables import (
     status_cell,
 )
 
-DATASET_LABELS = {"wikitext2": "WikiText-2", "c4": "C4", "ptb": "PTB"}
-MMLU_CATEGORIES = (("mmlu_stem", "STEM"), ("mmlu_humanities", "Humanities"),
-                   ("mmlu_social_sciences", "Social Sci."), ("mmlu_other", "Other"),
-                   ("mmlu_avg", "Avg."))
-ACC_SCALE = 100.0   # lm-eval reports fractions; papers print percent
-_LATENCY_RE = re.compile(
-    r"^(?P<kind>latency_prefill_ms|decode_tok_s|ttft_ms|peak_mem_mb)_b(?P<batch>\d+)(?P<rest>.*)$")
-LATENCY_KINDS = {  # metric kind -> (column label, unit, lower is better)
-    "latency_prefill_ms": ("prefill", "ms", True),
-    "ttft_ms": ("TTFT", "ms", True),
-    "decode_tok_s": ("decode", "tok/s", False),
-    "peak_mem_mb": ("peak mem", "MB", True),
-}
+
+def metric_column(metric: str, label: str | None = None, delta: bool = True) -> Column:
+    """A table column for a recorded metric, as its evaluator describes it."""
+    info = metric_info(metric)
+    return Column(label or info.label, metric, lower_is_better=not info.higher_is_better,
+                  scale=info.scale, digits=info.digits, delta=delta)
 
 
-
-def ppl_datasets(df: pd.DataFrame) -> list[str]:
-    """Datasets with a GPTQ-protocol perplexity: ppl_* columns filled by records of the
-    `ppl` evaluator (lm-eval's word perplexity of LAMBADA is an accuracy-suite metric)."""
-    if "evaluators" in df.columns:
-        ran = df["evaluators"].map(lambda e: not isinstance(e, tuple) or not e or "ppl" in e)
-        df = df[ran]
-    found = [c[4:] for c in df.columns if c.startswith("ppl_") and not c.endswith("_stderr")
-             and df[c].notna().any()]
-    order = list(DATASET_LABELS)
-    return sorted(found, key=lambda d: (order.index(d) if d in order else len(order), d))
+def ppl_metrics(df: pd.DataFrame) -> list[str]:
+    """GPTQ-protocol perplexities present (the `ppl` evaluator's; lm-eval's word perplexity
+    of LAMBADA is another table), in the papers' dataset order."""
+    return table_metrics(df, "perplexity")
 
 
 def perplexity_table(df: pd.DataFrame) -> Table:
     """Rows model x method x bits; one column per dataset (WikiText-2, C4, PTB) plus Δ."""
-    sets = ppl_datasets(df)
-    cols = [Column(DATASET_LABELS.get(d, d), f"ppl_{d}") for d in sets]
+    cols = [metric_column(m) for m in ppl_metrics(df)]
     rows = rows_for(df, "ppl", [c.metric for c in cols])
     labels = [("model", "Model"), ("method_label", "Method"), ("bits", "Bits")]
     keys: tuple[str, ...] = ROW_KEYS
@@ -86,8 +73,7 @@ def _several_calibrations(df: pd.DataFrame) -> bool:
 
 def perplexity_wide_table(df: pd.DataFrame) -> Table:
     """Paper layout: rows model; columns method x bits x dataset (no Δ: fp16 is a column)."""
-    sets = ppl_datasets(df)
-    metrics = [f"ppl_{d}" for d in sets]
+    metrics = ppl_metrics(df)
     sub = rows_for(df, "ppl", metrics)
     sub = sub.assign(method=with_method_label(sub)["method_label"], variant="")
     if _several_calibrations(sub):      # one column group per calibration setting
@@ -104,17 +90,17 @@ def perplexity_wide_table(df: pd.DataFrame) -> Table:
         row = {"model": model, "method": "-", "bits": "-", "status": "ok", "error": None,
                "has_failure": False}
         for _, r in grp.iterrows():
-            for d in sets:
+            for d in metrics:
                 key = f"{r['method']}|{r['bits']}|{d}"
-                row[key] = r.get(f"ppl_{d}")
-                row[f"{key}_stderr"] = r.get(f"ppl_{d}_stderr")
+                row[key] = r.get(d)
+                row[f"{key}_stderr"] = r.get(f"{d}_stderr")
                 if not is_num(row[key]) and (r["status"] != "ok" or r["has_failure"]):
                     row[f"{key}_status"] = (r["status"] if r["status"] != "ok" else "failed",
                                             r["error"])
         wide.append(row)
     wide_df = pd.DataFrame(wide)
-    cols = [Column(f"{m} {b} {DATASET_LABELS.get(d, d)}", f"{m}|{b}|{d}", delta=False)
-            for m, b in combos for d in sets]
+    cols = [Column(f"{m} {b} {metric_info(d).label}", f"{m}|{b}|{d}", delta=False)
+            for m, b in combos for d in metrics]
     table = build_table(wide_df, "perplexity_wide", "Perplexity by method and bits",
                         [("model", "Model")], cols, delta=False, baseline=lambda r: False)
     # Missing cells of failed/skipped combos name their status (the row itself is ok).
@@ -129,7 +115,7 @@ def perplexity_wide_table(df: pd.DataFrame) -> Table:
     for row in table.rows:
         for c in row:
             c.bold = False
-        for d in sets:
+        for d in metrics:
             idx = [j for j, c in enumerate(cols, start=1)
                    if c.metric.endswith(f"|{d}") and not c.metric.startswith(f"{BASELINE_METHOD}|")]
             vals = [row[j].value for j in idx if row[j].value is not None]
@@ -141,22 +127,20 @@ def perplexity_wide_table(df: pd.DataFrame) -> Table:
     return table
 
 
-def accuracy_tasks(df: pd.DataFrame) -> list[str]:
-    return sorted({c[4:] for c in df.columns if c.startswith("acc_")
-                   and not c.startswith("acc_norm_") and not c.endswith("_stderr")
-                   and c != "acc_commonsense_avg" and not c.startswith("acc_mmlu")})
+def accuracy_metrics(df: pd.DataFrame) -> list[str]:
+    """Per-task zero-shot accuracies present (acc, not acc_norm; the average excluded)."""
+    return table_metrics(df, "accuracy")
 
 
 def with_commonsense_avg(df: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.DataFrame:
-    """`acc_commonsense_avg` as recorded, else the mean over the task columns (NaN if any task
+    """COMMONSENSE_AVG (acc_commonsense_avg) as recorded, else the mean over the task columns (NaN if any task
     is missing: an average over fewer tasks is not comparable)."""
-    metrics = list(metrics) if metrics is not None else [f"acc_{t}" for t in accuracy_tasks(df)]
+    metrics = list(metrics) if metrics is not None else accuracy_metrics(df)
     df = df.copy()
-    if "acc_commonsense_avg" not in df.columns:
-        df["acc_commonsense_avg"] = float("nan")
+    if COMMONSENSE_AVG not in df.columns:
+        df[COMMONSENSE_AVG] = float("nan")
     if metrics:
-        df["acc_commonsense_avg"] = df["acc_commonsense_avg"].fillna(
-            df[metrics].mean(axis=1, skipna=False))
+        df[COMMONSENSE_AVG] = df[COMMONSENSE_AVG].fillna(df[metrics].mean(axis=1, skipna=False))
     return df
 
 
@@ -180,14 +164,13 @@ def _with_limit(df: pd.DataFrame) -> pd.DataFrame:
 
 def accuracy_table(df: pd.DataFrame, prefer_norm: bool = False) -> Table:
     """Zero-shot accuracy: rows method x bits (x docs per task); columns tasks + average (%)."""
-    tasks = accuracy_tasks(df)
-    def metric(t: str) -> str:
-        return f"acc_norm_{t}" if prefer_norm and f"acc_norm_{t}" in df.columns else f"acc_{t}"
-    cols = [Column(t, metric(t), lower_is_better=False, scale=ACC_SCALE) for t in tasks]
+    norm = {metric_info(m).subject: m for m in table_metrics(df, "accuracy_norm")}
+    cols = [metric_column(norm.get(metric_info(m).subject, m) if prefer_norm else m)
+            for m in accuracy_metrics(df)]
     if not cols:
         return Table("accuracy", "Zero-shot accuracy (%)", [], [], 0)
     df = _with_limit(with_commonsense_avg(df, [c.metric for c in cols]))
-    cols.append(Column("Avg.", "acc_commonsense_avg", lower_is_better=False, scale=ACC_SCALE))
+    cols.append(metric_column(COMMONSENSE_AVG))
     merged = merge_rows(rows_for(df, "lm_eval", [c.metric for c in cols]),
                         (*ROW_KEYS, "docs_per_task"), [c.metric for c in cols])
     labels, groups, note = _limit_layout(merged)
@@ -198,8 +181,7 @@ def accuracy_table(df: pd.DataFrame, prefer_norm: bool = False) -> Table:
 
 
 def mmlu_table(df: pd.DataFrame) -> Table:
-    cols = [Column(lbl, m, lower_is_better=False, scale=ACC_SCALE)
-            for m, lbl in MMLU_CATEGORIES if m in df.columns]
+    cols = [metric_column(m) for m in table_metrics(df, "mmlu")]
     if not cols:
         return Table("mmlu", "MMLU (%)", [], [], 0)
     merged = merge_rows(rows_for(_with_limit(df), "lm_eval", [c.metric for c in cols]),
@@ -210,34 +192,31 @@ def mmlu_table(df: pd.DataFrame) -> Table:
 
 
 def latency_long(df: pd.DataFrame) -> tuple[pd.DataFrame, list[Column]]:
-    """Wide latency metrics -> one row per record x batch; columns per kind (x prompt len)."""
-    found: dict[str, tuple[str, str, bool]] = {}
+    """Latency metrics -> one row per record x batch; one column per kind (x prompt len),
+    as the latency evaluator describes each metric (MetricInfo.batch / subject)."""
+    metrics = table_metrics(df, "latency")
     rows = []
     for _, r in df.iterrows():
         per_batch: dict[int, dict[str, float]] = {}
-        for col in df.columns:
-            m = _LATENCY_RE.match(col)
-            if not m or col.endswith("_stderr"):
-                continue
-            label, unit, low = LATENCY_KINDS[m["kind"]]
-            rest = m["rest"].strip("_")
-            key = f"{m['kind']}{'_' + rest if rest else ''}"
-            found[key] = (f"{label}{' ' + rest if rest else ''} ({unit})", m["kind"], low)
-            if is_num(r[col]):
-                per_batch.setdefault(int(m["batch"]), {})[key] = r[col]
+        for m in metrics:
+            info = metric_info(m)
+            if is_num(r[m]):
+                per_batch.setdefault(info.batch, {})[info.subject] = r[m]
         batches = per_batch or ({0: {}} if r["status"] != "ok" else {})
         for b, vals in batches.items():
             rows.append({**r.to_dict(), "batch": b if b else "-", **vals})
-    order = list(LATENCY_KINDS)
-    cols = [Column(lbl, key, lower_is_better=low, digits=2 if kind != "peak_mem_mb" else 0)
-            for key, (lbl, kind, low) in sorted(found.items(),
-                                                 key=lambda kv: (order.index(kv[1][1]), kv[0]))]
-    return pd.DataFrame(rows), cols
+    cols = {}
+    for m in metrics:           # already in column order
+        info = metric_info(m)
+        cols.setdefault(info.subject, Column(info.label, info.subject,
+                                             lower_is_better=not info.higher_is_better,
+                                             digits=info.digits))
+    return pd.DataFrame(rows), list(cols.values())
 
 
 def latency_table(df: pd.DataFrame) -> Table:
     """Rows method x bits x batch; prefill / TTFT (ms), decode (tok/s), peak memory (MB)."""
-    keep = rows_for(df, "latency", [c for c in df.columns if _LATENCY_RE.match(c)])
+    keep = rows_for(df, "latency", table_metrics(df, "latency"))
     if keep.empty:
         return Table("latency", "Latency and memory", [], [], 0)
     long, cols = latency_long(keep)

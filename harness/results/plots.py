@@ -21,10 +21,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from harness.evals import metric_info  # noqa: E402
+from harness.evals.lm_eval import COMMONSENSE_AVG  # noqa: E402
 from harness.results.paper_tables import (  # noqa: E402
-    ACC_SCALE,
-    DATASET_LABELS,
-    ppl_datasets,
+    ppl_metrics,
     with_commonsense_avg,
 )
 from harness.results.records import (  # noqa: E402
@@ -32,6 +32,7 @@ from harness.results.records import (  # noqa: E402
     bits_key,
     latest_per_config,
     method_key,
+    table_metrics,
     with_method_label,
 )
 
@@ -82,25 +83,25 @@ def _ok(df: pd.DataFrame) -> pd.DataFrame:
 def plot_ppl_vs_bits(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
     """Perplexity vs bit width, one line per method, one panel per model x dataset."""
     ok = _ok(df)
-    sets = [d for d in ppl_datasets(ok) if ok[f"ppl_{d}"].notna().any()]
+    sets = ppl_metrics(ok)
     models = sorted(ok["model"].unique()) if not ok.empty else []
     if not sets or not models:
         return []
     panels = [(m, d) for m in models for d in sets
-              if ok.loc[ok["model"] == m, f"ppl_{d}"].notna().any()]
+              if ok.loc[ok["model"] == m, d].notna().any()]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     bits_order = sorted(ok["bits"].unique(), key=bits_key)
     for ax, (model, d) in zip(axes[0], panels, strict=True):
-        sub = ok[(ok["model"] == model) & ok[f"ppl_{d}"].notna()]
+        sub = ok[(ok["model"] == model) & ok[d].notna()]
         for method in sorted(sub["method_label"].unique(), key=method_key):
-            pts = sub[sub["method_label"] == method].groupby("bits")[f"ppl_{d}"].last()
+            pts = sub[sub["method_label"] == method].groupby("bits")[d].last()
             xs = [b for b in bits_order if b in pts.index]
             ax.plot([bits_order.index(b) for b in xs], [pts[b] for b in xs], marker="o",
                     color=method_color(method), label=method,
                     linestyle="none" if method == BASELINE_METHOD else "-")
         ax.set_xticks(range(len(bits_order)), bits_order, rotation=30)
         ax.set(xlabel="bit width (weights / activations)", ylabel="perplexity (log scale)",
-               yscale="log", title=f"{model}: {DATASET_LABELS.get(d, d)}")
+               yscale="log", title=f"{model}: {metric_info(d).label}")
         ax.grid(alpha=0.3)
     _legend_outside(axes[0][-1])
     return save(fig, stem)
@@ -118,35 +119,37 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
 
 
 def _latency_metric(df: pd.DataFrame) -> str | None:
-    cands = sorted(c for c in df.columns if c.startswith("latency_prefill_ms_b")
-                   and not c.endswith("_stderr") and df[c].notna().any())
-    return cands[0] if cands else None
+    """The first prefill latency (smallest batch, then prompt length) the records have."""
+    cands = [m for m in table_metrics(df, "latency")
+             if metric_info(m).kind == "latency_prefill_ms"]
+    return min(cands, key=lambda m: (metric_info(m).batch, metric_info(m).order)) if cands else None
 
 
 def plot_accuracy_vs_latency(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
     """Average zero-shot accuracy vs prefill latency per method x bits; Pareto front dashed."""
     ok = with_commonsense_avg(_ok(df))
     lat = _latency_metric(ok) if not ok.empty else None
-    acc_col = "acc_commonsense_avg"
+    acc_col = COMMONSENSE_AVG
     if lat is None or not ok[acc_col].notna().any():
         return []
+    acc_scale = metric_info(acc_col).scale
     merged = ok.groupby(["model", "method_label", "bits"]).agg({lat: "last", acc_col: "last"})
     merged = merged.dropna().reset_index()
     if merged.empty:
         return []
     fig, ax = plt.subplots(figsize=(6, 4))
     for _, r in merged.iterrows():
-        ax.scatter(r[lat], r[acc_col] * ACC_SCALE, color=method_color(r["method_label"]),
+        ax.scatter(r[lat], r[acc_col] * acc_scale, color=method_color(r["method_label"]),
                    s=40, label=r["method_label"], zorder=3)
-        ax.annotate(r["bits"], (r[lat], r[acc_col] * ACC_SCALE), fontsize=7,
+        ax.annotate(r["bits"], (r[lat], r[acc_col] * acc_scale), fontsize=7,
                     xytext=(4, 3), textcoords="offset points")
-    front = pareto_front(list(zip(merged[lat], merged[acc_col] * ACC_SCALE, strict=True)))
+    front = pareto_front(list(zip(merged[lat], merged[acc_col] * acc_scale, strict=True)))
     ax.plot(*zip(*front, strict=True), "--", color="#999999", lw=1, label="Pareto front")
     handles, labels = ax.get_legend_handles_labels()
     uniq = dict(zip(labels, handles, strict=True))
     ax.legend(uniq.values(), uniq.keys(), loc="upper left", bbox_to_anchor=(1.02, 1.0),
               frameon=False, fontsize=8)
-    ax.set(xlabel=f"prefill latency, {lat.removeprefix('latency_prefill_ms_')} (ms)",
+    ax.set(xlabel=f"{metric_info(lat).label}, batch {metric_info(lat).batch}",
            ylabel="zero-shot accuracy, average (%)", title="Accuracy vs latency")
     ax.grid(alpha=0.3)
     return save(fig, stem)

@@ -12,6 +12,8 @@ from typing import Any
 
 import pandas as pd
 
+from harness.evals import metric_info
+
 ID_COLS = ("model", "method", "bits", "eval")
 # One table row per combination (tables add their own: calibration, docs per task, batch).
 ROW_KEYS = ("model", "method", "variant", "bits")
@@ -27,6 +29,14 @@ def bits_key(bits: str) -> tuple[int, int, str]:
 
 def method_key(method: str) -> tuple[int, str]:
     return (0 if method == BASELINE_METHOD else 1, str(method))
+
+
+def table_metrics(df: pd.DataFrame, table: str) -> list[str]:
+    """Metric columns of `df` that their evaluator places in report `table`
+    (harness.evals.MetricInfo.table) and that hold a value, in the table's column order."""
+    found = [c for c in df.columns if isinstance(c, str) and (info := metric_info(c)) is not None
+             and info.table == table and df[c].notna().any()]
+    return sorted(found, key=lambda c: (metric_info(c).order, c))
 
 
 def method_label(method: Any, variant: Any) -> str:

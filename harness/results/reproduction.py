@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.results.paper_tables import DATASET_LABELS
+from harness.evals import metric_info
 from harness.results.records import latest_per_config
 from harness.results.tables import Cell, Notes, Table, fmt, is_num
 
@@ -29,6 +29,11 @@ def load_references(ref_dir: str | Path) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame(columns=[*REFERENCE_COLUMNS, "file"])
     return pd.concat(frames, ignore_index=True)
+
+
+def _dataset_label(metric: str, dataset: str) -> str:
+    info = metric_info(metric)
+    return info.label if info is not None and info.table == "perplexity" else str(dataset)
 
 
 def reproduction_table(df: pd.DataFrame, refs: pd.DataFrame) -> Table:
@@ -61,7 +66,7 @@ def reproduction_table(df: pd.DataFrame, refs: pd.DataFrame) -> Table:
                 mark = f"[{notes.mark(f'{int(r.max_windows)} windows per set, not the full protocol')}]"
             rows.append([Cell(str(ref["model"])), Cell(str(ref["method"])), Cell(str(ref["bits"])),
                          Cell("-" if gs is None else str(gs)),
-                         Cell(DATASET_LABELS.get(ref["dataset"], str(ref["dataset"]))),
+                         Cell(_dataset_label(metric, ref["dataset"])),
                          Cell(fmt(pub, 2), pub), Cell(fmt(ours_v, 2) + mark, ours_v),
                          Cell(f"{ours_v - pub:+.2f}", ours_v - pub), Cell(src)])
     footnotes = [f"[{i}] {t}" for i, t in enumerate(notes.items, 1)]

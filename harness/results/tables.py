@@ -17,12 +17,14 @@ from typing import Any
 
 import pandas as pd
 
+from harness.evals import metric_info
 from harness.results.records import (
     BASELINE_METHOD,
     ID_COLS,
     bits_key,
     latest_per_config,
     method_key,
+    table_metrics,
     with_method_label,
 )
 
@@ -112,7 +114,8 @@ def merge_rows(df: pd.DataFrame, keys: Sequence[str], metrics: Sequence[str]) ->
             for _, rec in ok.iloc[::-1].iterrows():
                 if m in rec and is_num(rec[m]):
                     row[m] = float(rec[m])
-                    se = rec.get(f"{m}_stderr")
+                    info = metric_info(m)
+                    se = rec.get(info.stderr) if info is not None and info.stderr else None
                     row[f"{m}_stderr"] = float(se) if is_num(se) else None
                     break
         row["status"] = "ok" if not ok.empty else bad.iloc[-1]["status"]
@@ -217,14 +220,11 @@ def rows_for(df: pd.DataFrame, evaluator: str, metric_cols: Iterable[str]) -> pd
 # ---------------------------------------------------------------------------------------
 
 
-def metric_columns(df: pd.DataFrame, prefix: str) -> list[str]:
-    return sorted(c for c in df.columns if c.startswith(prefix) and not c.endswith("_stderr"))
-
-
-def comparison_table(df: pd.DataFrame, prefix: str = "ppl_") -> pd.DataFrame:
-    """Rows model x method x bits; one column per metric; failed/skipped shown as status."""
+def comparison_table(df: pd.DataFrame, table: str = "perplexity") -> pd.DataFrame:
+    """Rows model x method x bits; one column per metric of report `table` (by name);
+    failed/skipped shown as status."""
     df = latest_per_config(df)
-    cols = metric_columns(df, prefix)
+    cols = sorted(table_metrics(df, table))
     df = df.assign(method=with_method_label(df)["method_label"])
     out = df[[*ID_COLS[:3], "status", *cols]].copy()
     for c in cols:
