@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from methods.arch import ModelSpec
 from methods.layers import FakeQuantLinear, iter_block_linears, replace_linear
 
-FORMATS = ("compressed_tensors",)
+FORMATS = ("compressed_tensors", "gptq")
 SUPPORTED = "W4A16 (int4 group/channel), W8A16, W8A8 (dynamic per-token or static per-tensor), W4A8"
 REPORT_FILE = "ptqbench_export.json"
 
@@ -259,9 +259,123 @@ def load_compressed_tensors(path: str | Path) -> nn.Module:
         str(path), quantization_config=CompressedTensorsConfig(run_compressed=False)).eval()
 
 
+# ------------------------------------------------------------------ GPTQ format
+
+GPTQ_BITS = (4, 8)
+
+
+def pack_gptq_rows(u: Tensor, bits: int) -> Tensor:
+    """Unsigned codes u [R, C] -> int32 [R * bits / 32, C]: 32 / bits consecutive rows per
+    word, row r at bit offset bits * (r % (32 / bits)) (AutoGPTQ's qweight layout)."""
+    per = 32 // bits
+    r, c = u.shape
+    if r % per:
+        raise ExportError(f"{r} rows do not pack {per} to an int32 word")
+    u = u.to(torch.int64).view(r // per, per, c)
+    shifts = (torch.arange(per, dtype=torch.int64) * bits)[None, :, None]
+    word = (u << shifts).sum(dim=1)                                  # < 2^32
+    return torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32)
+
+
+def gptq_tensors(fq: FakeQuantLinear) -> dict[str, Tensor]:
+    """qweight / qzeros / scales / g_idx (and bias) of one linear, AutoGPTQ v1 layout:
+    W[n, k] = scales[g, n] * (u[n, k] - (qzeros[g, n] + 1)), g = g_idx[k]; symmetric
+    weights are stored unsigned with the zero point 2^(b-1)."""
+    bits = fq.w_bits
+    q = fq.codes()                                                    # [N, K]
+    n, k = q.shape
+    groups = fq.w_scale.shape[1]
+    if fq.w_zero is None:
+        u, z = q + 2 ** (bits - 1), torch.full((n, groups), 2 ** (bits - 1), dtype=torch.int32)
+    else:
+        u, z = q, fq.w_zero.round().to(torch.int32)
+    out = {"qweight": pack_gptq_rows(u.T.contiguous(), bits),        # [K * b / 32, N]
+           # v1 stores z - 1 (wrapping to 2^b - 1 for z = 0), packed along N: [G, N * b / 32]
+           "qzeros": pack_gptq_rows((z - 1) & (2 ** bits - 1), bits).T.contiguous(),
+           "scales": fq.w_scale.T.to(torch.float16).contiguous(),     # [G, N]
+           "g_idx": (torch.arange(k) // (k // groups)).to(torch.int32)}
+    if fq.bias is not None:
+        out["bias"] = fq.bias.detach().to(torch.float16)
+    return out
+
+
+def export_gptq(model: nn.Module, spec: ModelSpec, out_dir: str | Path, tokenizer: Any = None,
+                meta: dict[str, Any] | None = None, kv_bits: int | None = None
+                ) -> dict[str, Any]:
+    """AutoGPTQ / GPTQModel checkpoint (format "gptq", v1 zero points): weight-only
+    w4 / w8 with one group size for every quantized linear."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    found: dict[str, FakeQuantLinear] = {}
+    for _, _, full, mod in iter_block_linears(model, spec):
+        if isinstance(mod, FakeQuantLinear) and mod.w_bits < 16:
+            if mod.w_bits not in GPTQ_BITS or mod.a_bits < 16 or mod.smooth_inv is not None:
+                raise ExportError(f"{full} is w{mod.w_bits}a{mod.a_bits}: the GPTQ format "
+                                  f"holds weight-only w{'/w'.join(map(str, GPTQ_BITS))} "
+                                  f"(a16); for activations use export=compressed_tensors "
+                                  f"(supported: {SUPPORTED})")
+            found[full] = mod
+        elif not isinstance(mod, nn.Linear):
+            raise ExportError(f"{full} is a {type(mod).__name__}: export the simulated model")
+    if not found:
+        raise ExportError("the model has no quantized block linears: nothing to export")
+    kinds = {(m.w_bits, m.group_size, m.w_symmetric) for m in found.values()}
+    if len(kinds) > 1:
+        raise ExportError(f"the GPTQ format has one bits / group_size / sym for the whole "
+                          f"model; this one mixes {sorted(kinds, key=str)}")
+    (bits, group_size, sym), = kinds
+    tensors: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for name, t in model.state_dict().items():
+        mod_name, _, leaf = name.rpartition(".")
+        if mod_name in found or t.data_ptr() in seen:
+            continue                      # quantized linears below; tied weights once
+        seen.add(t.data_ptr())
+        tensors[name] = t.detach().to(torch.float16) if t.is_floating_point() else t
+    for full, fq in found.items():
+        tensors.update({f"{full}.{k}": v for k, v in gptq_tensors(fq).items()})
+    qcfg = {"bits": bits, "group_size": group_size or -1, "desc_act": False, "sym": sym,
+            "true_sequential": True, "static_groups": False, "checkpoint_format": "gptq",
+            "quant_method": "gptq", "modules_in_block_to_quantize": None}
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    if tmp.exists():
+        import shutil
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
+              metadata={"format": "pt"})
+    hf_cfg = copy.deepcopy(model.config)
+    hf_cfg.quantization_config = qcfg
+    hf_cfg.torch_dtype = torch.float16
+    hf_cfg.save_pretrained(tmp)
+    (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    deviations: dict[str, list[str]] = {}
+    rounded = sorted(n for n, fq in found.items()
+                     if not torch.equal(fq.w_scale.half().float(), fq.w_scale.float()))
+    if rounded:   # w8 layers keep fp32 scales in ptqbench; the format stores fp16
+        deviations["scales rounded to fp16 (relative change <= 2^-11)"] = rounded
+    if kv_bits:
+        deviations[f"kv_bits={kv_bits}: the simulated KV-cache quantization is not exported"] = []
+    report = {"format": "gptq", "path": str(out_dir), "quantize_config": qcfg,
+              "linears": sorted(found), "deviations": deviations,
+              "size_bytes": (tmp / "model.safetensors").stat().st_size,
+              "quantized_weights": sum(m.weight.numel() for m in found.values()),
+              "meta": meta or {}}
+    (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+    if out_dir.exists():
+        import shutil
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return report
+
+
 def export_model(model: nn.Module, spec: ModelSpec, fmt: str, out_dir: str | Path,
                  **kwargs: Any) -> dict[str, Any]:
     if fmt not in FORMATS:
-        raise ExportError(f"export={fmt!r}; supported formats: {FORMATS} (GPTQ format: not "
-                          "implemented yet)")
+        raise ExportError(f"export={fmt!r}; supported formats: {FORMATS}")
+    if fmt == "gptq":
+        return export_gptq(model, spec, out_dir, **kwargs)
     return export_compressed_tensors(model, spec, out_dir, **kwargs)

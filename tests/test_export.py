@@ -186,3 +186,66 @@ def test_run_option_writes_export_beside_the_record(compose_cfg):
     assert ex["path"].endswith("export-compressed_tensors") and not ex["deviations"]
     bad = run_one(compose_cfg(*TINY_QUICK, "method=rtn", "bits=w3a16", "export=compressed_tensors"))
     assert bad.status == "ok" and "W4A16" in bad.artifacts["export"]["error"]
+
+
+# ------------------------------------------------------------------ GPTQ format
+
+def _unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Reference reader of the AutoGPTQ layout: int32 [R', C] -> codes [R' * 32 / bits, C]."""
+    per = 32 // bits
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    parts = [(w >> (bits * i)) & (2 ** bits - 1) for i in range(per)]
+    return torch.stack(parts, dim=1).reshape(-1, words.shape[1])
+
+
+@pytest.mark.parametrize("cfg", [
+    RTNConfig(w_bits=4, group_size=G), RTNConfig(w_bits=4, group_size=G, symmetric=False),
+    RTNConfig(w_bits=8), _gptq(w_bits=4, group_size=G, symmetric=False)],
+    ids=["w4-sym", "w4-asym", "w8-channel", "gptq-w4-asym"])
+def test_gptq_format_v1_zero_points_dequantize_to_the_simulated_weights(tiny, tmp_path, cfg):
+    from safetensors.torch import load_file
+
+    from methods.export import export_model
+    _, spec, _, _ = tiny
+    m = _quantized(tiny, cfg)
+    report = export_model(m, spec, "gptq", tmp_path / "g")
+    qc = json.loads((tmp_path / "g" / "quantize_config.json").read_text())
+    assert qc["checkpoint_format"] == "gptq" and qc["bits"] == cfg.w_bits
+    assert qc["sym"] == cfg.symmetric and qc["group_size"] == (cfg.group_size or -1)
+    assert json.loads((tmp_path / "g" / "config.json").read_text())[
+        "quantization_config"]["quant_method"] == "gptq"
+    t = load_file(str(tmp_path / "g" / "model.safetensors"))
+    b = cfg.w_bits
+    for *_, full, fq in iter_block_linears(m, spec):
+        u = _unpack_rows(t[f"{full}.qweight"], b)                       # [K, N]
+        z = _unpack_rows(t[f"{full}.qzeros"].T.contiguous(), b).T + 1     # v1: stored z - 1
+        g = t[f"{full}.g_idx"].long()
+        W = (u - z[g]).float() * t[f"{full}.scales"].float()[g]          # [K, N]
+        if b == 4:    # fp16 group scales already: exact
+            torch.testing.assert_close(W.T, fq.weight, atol=0, rtol=0)
+        else:         # fp32 scales stored as fp16: the listed deviation
+            torch.testing.assert_close(W.T, fq.weight, atol=0, rtol=2 ** -11)
+    assert f"{full}.weight" not in t and report["size_bytes"] > 0
+    assert bool(report["deviations"]) == (b == 8)
+
+
+def test_gptq_format_refuses_activation_quantization(tiny, tmp_path):
+    from methods.export import ExportError, export_model
+    _, spec, _, _ = tiny
+    m = _quantized(tiny, RTNConfig(w_bits=4, a_bits=8, group_size=G, act_mode="dynamic_token"))
+    with pytest.raises(ExportError, match="compressed_tensors"):
+        export_model(m, spec, "gptq", tmp_path / "g")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None,
+                    reason="GPTQModel is not installed (make install-gptqmodel)")
+def test_gptq_format_loads_through_gptqmodel(tiny, tmp_path):
+    from gptqmodel import GPTQModel
+
+    from methods.export import export_model
+    _, spec, _, ids = tiny
+    m = _quantized(tiny, RTNConfig(w_bits=4, group_size=G))
+    export_model(m, spec, "gptq", tmp_path / "g")
+    back = GPTQModel.load(str(tmp_path / "g"), device="cpu")
+    torch.testing.assert_close(_logits(back.model, ids).float(), _logits(m, ids),
+                               atol=2e-2, rtol=2e-2)
