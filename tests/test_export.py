@@ -186,6 +186,13 @@ def test_run_option_writes_export_beside_the_record(compose_cfg):
     assert ex["path"].endswith("export-compressed_tensors") and not ex["deviations"]
     bad = run_one(compose_cfg(*TINY_QUICK, "method=rtn", "bits=w3a16", "export=compressed_tensors"))
     assert bad.status == "ok" and "W4A16" in bad.artifacts["export"]["error"]
+    from harness.results.paper_tables import exports_table
+    from harness.results.records import records_frame
+    from harness.results.store import ResultStore
+    table = exports_table(records_frame(ResultStore(rec.config["paths"]["runs_dir"])))
+    cells = {r[2].text: [c.text for c in r] for r in table.rows}
+    assert cells["w4a16"][3] == "compressed_tensors/pack-quantized"
+    assert cells["w4a16"][6] == ex["path"] and "W4A16" in cells["w3a16"][6]
 
 
 # ------------------------------------------------------------------ GPTQ format

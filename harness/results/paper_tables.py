@@ -26,6 +26,7 @@ from harness.results.tables import (
     Notes,
     Table,
     build_table,
+    fmt,
     is_num,
     merge_rows,
     rows_for,
@@ -268,6 +269,29 @@ def fptq_policy_table(df: pd.DataFrame) -> Table:
             for (m, meth, b), c in sorted(counts.items())]
     return Table("fptq_policy", "FPTQ layer-wise activation policy (linears per strategy)",
                  header, rows, 3)
+
+
+def exports_table(df: pd.DataFrame) -> Table:
+    """Serving checkpoints written by runs (export=...): format, size, stated deviations,
+    or why the export could not be made."""
+    if "export" not in df.columns:
+        return Table("exports", "Exports", [], [], 0)
+    recs = with_method_label(latest_per_config(df))
+    recs = recs[recs["export"].map(lambda e: isinstance(e, dict) and bool(e))]
+    header = ["Model", "Method", "Bits", "Format", "Size (MB)", "Deviations", "Path or error"]
+    rows = []
+    for _, r in recs.sort_values(["model", "method_label", "bits"]).iterrows():
+        e = r["export"]
+        size = e.get("size_bytes")
+        fmt_name = "/".join(filter(None, [str(e.get("format")), e.get("ct_format")]))
+        devs = "; ".join(f"{d} ({len(v)} linears)" if v else d
+                         for d, v in (e.get("deviations") or {}).items())
+        rows.append([Cell(str(r["model"])), Cell(str(r["method_label"])), Cell(str(r["bits"])),
+                     Cell(fmt_name),
+                     Cell("-" if size is None else fmt(size / 2 ** 20, 2), size),
+                     Cell(devs or "none"), Cell(str(e.get("error") or e.get("path")))])
+    return Table("exports", "Serving exports (export=compressed_tensors | gptq)", header,
+                 rows, 3)
 
 
 def superseded_table(df: pd.DataFrame) -> Table:

@@ -96,8 +96,8 @@ def filter_runs(df: pd.DataFrame, model: Sequence[str] | None = None,
 
 def records_frame(store) -> pd.DataFrame:
     """`store.load()` plus the config fields tables match on: evaluators, group size, eval
-    seqlen and window cap, calibration, the method variant (method_variants) and the FPTQ
-    policy rows from the artifacts."""
+    seqlen and window cap, calibration, the method variant (method_variants), the FPTQ
+    policy rows and the export report (export=...) from the artifacts."""
     df = store.load()
     if df.empty:
         return df
@@ -115,6 +115,7 @@ def records_frame(store) -> pd.DataFrame:
             "calib": calib_label(calib),
             "method_cfg": meth,
             "fptq_policy": policy_rows((r.get("artifacts") or {}).get("fptq_policy")),
+            "export": (r.get("artifacts") or {}).get("export"),
         }
     cols = pd.DataFrame.from_dict(extra, orient="index")
     df = df.join(cols, on="run_id")

@@ -22,6 +22,7 @@ from harness.results.alignment import alignment_table
 from harness.results.paper_tables import (
     accuracy_table,
     cost_table,
+    exports_table,
     fptq_policy_table,
     latency_table,
     mmlu_table,
@@ -57,7 +58,7 @@ def build_tables(df: pd.DataFrame, refs: pd.DataFrame) -> list[Table]:
     ok_or_bad = latest_per_config(df)
     return [perplexity_table(ok_or_bad), perplexity_wide_table(ok_or_bad),
             accuracy_table(ok_or_bad), mmlu_table(ok_or_bad), latency_table(ok_or_bad),
-            cost_table(ok_or_bad), fptq_policy_table(ok_or_bad),
+            cost_table(ok_or_bad), fptq_policy_table(ok_or_bad), exports_table(ok_or_bad),
             alignment_table(ok_or_bad), reproduction_table(ok_or_bad, refs),
             superseded_table(df)]
 
