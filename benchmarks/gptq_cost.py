@@ -65,7 +65,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     from harness.inputs.calib import CalibSpec, load_calibration
     from harness.inputs.data import resolve_data_dir
     from harness.inputs.models import load_model
-    from methods.base import build
+    from methods.catalog import build
     from methods.gptq import GPTQConfig
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

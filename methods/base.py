@@ -1,7 +1,7 @@
 """The common method adapter: a frozen config dataclass + a Method class registered for it.
 
     config = RTNConfig(w_bits=4, a_bits=8, group_size=64)   # validates itself
-    method = build(config)                                  # registry lookup by type
+    method = methods.catalog.build(config)                  # registry lookup by type
     reason = method.check(spec)                             # None, or why it is skipped
     model = method.quantize(model, spec, calib)             # simulated (fake-quant)
     model = method.to_runtime(model, spec)                  # packed weights, real kernels
@@ -14,12 +14,10 @@ from __future__ import annotations
 import ast
 import dataclasses
 import fnmatch
-import functools
 import hashlib
-import importlib
 import importlib.util
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, TypeVar
@@ -233,6 +231,31 @@ class Method(ABC, Generic[C]):
         from methods.runtime import convert_to_runtime
         return convert_to_runtime(model, spec, self.artifacts.setdefault("runtime", {}))
 
+    # ------------------------------------------------------------ optional hooks (defaults)
+    @property
+    def cacheable(self) -> bool:
+        """Whether the quantized-model cache may store this method's result: True when
+        everything quantize() changed lives in the model's state dict and its block linears
+        are nn.Linear / FakeQuantLinear (the cache rebuilds only those)."""
+        return True
+
+    def write_artifacts(self, run_dir: str | Path) -> dict[str, str]:
+        """Write plots / tables of `self.artifacts` into run_dir after quantize (or a cache
+        hit); returns {artifact name: path} for the record. Default: nothing."""
+        return {}
+
+    def quantize_only(self, model: nn.Module, spec: ModelSpec, calib: Calib | None,
+                      linears: Collection[str]) -> nn.Module:
+        """Quantize only the block linears named in `linears` (full names), the others kept
+        in full precision, as this method would with the same config: the re-quantization
+        of one group the sensitivity evaluator runs on a copy of the fp model. Default: a
+        method of this class with every other block linear added to keep_fp."""
+        wanted = set(linears)
+        outside = tuple(n for n in block_linear_names(spec) if n not in wanted)
+        method = type(self)(dataclasses.replace(
+            self.config, keep_fp=(*self.config.keep_fp, *outside)))
+        return method.quantize(model, spec, calib if method.needs_calibration else None)
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "class": type(self).__qualname__,
                 **dataclasses.asdict(self.config)}
@@ -258,6 +281,12 @@ class Method(ABC, Generic[C]):
         for path in self.code_files():
             h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
         return h.hexdigest()[:16]
+
+
+def block_linear_names(spec: ModelSpec) -> list[str]:
+    """Full names of every quantizable block linear, block by block in table order."""
+    return [f"{spec.table.blocks}.{i}.{rel}" for i in range(spec.num_layers)
+            for rel in spec.table.linear_names()]
 
 
 CODE_PACKAGES = ("methods",)
@@ -305,6 +334,7 @@ _REGISTRY: dict[type[QuantConfig], type[Method]] = {}
 
 
 def register(config_type: type[QuantConfig]):
+    """Class decorator: `config_type` (and its subclasses) build this Method."""
     def deco(cls: type[Method]) -> type[Method]:
         if config_type in _REGISTRY:
             raise RuntimeError(f"{config_type.__name__} already registered to "
@@ -312,18 +342,6 @@ def register(config_type: type[QuantConfig]):
         _REGISTRY[config_type] = cls
         return cls
     return deco
-
-
-def _load_builtin() -> None:
-    import methods.fp16  # noqa: F401
-    import methods.rtn  # noqa: F401
-    for optional in ("smoothquant", "gptq", "awq", "fptq", "llmqat", "quip", "quarot",
-                     "baselines", "baseline_gptqmodel"):
-        try:
-            __import__(f"methods.{optional}")
-        except ModuleNotFoundError as e:
-            if e.name != f"methods.{optional}":
-                raise
 
 
 def config_class(target: Any) -> type[QuantConfig]:
@@ -381,31 +399,16 @@ def _reject_nested_targets(value: Any, where: str) -> None:
             _reject_nested_targets(v, f"{where}[{i}]")
 
 
-@functools.cache
-def config_field_defaults(target: str) -> dict[str, Any] | None:
-    """{field: default} of the config dataclass at dotted path `target` (a Hydra
-    `_target_`); dataclasses.MISSING for fields without a plain default. None when the path
-    names no QuantConfig of the methods package (a renamed class, a foreign target: never
-    imported)."""
-    try:
-        cls = config_class(target)
-    except ConfigError:
-        return None
-    return {f.name: f.default for f in dataclasses.fields(cls)}
-
-
-def build(config: QuantConfig) -> Method:
-    _load_builtin()
-    for klass in type(config).__mro__:
+def method_for(config_type: type[QuantConfig]) -> type[Method] | None:
+    """The Method registered for config_type or its nearest registered base class."""
+    for klass in config_type.__mro__:
         if klass in _REGISTRY:
-            return _REGISTRY[klass](config)
-    raise ConfigError(f"no method registered for {type(config).__name__}; "
-                      f"available: {available()}")
+            return _REGISTRY[klass]
+    return None
 
 
-def available() -> list[str]:
-    _load_builtin()
-    return sorted(m.name for m in _REGISTRY.values())
+def registered_methods() -> list[type[Method]]:
+    return list(_REGISTRY.values())
 
 
 @dataclass

@@ -14,6 +14,7 @@ forward before the final norm and lm_head.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -275,24 +276,31 @@ def run_block_hooked(block: nn.Module, inputs: BlockInputs,
     return outs
 
 
+def add_to_hessian(H: Tensor, n: int, X: Tensor) -> int:
+    """H [K, K] fp32, the running mean 2/n sum_t x_t x_t^T over n tokens, updated in place
+    with the tokens of X [.., K]; returns the new token count."""
+    X = X.detach().reshape(-1, H.shape[0]).float().to(H.device)   # [t, K]
+    t = X.shape[0]
+    H.mul_(n / (n + t))
+    n += t
+    X = X * math.sqrt(2.0 / n)
+    H.addmm_(X.T, X)
+    return n
+
+
 class HessianAccumulator:
-    """Running H = 2/n sum_t x_t x_t^T over every token x_t [K] of each hooked linear's input;
-    lifecycle: accumulate (call as a hook) -> pop(name) hands H over and frees it."""
+    """`add_to_hessian` for each hooked linear's input, keyed by name; lifecycle: accumulate
+    (call as a hook) -> pop(name) hands H and n over and frees them."""
 
     def __init__(self) -> None:
         self.H: dict[str, Tensor] = {}
         self.n: dict[str, int] = {}
 
     def __call__(self, name: str, x: Tensor) -> None:
-        X = x.detach().reshape(-1, x.shape[-1]).float()            # [t, K]
-        n_old, t = self.n.get(name, 0), X.shape[0]
-        H = self.H.get(name)
-        if H is None:
-            H = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
-        H.mul_(n_old / (n_old + t))
-        X = X * (2.0 / (n_old + t)) ** 0.5
-        H.addmm_(X.T, X)
-        self.H[name], self.n[name] = H, n_old + t
+        if name not in self.H:
+            K = x.shape[-1]
+            self.H[name] = torch.zeros(K, K, dtype=torch.float32, device=x.device)
+        self.n[name] = add_to_hessian(self.H[name], self.n.get(name, 0), x)
 
     def pop(self, name: str) -> tuple[Tensor, int]:
         return self.H.pop(name), self.n.pop(name)

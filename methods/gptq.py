@@ -18,7 +18,6 @@ The solver is public so other methods (FPTQ) reuse it on their own transformed W
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +30,7 @@ from methods.blockwise import (
     BlockInputs,
     HessianAccumulator,
     StatsAccumulator,
+    add_to_hessian,
     chain_hooks,
     run_block_hooked,
     stats_table,
@@ -85,12 +85,7 @@ class GPTQSolver:
         """Running mean H = 2/n sum_t x_t x_t^T over the tokens of X [.., K]."""
         if self.H is None:
             raise RuntimeError("GPTQSolver.add_batch after free()")
-        X = X.detach().reshape(-1, self.K).float().to(self.H.device)
-        t = X.shape[0]
-        self.H.mul_(self.n / (self.n + t))
-        self.n += t
-        X = X * math.sqrt(2.0 / self.n)
-        self.H.addmm_(X.T, X)
+        self.n = add_to_hessian(self.H, self.n, X)
 
     def set_hessian(self, H: Tensor, n: int) -> None:
         self.H, self.n = H.float().to(self.W.device), n

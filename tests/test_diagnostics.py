@@ -17,7 +17,8 @@ from harness.evals.diagnostics import evaluate_sensitivity, sensitivity_groups
 from harness.inputs.models import tiny_llama, tiny_tokenizer
 from harness.run.pipeline import run_one
 from methods.arch import ModelSpec
-from methods.base import build, matches_any
+from methods.base import matches_any
+from methods.catalog import build
 from methods.layers import FakeQuantLinear, precision_for
 from methods.rtn import RTNConfig
 from methods.size import model_size

@@ -19,8 +19,9 @@ from torch import nn
 from harness.inputs.models import tiny_llama
 from harness.run.pipeline import run_one
 from methods.arch import ModelSpec
-from methods.base import ConfigError, build
+from methods.base import ConfigError
 from methods.blockwise import capture_block_inputs, collect_block_stats
+from methods.catalog import build
 from methods.fptq import (
     STRATEGY_COLOURS,
     FPTQConfig,

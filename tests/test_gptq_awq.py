@@ -13,8 +13,9 @@ from harness.inputs.models import tiny_llama
 from harness.run.pipeline import run_one
 from methods.arch import ModelSpec
 from methods.awq import AWQ, AWQConfig
-from methods.base import ConfigError, build
+from methods.base import ConfigError
 from methods.blockwise import capture_block_inputs
+from methods.catalog import build
 from methods.gptq import CholeskyError, GPTQConfig, GPTQSolver
 from methods.layers import FakeQuantLinear
 from methods.primitives import compute_qparams
@@ -325,3 +326,19 @@ def test_llmcompressor_awq_codes_equal_native_awq_on_its_grid(tiny, ratio_grid):
         assert all(v == 1.0 for v in agree.values()), agree
     else:                        # another exponent wins somewhere already in block 0
         assert min(v for n, v in agree.items() if ".layers.0." in n) < 1.0, agree
+
+
+def test_one_hessian_update_for_solver_and_block_hooks():
+    from methods.blockwise import HessianAccumulator
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(1, t, 32, generator=gen) for t in (7, 64, 3)]
+    solver, hooks = GPTQSolver(torch.randn(8, 32, generator=gen)), HessianAccumulator()
+    for X in batches:
+        solver.add_batch(X)
+        hooks("lin", X)
+    H, n = hooks.pop("lin")
+    assert n == solver.n == 74
+    assert_close(H, solver.H, rtol=0, atol=0)
+    X = torch.cat([b.reshape(-1, 32) for b in batches])
+    assert_close(H, 2 / 74 * X.T @ X, rtol=1e-5, atol=1e-6)

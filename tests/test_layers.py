@@ -13,7 +13,7 @@ from torch.testing import assert_close
 from harness.inputs.models import tiny_llama
 from methods.arch import ModelSpec
 from methods.awq import AWQConfig
-from methods.base import build
+from methods.catalog import build
 from methods.fptq import FPTQConfig
 from methods.gptq import GPTQConfig
 from methods.layers import FakeQuantLinear, config_for, iter_block_linears, round_and_wrap

@@ -4,7 +4,7 @@ the catalog (build / available / config defaults)."""
 from __future__ import annotations
 
 from methods.awq import AWQConfig
-from methods.base import build
+from methods.catalog import build
 from methods.fptq import FPTQConfig
 from methods.rtn import RTNConfig
 
@@ -19,7 +19,8 @@ def test_code_files_follow_imports_including_lazy_ones():
     assert {"fptq.py", "gptq.py", "smoothquant.py", "smoothing.py", "layers.py",
             "primitives.py", "base.py", "blockwise.py", "arch.py"} <= fptq
     assert "awq.py" not in fptq
-    assert "smoothquant.py" not in _names(build(RTNConfig(w_bits=4)))
+    rtn = _names(build(RTNConfig(w_bits=4)))
+    assert "smoothquant.py" not in rtn and "fp16.py" not in rtn    # base imports no method
 
 
 def test_code_version_depends_on_declared_extra_modules():
@@ -32,3 +33,52 @@ def test_code_version_depends_on_declared_extra_modules():
     finally:
         del type(rtn).extra_code_modules
     assert build(AWQConfig(w_bits=4)).code_version() != plain
+
+
+def test_optional_hooks_have_declared_defaults():
+    from methods.base import Method
+    from methods.fptq import FPTQ
+
+    rtn = build(RTNConfig(w_bits=4))
+    assert rtn.cacheable is True and rtn.write_artifacts("unused") == {}
+    assert FPTQ.write_artifacts is not Method.write_artifacts     # overridden, not found by name
+
+
+def test_quantize_only_quantizes_just_the_named_linears():
+    import copy
+
+    import torch
+    from harness.models import tiny_llama
+    from torch import nn
+
+    from methods.arch import ModelSpec
+    from methods.layers import FakeQuantLinear, iter_block_linears
+
+    model = tiny_llama()
+    spec = ModelSpec.from_model(model, "tiny")
+    calib = [torch.randint(0, 320, (1, 16), generator=torch.Generator().manual_seed(0))]
+    wanted = {"model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"}
+    for cfg in (RTNConfig(w_bits=4, group_size=32, keep_fp=("o_proj",)),
+                AWQConfig(w_bits=4, group_size=32, n_grid=2, clip=False)):
+        q = build(cfg).quantize_only(copy.deepcopy(model), spec, calib, wanted)
+        got = {full for _, _, full, mod in iter_block_linears(q, spec)
+               if isinstance(mod, FakeQuantLinear)}
+        assert got == wanted, cfg
+        assert all(type(m) in (nn.Linear, FakeQuantLinear)
+                   for _, _, _, m in iter_block_linears(q, spec))
+
+
+def test_catalog_sits_above_base_and_lists_the_builtin_methods():
+    import ast
+    from pathlib import Path
+
+    import methods.base as base
+    from methods.catalog import available, config_field_defaults
+
+    imported = {n.module for n in ast.walk(ast.parse(Path(base.__file__).read_text()))
+                if isinstance(n, ast.ImportFrom) and n.module}
+    assert not {m for m in imported if m.startswith("methods.")} - {"methods.arch",
+                                                                    "methods.runtime"}
+    assert {"fp16", "rtn", "smoothquant", "gptq", "awq", "fptq"} <= set(available())
+    assert config_field_defaults("methods.awq.AWQConfig")["n_grid"] == 20
+    assert config_field_defaults("methods.nope.Config") is None

@@ -27,7 +27,7 @@ from harness.util.security import (
     within_root,
 )
 from methods.arch import ModelSpec
-from methods.base import build
+from methods.catalog import build
 from methods.rtn import RTNConfig
 from tests.conftest import REPO, TINY_QUICK
 

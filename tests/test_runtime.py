@@ -15,7 +15,7 @@ from harness.inputs.models import tiny_llama, tiny_tokenizer
 from harness.run.pipeline import run_one
 from kernels import reference as kref
 from methods.arch import ModelSpec
-from methods.base import build
+from methods.catalog import build
 from methods.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,

@@ -3,8 +3,10 @@
 An eval config (conf/eval/*.yaml) lists `evaluators: [...]`; every evaluator reads its
 options from the same eval config node. Each evaluator module also says what its metrics
 mean (`metric_info(name) -> MetricInfo | None`: label, unit, direction, stderr key, which
-report table): the report asks `harness.evals.metric_info` and never parses names itself. Evaluators never reload or re-quantize the
-model: they get the exact in-memory model of the run through `EvalContext`.
+report table): the report asks `harness.evals.metric_info` and never parses names itself.
+Evaluators never reload the model: they get the exact in-memory model of the run through
+`EvalContext`. The one that re-quantizes (the sensitivity diagnostic, on a copy of the fp
+model) does it through `Method.quantize_only`.
 """
 
 from __future__ import annotations

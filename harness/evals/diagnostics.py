@@ -6,8 +6,8 @@ eval windows (max, percentiles, kurtosis, top-k channel maxima, SQNR of the effe
 quantized input and of the linear's output). Plots: activation max per layer x channel
 (log colour) and histograms of the linears with the lowest weight SQNR.
 
-`sensitivity`: quantize one group at a time with the method under test (all other block
-linears kept in full precision through keep_fp) and record the perplexity increase over
+`sensitivity`: quantize one group at a time with the method under test (its declared
+`Method.quantize_only`: all other block linears in full precision) and record the perplexity increase over
 the fp model: each block, each linear type (family-table role), attention vs MLP.
 
 Both need the fp model: their eval configs set `needs_reference_model: true`, and the
@@ -18,7 +18,6 @@ SQNR(dB) = 10 log10(sum ref^2 / sum (ref - quantized)^2).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import math
 import time
@@ -36,7 +35,7 @@ from harness.evals import EvalContext, EvalResult, MetricInfo
 from harness.evals.ppl import make_windows, perplexity, tokenize_text
 from harness.inputs.data import eval_text
 from methods.arch import ModelSpec, sublayer_of
-from methods.base import Method, build, matches_any
+from methods.base import Method, matches_any
 from methods.layers import FakeQuantLinear, iter_block_linears
 from methods.primitives import fake_quantize_activation
 from methods.transformed import TransformedLinear
@@ -437,13 +436,9 @@ def sensitivity_groups(model: nn.Module, spec: ModelSpec,
 
 
 def quantize_group(method: Method, ref: nn.Module, spec: ModelSpec, group: Group,
-                   all_linears: Sequence[str], calib) -> nn.Module:
+                   calib) -> nn.Module:
     """A copy of the fp model with only `group` quantized by `method`'s config."""
-    outside = tuple(n for n in all_linears if n not in set(group.members))
-    cfg = dataclasses.replace(method.config, keep_fp=(*method.config.keep_fp, *outside))
-    group_method = build(cfg)
-    model = copy.deepcopy(ref)
-    return group_method.quantize(model, spec, calib if group_method.needs_calibration else None)
+    return method.quantize_only(copy.deepcopy(ref), spec, calib, group.members)
 
 
 def _logprobs(model: nn.Module, window: Tensor) -> Tensor:
@@ -532,7 +527,6 @@ def evaluate_sensitivity(ctx: EvalContext, cfg: Any) -> EvalResult:
     ppl_fp = perplexity(torch.stack([-lp.gather(1, w[1:, None]).mean()
                                      for w, lp in zip(windows, ref_lp, strict=True)]))
     ppl_quant, kl_quant = score_against(ctx.model, windows, ref_lp, "sensitivity quantized")
-    all_linears = [full for _, _, full, _ in iter_block_linears(ref, ctx.spec)]
     groups = sensitivity_groups(ref, ctx.spec, tuple(cfg.get("groups") or
                                                      ("block", "type", "sublayer")))
     log.info("sensitivity: %d groups x (quantize + %d windows of %d) with %s; fp ppl %.3f, "
@@ -540,7 +534,7 @@ def evaluate_sensitivity(ctx: EvalContext, cfg: Any) -> EvalResult:
     table = []
     for g in tqdm(groups, desc="sensitivity groups"):
         t0 = time.perf_counter()
-        model = quantize_group(method, ref, ctx.spec, g, all_linears, calib)
+        model = quantize_group(method, ref, ctx.spec, g, calib)
         ppl, kl = score_against(model, windows, ref_lp, f"score {g.name}")
         del model
         table.append({"group": g.name, "kind": g.kind, "patterns": list(g.patterns),

@@ -149,8 +149,8 @@ def numeric(v: Any) -> Any:
 
 
 def _config_fields(target: Any) -> dict[str, Any] | None:
-    # imported here: methods.base pulls in torch, which tables of plain records never need
-    from methods.base import config_field_defaults
+    # imported here: methods.catalog pulls in torch, which tables of plain records never need
+    from methods.catalog import config_field_defaults
     return config_field_defaults(target) if target else None
 
 

@@ -37,7 +37,8 @@ from harness.run.cache import (
 )
 from harness.run.mixed_precision import record_size_and_precision, resolve_selection
 from harness.util.security import UnsafePathError, safe_name, scrub_secrets, within_root
-from methods.base import ConfigError, Method, build, config_field_defaults, make_config
+from methods.base import ConfigError, Method, make_config
+from methods.catalog import build, config_field_defaults
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +231,7 @@ def _execute(cfg: DictConfig, record: RunRecord, timer: Timer) -> None:
     record.artifacts.update(method.artifacts)
     record.provenance["model_repr"] = _linear_summary(model, lm.spec)
 
-    if hasattr(method, "write_artifacts"):  # plots / tables a method writes (path -> record)
-        record.artifacts.update(method.write_artifacts(run_dir))
+    record.artifacts.update(method.write_artifacts(run_dir))   # plots / tables (path -> record)
     if cfg.get("save_checkpoint", False):
         from methods.checkpoint import save_runtime_checkpoint
         meta = {"method": method.describe(), "run_id": record.run_id, "model": record.model,
@@ -317,7 +317,7 @@ def _quantize_cached(cfg: DictConfig, method: Method, lm: LoadedModel, record: R
     qcache = QuantizedModelCache.from_config(cfg.get("cache"))
     c = method.config
     if (qcache is None or not (c.quantizes_weights or c.quantizes_activations)
-            or not getattr(method, "cacheable", True)):   # e.g. state outside FakeQuantLinear
+            or not method.cacheable):   # e.g. state outside FakeQuantLinear
         record.provenance["cache"] = "off"
         return _quantize(method, lm, timer, calib), lm
     parts = scrub_secrets(cache_key_parts(

@@ -8,8 +8,8 @@ import torch
 from harness.inputs.models import tiny_llama
 from methods.arch import ModelSpec
 from methods.awq import AWQConfig
-from methods.base import build
 from methods.baselines import LLMCompressorAWQConfig, LLMCompressorGPTQConfig
+from methods.catalog import build
 from methods.gptq import GPTQConfig
 
 torch.set_num_threads(1)
