@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from harness.inputs.data import resolve_data_dir  # noqa: E402
 from harness.evals import EvalContext  # noqa: E402
 from harness.evals.lm_eval import evaluate  # noqa: E402
+from harness.inputs.data import resolve_data_dir  # noqa: E402
 from harness.inputs.models import load_model  # noqa: E402
 
 SUITE = ["piqa", "arc_easy", "arc_challenge", "boolq", "hellaswag", "winogrande",

@@ -8,7 +8,8 @@ import torch
 
 from harness.inputs.models import tiny_llama
 from methods.arch import ModelSpec
-from methods.base import ConfigError, build
+from methods.base import ConfigError
+from methods.catalog import build
 from methods.layers import FakeQuantLinear, iter_block_linears
 from methods.primitives import grid_divisor, quantize_weight
 from methods.rtn import RTNConfig

@@ -48,9 +48,9 @@ def test_quantize_only_quantizes_just_the_named_linears():
     import copy
 
     import torch
-    from harness.models import tiny_llama
     from torch import nn
 
+    from harness.inputs.models import tiny_llama
     from methods.arch import ModelSpec
     from methods.layers import FakeQuantLinear, iter_block_linears
 
