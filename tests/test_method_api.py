@@ -73,12 +73,12 @@ def test_catalog_sits_above_base_and_lists_the_builtin_methods():
     from pathlib import Path
 
     import methods.base as base
-    from methods.catalog import available, config_field_defaults
+    from methods.catalog import BUILTIN_METHODS, available, config_field_defaults
 
     imported = {n.module for n in ast.walk(ast.parse(Path(base.__file__).read_text()))
                 if isinstance(n, ast.ImportFrom) and n.module}
-    assert not {m for m in imported if m.startswith("methods.")} - {"methods.arch",
-                                                                    "methods.runtime"}
+    above = {f"methods.{m}" for m in BUILTIN_METHODS} | {"methods.catalog"}
+    assert not imported & above, imported & above
     assert {"fp16", "rtn", "smoothquant", "gptq", "awq", "fptq"} <= set(available())
     assert config_field_defaults("methods.awq.AWQConfig")["n_grid"] == 20
     assert config_field_defaults("methods.nope.Config") is None
