@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from harness.inputs.models import tiny_llama
 from harness.run.pipeline import run_one
 from methods.arch import ModelSpec
-from methods.base import ConfigError, QuantConfig, build
+from methods.base import ConfigError, QuantConfig
+from methods.catalog import build
 from methods.kvcache import KVCacheQuantizer, detach_kv_cache_quant, kv_quantizers
 from methods.primitives import fake_quantize
 from methods.rtn import RTNConfig

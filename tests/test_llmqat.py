@@ -11,7 +11,8 @@ import torch
 from harness.inputs.models import tiny_llama
 from harness.run.pipeline import run_one
 from methods.arch import ModelSpec
-from methods.base import ConfigError, build
+from methods.base import ConfigError
+from methods.catalog import build
 from methods.checkpoint import load_runtime_checkpoint, save_runtime_checkpoint
 from methods.layers import FakeQuantLinear
 from methods.llmqat import (

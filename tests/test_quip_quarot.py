@@ -15,7 +15,8 @@ from torch.testing import assert_close
 from harness.inputs.models import tiny_bloom, tiny_llama
 from harness.run.pipeline import run_one
 from methods.arch import ModelSpec
-from methods.base import ConfigError, build
+from methods.base import ConfigError
+from methods.catalog import build
 from methods.gptq import GPTQConfig, GPTQSolver
 from methods.layers import FakeQuantLinear, iter_block_linears
 from methods.primitives import compute_qparams, fake_quantize, mse_clip_ratio, qrange
