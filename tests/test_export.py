@@ -20,7 +20,7 @@ import torch
 from harness.inputs.models import tiny_llama
 from harness.run.pipeline import run_one
 from methods.arch import ModelSpec
-from methods.base import build
+from methods.catalog import build
 from methods.checkpoint import save_runtime_checkpoint
 from methods.layers import FakeQuantLinear, iter_block_linears
 from methods.rtn import RTNConfig

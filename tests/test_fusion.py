@@ -11,7 +11,7 @@ from torch.testing import assert_close
 
 from harness.inputs.models import tiny_llama
 from methods.arch import ModelSpec
-from methods.base import build
+from methods.catalog import build
 from methods.fusion import FusedRMSNormQuant, GroupSlice, fuse_runtime
 from methods.rtn import RTNConfig
 from methods.runtime import convert_to_runtime

@@ -15,7 +15,8 @@ from harness.inputs.models import tiny_llama
 from harness.run.pipeline import run_one
 from kernels import reference as kref
 from methods.arch import ModelSpec
-from methods.base import ConfigError, build
+from methods.base import ConfigError
+from methods.catalog import build
 from methods.checkpoint import load_runtime_checkpoint, save_runtime_checkpoint
 from methods.layers import FakeQuantLinear, config_for, iter_block_linears
 from methods.primitives import recover_codes, round_weight_two_level
