@@ -7,8 +7,9 @@ quantized input and of the linear's output). Plots: activation max per layer x c
 (log colour) and histograms of the linears with the lowest weight SQNR.
 
 `sensitivity`: quantize one group at a time with the method under test (its declared
-`Method.quantize_only`: all other block linears in full precision) and record the perplexity increase over
-the fp model: each block, each linear type (family-table role), attention vs MLP.
+`Method.quantize_only`: all other block linears in full precision) and record the
+perplexity increase over the fp model: each block, each linear type (family-table role),
+attention vs MLP.
 
 Both need the fp model: their eval configs set `needs_reference_model: true`, and the
 pipeline passes a copy made before quantization as ctx.reference_model.
