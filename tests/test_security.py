@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from methods.base import ConfigError, config_field_defaults, make_config
+from methods.base import ConfigError, make_config
+from methods.catalog import config_field_defaults
 
 
 @pytest.mark.parametrize("node", [
