@@ -54,3 +54,32 @@ def test_method_target_os_system_through_the_pipeline_runs_nothing(compose_cfg, 
     record = run_one(cfg)
     assert record.status in ("failed", "skipped") and "methods package" in str(record.error)
     assert not marker.exists()
+
+
+def _all_text_under(root) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("multirun", [False, True])
+def test_command_line_secrets_never_reach_hydra_files_logs_or_records(tmp_path, multirun):
+    import subprocess
+    import sys
+
+    from conftest import REPO, TINY_QUICK
+    res = tmp_path / "res"
+    secret, token = "sk-SECRET-abc123xyz", "hf_TOKENVALUE987"
+    cmd = [sys.executable, "-m", "harness.run.cli", *(["-m"] if multirun else []),
+           *TINY_QUICK, "eval.max_windows=1", "method=fp16",
+           *(["bits=w16a16,w8a16"] if multirun else []),
+           f"paths.results_dir={res}", f"paths.cache_dir={res}/cache",
+           f"+tracking.api_key={secret}", f"+hf_token={token}"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = _all_text_under(res) + out.stdout + out.stderr
+    assert secret not in text and token not in text
+    hydra_files = sorted(p.name for p in (res / "hydra").rglob("*.yaml"))
+    assert {"config.yaml", "hydra.yaml", "overrides.yaml"} <= set(hydra_files)
+    if multirun:
+        assert "multirun.yaml" in hydra_files
+    overrides = next((res / "hydra").rglob("overrides.yaml")).read_text()
+    assert "+tracking.api_key=***redacted***" in overrides and "method=fp16" in overrides

@@ -21,6 +21,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from harness.util.security import override_secrets, scrub_tree
+
 log = logging.getLogger("ptqbench.sweep")
 
 JOB_STATUS_FILE = "job_status.json"
@@ -89,6 +91,59 @@ class SweepSummary(Callback):
         path = Path(summary["sweep_dir"]) / SUMMARY_FILE
         if path.parent.is_dir():
             path.write_text(json.dumps(summary, indent=1), encoding="utf-8")
+
+
+def _save_yaml(data: Any, path: Path) -> None:
+    from omegaconf import OmegaConf
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    OmegaConf.save(OmegaConf.create(data), tmp)
+    os.replace(tmp, path)
+
+
+def scrubbed_hydra_files(config: DictConfig) -> dict[str, Any]:
+    """Hydra's .hydra/{config,hydra,overrides}.yaml contents with secrets redacted (by key
+    and, for values given on the command line, wherever they appear)."""
+    from omegaconf import OmegaConf
+    overrides = [str(o) for o in config.hydra.overrides.task]
+    secrets = override_secrets(overrides)
+    full = OmegaConf.to_container(config, resolve=False)
+    hydra_node = full.pop("hydra")
+    return {"config.yaml": scrub_tree(full, secrets),
+            "hydra.yaml": scrub_tree({"hydra": hydra_node}, secrets),
+            "overrides.yaml": scrub_tree(overrides, secrets)}
+
+
+class ScrubbedHydraOutputs(Callback):
+    """Hydra stores the composed config and the command line in plain text (per job
+    .hydra/*.yaml, per sweep multirun.yaml). conf/run.yaml turns Hydra's own copies off
+    (hydra.output_subdir: null); this writes them with secrets redacted, and redacts the
+    sweep's multirun.yaml, which Hydra writes unconditionally."""
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        out = Path(config.hydra.runtime.output_dir) / ".hydra"
+        for name, data in scrubbed_hydra_files(config).items():
+            _save_yaml(data, out / name)
+        self._scrub_multirun_yaml(config)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._scrub_multirun_yaml(config)
+
+    @staticmethod
+    def _scrub_multirun_yaml(config: DictConfig) -> None:
+        from omegaconf import OmegaConf
+        try:
+            path = Path(str(config.hydra.sweep.dir)) / "multirun.yaml"
+        except Exception:  # noqa: BLE001 - no sweep dir in a single run
+            return
+        if not path.is_file():
+            return
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        secrets = override_secrets(((data.get("hydra") or {}).get("overrides") or {}).get(
+            "task") or [])
+        clean = scrub_tree(data, secrets)
+        if clean != data:
+            _save_yaml(clean, path)
 
 
 class LauncherPluginMissing(SystemExit):

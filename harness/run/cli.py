@@ -12,6 +12,7 @@ from omegaconf import DictConfig, open_dict
 from harness.run.callbacks import require_launcher_plugin, write_job_status
 from harness.run.overrides import lift_swept_group_keys
 from harness.run.pipeline import run_one
+from harness.util.security import install_log_redaction, override_secrets
 
 log = logging.getLogger("ptqbench")
 
@@ -48,6 +49,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    install_log_redaction(override_secrets(sys.argv[1:]))   # Hydra logs each job's overrides
     require_launcher_plugin(sys.argv[1:])
     sys.argv[1:] = lift_swept_group_keys(sys.argv[1:])
     hydra_main()
