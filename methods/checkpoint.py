@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -28,6 +30,7 @@ from torch import nn
 
 from methods.arch import ModelSpec
 from methods.layers import (
+    DTYPES,
     FakeQuantLinear,
     dtype_from_name,
     dtype_name,
@@ -106,18 +109,103 @@ def save_runtime_checkpoint(model: nn.Module, spec: ModelSpec, path: str | Path,
     return path
 
 
+MAX_FEATURES = 1 << 20
+_MODULE_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
+_INT_FIELDS = {"in_features": (1, MAX_FEATURES), "out_features": (1, MAX_FEATURES),
+               "w_bits": (1, 16), "a_bits": (1, 16), "group_size": (-1, MAX_FEATURES),
+               "scale_groups": (1, MAX_FEATURES), "w_layout_chunk": (1, MAX_FEATURES)}
+_BOOL_FIELDS = ("zero_point", "smooth", "bias", "two_level")
+ACT_MODES = (None, "static_tensor", "dynamic_token")
+
+
+def _bad(cfg_file: Path, where: str, value: Any, allowed: str) -> CheckpointError:
+    return CheckpointError(f"{cfg_file}: {where}={value!r} is not valid ({allowed}); the "
+                           "checkpoint is corrupt or was not written by ptqbench: save it again")
+
+
+def _validate_layout(cfg_file: Path, name: str, layout: Any) -> None:
+    """Kind, sizes, bit widths, flags and buffer dtypes of one linear, from allowlists."""
+    where = f"linears[{name!r}]"
+    if not isinstance(name, str) or not _MODULE_PATH.match(name):
+        raise _bad(cfg_file, "linears key", name, "a dotted module path")
+    if not isinstance(layout, dict):
+        raise _bad(cfg_file, where, layout, "an object")
+    if layout.get("kind") not in LINEAR_KINDS:
+        raise _bad(cfg_file, f"{where}.kind", layout.get("kind"),
+                   f"one of {sorted(LINEAR_KINDS)}")
+    for key in ("in_features", "out_features"):
+        if key not in layout:
+            raise _bad(cfg_file, f"{where}.{key}", None, "required")
+    for key, (lo, hi) in _INT_FIELDS.items():
+        v = layout.get(key)
+        if v is not None and (type(v) is not int or not lo <= v <= hi):
+            raise _bad(cfg_file, f"{where}.{key}", v, f"an integer in [{lo}, {hi}]")
+    for key in _BOOL_FIELDS:
+        if key in layout and type(layout[key]) is not bool:
+            raise _bad(cfg_file, f"{where}.{key}", layout[key], "true or false")
+    if layout.get("act_mode") not in ACT_MODES:
+        raise _bad(cfg_file, f"{where}.act_mode", layout.get("act_mode"), f"one of {ACT_MODES}")
+    scale = layout.get("act_scale")
+    if scale is not None and (type(scale) not in (int, float) or not math.isfinite(scale)
+                              or scale <= 0):
+        raise _bad(cfg_file, f"{where}.act_scale", scale, "a finite positive number or null")
+    dtypes = layout.get("dtypes", {})
+    if not isinstance(dtypes, dict):
+        raise _bad(cfg_file, f"{where}.dtypes", dtypes, "an object")
+    for buf, dt in dtypes.items():
+        if not isinstance(buf, str) or not buf.isidentifier() or dt not in DTYPES:
+            raise _bad(cfg_file, f"{where}.dtypes[{buf!r}]", dt, f"one of {sorted(DTYPES)}")
+
+
 def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's ptq_runtime.json, validated: format, tensors file inside the
+    checkpoint directory, dtype names and linear layouts from allowlists, a sha256."""
     path = Path(path)
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
         raise CheckpointError(f"{cfg_file} not found: {path} is not a ptqbench quantized "
                               "checkpoint (write one with save_runtime_checkpoint)")
-    config = json.loads(cfg_file.read_text())
-    if config.get("format") != FORMAT:
-        raise CheckpointError(f"{cfg_file}: format {config.get('format')!r}, expected {FORMAT!r}")
-    if int(config.get("format_version", -1)) > FORMAT_VERSION:
-        raise CheckpointError(f"{cfg_file}: format_version {config['format_version']} is newer "
+    try:
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_file} is not readable JSON ({e}); save the checkpoint "
+                              "again") from e
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        got = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise CheckpointError(f"{cfg_file}: format {got!r}, expected {FORMAT!r}")
+    version = config.get("format_version")
+    if type(version) is not int or version < 1:
+        raise _bad(cfg_file, "format_version", version, "a positive integer")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_file}: format_version {version} is newer "
                               f"than this ptqbench reads ({FORMAT_VERSION}); upgrade ptqbench")
+    tensors = config.get("tensors")
+    if (not isinstance(tensors, str) or Path(tensors).name != tensors or tensors in ("", ".",
+                                                                                      "..")
+            or not tensors.endswith(".safetensors")):
+        raise _bad(cfg_file, "tensors", tensors,
+                   "a .safetensors file name inside the checkpoint directory")
+    resolved = (path / tensors).resolve()
+    if resolved.parent != path.resolve():
+        raise _bad(cfg_file, "tensors", tensors, "a file inside the checkpoint directory, "
+                   "not a link out of it")
+    sha = config.get("sha256")
+    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        raise _bad(cfg_file, "sha256", sha, "64 hex digits")
+    model = config.get("model")
+    if not isinstance(model, dict) or model.get("dtype") not in DTYPES:
+        raise _bad(cfg_file, "model.dtype", (model or {}).get("dtype") if isinstance(
+            model, dict) else model, f"one of {sorted(DTYPES)}")
+    hf = model.get("hf_config")
+    if hf is not None and (not isinstance(hf, dict)
+                           or not isinstance(hf.get("model_type"), str)):
+        raise _bad(cfg_file, "model.hf_config", type(hf).__name__,
+                   "an object with a model_type")
+    linears = config.get("linears")
+    if not isinstance(linears, dict):
+        raise _bad(cfg_file, "linears", type(linears).__name__, "an object")
+    for name, layout in linears.items():
+        _validate_layout(cfg_file, name, layout)
     return config
 
 
@@ -133,7 +221,12 @@ def _skeleton(config: dict[str, Any], base: BaseModel) -> nn.Module:
                               "model (or a function building it) to load_runtime_checkpoint")
     from transformers import AutoConfig, AutoModelForCausalLM
     hf.pop("quantization_config", None)      # e.g. GGUF dequantization: weights come from here
-    hf_cfg = AutoConfig.for_model(hf.pop("model_type"), **hf)
+    hf.pop("auto_map", None)                 # never remote code: built-in architectures only
+    try:
+        hf_cfg = AutoConfig.for_model(hf.pop("model_type"), **hf)
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"stored hf_config cannot build a transformers architecture "
+                              f"({e}); pass the base model to load_runtime_checkpoint") from e
     dtype = dtype_from_name(config["model"]["dtype"])
     return AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
 
@@ -165,6 +258,8 @@ def load_runtime_checkpoint(path: str | Path, base: BaseModel = None, *,
     path = Path(path)
     config = read_checkpoint_config(path)
     tensors = path / config["tensors"]
+    if not tensors.is_file():
+        raise CheckpointError(f"{tensors} not found: the checkpoint is incomplete")
     if verify and _sha256(tensors) != config.get("sha256"):
         raise CheckpointError(f"{tensors} does not match the sha256 in {CONFIG_FILE}: the "
                               "checkpoint is corrupt or was modified; save it again")

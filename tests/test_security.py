@@ -83,3 +83,69 @@ def test_command_line_secrets_never_reach_hydra_files_logs_or_records(tmp_path, 
         assert "multirun.yaml" in hydra_files
     overrides = next((res / "hydra").rglob("overrides.yaml")).read_text()
     assert "+tracking.api_key=***redacted***" in overrides and "method=fp16" in overrides
+
+
+# ---------------------------------------------------------------- checkpoint manifests
+
+
+def _checkpoint(tmp_path):
+    from methods.arch import ModelSpec
+    from methods.checkpoint import save_runtime_checkpoint
+    from methods.rtn import RTNConfig
+    from tests.test_runtime import runtime_of, simulated
+    rt = runtime_of(*simulated(RTNConfig(w_bits=4, a_bits=8, group_size=32,
+                                         act_mode="dynamic_token")))[0]
+    return save_runtime_checkpoint(rt, ModelSpec.from_model(rt, "tiny-llama"), tmp_path / "ck")
+
+
+def _edit(cfg, where, value):
+    keys = where.split("/")
+    node = cfg
+    for k in keys[:-1]:
+        node = node[k] if not isinstance(node, dict) or k in node else next(iter(node.values()))
+    node[keys[-1]] = value
+
+
+@pytest.mark.parametrize("where,value,match", [
+    ("tensors", "/etc/passwd", "tensors"),
+    ("tensors", "../outside.safetensors", "tensors"),
+    ("tensors", "link.safetensors", "link out of it"),
+    ("model/dtype", "os.system", "model.dtype"),
+    ("format_version", "3; rm -rf /", "format_version"),
+    ("sha256", ["x"], "sha256"),
+    ("linears/*/kind", "Module", "kind"),
+    ("linears/*/in_features", -5, "in_features"),
+    ("linears/*/in_features", 1 << 40, "in_features"),
+    ("linears/*/w_bits", "4", "w_bits"),
+    ("linears/*/act_mode", "exec", "act_mode"),
+    ("linears/*/act_scale", float("nan"), "act_scale"),
+    ("linears/*/dtypes", {"w_scale": "float128"}, "dtypes"),
+    ("linears/*/bias", "yes", "bias"),
+    ("linears", ["a"], "linears"),
+    ("model/hf_config", "llama", "hf_config"),
+])
+def test_checkpoint_manifest_values_come_from_allowlists(tmp_path, where, value, match):
+    import json
+
+    from methods.checkpoint import CheckpointError, load_runtime_checkpoint
+    path = _checkpoint(tmp_path)
+    if value == "link.safetensors":
+        (tmp_path / "outside.safetensors").write_bytes(b"x")
+        (path / value).symlink_to(tmp_path / "outside.safetensors")
+    cfg_file = path / "ptq_runtime.json"
+    cfg = json.loads(cfg_file.read_text())
+    if where.startswith("linears/*/"):
+        next(iter(cfg["linears"].values()))[where.split("/")[-1]] = value
+    else:
+        _edit(cfg, where, value)
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=match):
+        load_runtime_checkpoint(path)
+
+
+def test_checkpoint_manifest_that_is_not_json_is_a_clear_error(tmp_path):
+    from methods.checkpoint import CheckpointError, load_runtime_checkpoint
+    path = _checkpoint(tmp_path)
+    (path / "ptq_runtime.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not readable JSON"):
+        load_runtime_checkpoint(path)
