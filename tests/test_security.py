@@ -149,3 +149,86 @@ def test_checkpoint_manifest_that_is_not_json_is_a_clear_error(tmp_path):
     (path / "ptq_runtime.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not readable JSON"):
         load_runtime_checkpoint(path)
+
+
+# ---------------------------------------------------------------- model loading
+
+
+def _save_tiny_checkpoint(path):
+    from harness.inputs.models import tiny_llama, tiny_tokenizer
+    tiny_llama().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_trust_remote_code_names_the_files_and_is_recorded(tmp_path, monkeypatch, caplog):
+    import json
+
+    from omegaconf import OmegaConf
+
+    import harness.inputs.models as M
+    ckpt = _save_tiny_checkpoint(tmp_path / "ckpt")
+    (ckpt / "modeling_evil.py").write_text("import os\n")
+    cfg_json = json.loads((ckpt / "config.json").read_text())
+    cfg_json["auto_map"] = {"AutoModelForCausalLM": "other_code.EvilForCausalLM"}
+    (ckpt / "config.json").write_text(json.dumps(cfg_json))
+    monkeypatch.setattr(M, "_load_pretrained",
+                        lambda ref, dtype, trust, rev: (M.tiny_llama(), M.tiny_tokenizer()))
+    node = {"name": "x", "dtype": "float32", "device": "cpu", "trust_remote_code": True,
+            "source": {"kind": "local", "path": str(ckpt)}}
+    with caplog.at_level("WARNING"):
+        lm = M.load_model(OmegaConf.create(node))
+    assert "trust_remote_code" in caplog.text and "modeling_evil.py" in caplog.text
+    assert lm.info["trust_remote_code"]["files"] == ["modeling_evil.py", "other_code.py"]
+    caplog.clear()
+    lm = M.load_model(OmegaConf.create({**node, "trust_remote_code": False}))
+    assert "trust_remote_code" not in lm.info and "trust_remote_code" not in caplog.text
+
+
+def test_trust_remote_code_reaches_the_record(compose_cfg, tmp_path):
+    from harness.run.pipeline import run_one
+    ckpt = _save_tiny_checkpoint(tmp_path / "ckpt")
+    (ckpt / "modeling_x.py").write_text("")
+    record = run_one(compose_cfg("model=local", f"model.source.path={ckpt}",
+                                 "model.dtype=float32", "model.device=cpu",
+                                 "model.trust_remote_code=true", "method=fp16",
+                                 "eval=ppl-quick", "eval.max_windows=1", "eval.seqlen=64",
+                                 "eval.datasets=[ptb]"))
+    assert record.status == "ok", record.error
+    info = record.provenance["model_info"]["trust_remote_code"]
+    assert info["enabled"] is True and info["files"] == ["modeling_x.py"]
+
+
+def test_local_models_are_labelled_by_their_directory(compose_cfg, tmp_path):
+    from harness.run.pipeline import run_one
+    common = ["model=local", "model.dtype=float32", "model.device=cpu", "method=fp16",
+              "eval=ppl-quick", "eval.max_windows=1", "eval.seqlen=64", "eval.datasets=[ptb]"]
+    a = _save_tiny_checkpoint(tmp_path / "llama-a")
+    b = _save_tiny_checkpoint(tmp_path / "my model b")
+    ra = run_one(compose_cfg(*common, f"model.source.path={a}"))
+    rb = run_one(compose_cfg(*common, f"model.source.path='{b}'"))
+    rn = run_one(compose_cfg(*common, f"model.source.path={a}", "model.name=chosen"))
+    assert (ra.status, rb.status, rn.status) == ("ok", "ok", "ok"), (ra.error, rb.error)
+    assert (ra.model, rb.model, rn.model) == ("llama-a", "my-model-b", "chosen")
+    assert ra.config["model"]["name"] == "llama-a"
+    from harness.inputs.models import ModelLoadError
+    with pytest.raises(ModelLoadError, match="needs model.source.path"):
+        run_one(compose_cfg(*common))
+
+
+def test_gguf_file_loads_directly_with_its_stem_as_label(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    import harness.inputs.gguf as G
+    import harness.inputs.models as M
+    path = tmp_path / "Tiny-Model.Q4_0.gguf"
+    path.write_bytes(b"GGUF stand-in")
+    monkeypatch.setattr(G, "load_gguf", lambda p, dtype, trust: (M.tiny_llama().to(dtype),
+                                                                   M.tiny_tokenizer()))
+    node = {"name": None, "dtype": "float32", "device": "cpu",
+            "source": {"kind": "gguf", "path": str(path)}}
+    lm = M.load_model(OmegaConf.create(node), tmp_path / "cache")
+    assert lm.spec.name == "Tiny-Model.Q4_0" and lm.info["gguf_file"] == str(path)
+    with pytest.raises(M.ModelLoadError, match="does not exist"):
+        M.load_model(OmegaConf.create({**node, "source": {"kind": "gguf",
+                                                          "path": str(tmp_path / "no.gguf")}}))

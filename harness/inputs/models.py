@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,17 +175,27 @@ def _load_pretrained(ref: str, dtype: torch.dtype, trust_remote_code: bool, revi
 KINDS = ("tiny", "gguf", "gguf_package", "gguf_assemble", "hub", "local")
 
 
+def source_path(src: Any) -> Path | None:
+    """model.source.path, None when unset (`???`) or empty."""
+    try:
+        value = src.get("path")
+    except Exception:  # noqa: BLE001 - OmegaConf's MissingMandatoryValue for `path: ???`
+        return None
+    return Path(str(value)).expanduser() if value and value != "???" else None
+
+
 def model_label(cfg: Any) -> str:
     """The model's label: model.name, else (model=local) the checkpoint directory's name or
     the GGUF file's stem, so two local models do not share a label."""
     if cfg.get("name"):
         return str(cfg.name)
-    path = (cfg.get("source") or {}).get("path")
-    if not path:
+    p = source_path(cfg.get("source") or {})
+    if p is None:
         raise ModelLoadError("model.name is not set and there is no model.source.path to "
-                             "take a label from; set model.name=LABEL")
-    p = Path(str(path)).expanduser()
-    return p.stem if p.suffix.lower() == ".gguf" else p.resolve().name
+                             "take a label from; set model.source.path=PATH (and "
+                             "model.name=LABEL to choose the label)")
+    name = p.stem if p.suffix.lower() == ".gguf" else p.resolve().name
+    return re.sub(r"[^A-Za-z0-9._+=@,-]", "-", name).lstrip(".-") or "local"
 
 
 def remote_code_files(path: Path) -> list[str]:
@@ -207,8 +218,9 @@ def _warn_remote_code(cfg: Any, kind: str) -> dict[str, Any]:
     """trust_remote_code=true: name the code that will run (logged and recorded)."""
     src = cfg.source
     if kind == "local":
-        files = remote_code_files(Path(str(src.path)).expanduser())
-        where = str(src.path)
+        path = source_path(src)
+        files = remote_code_files(path) if path else []
+        where = str(path)
     elif kind == "hub":
         files, where = ["(downloaded from the hub: *.py named by config.json auto_map)"], str(
             src.repo_id)
@@ -222,9 +234,9 @@ def _warn_remote_code(cfg: Any, kind: str) -> dict[str, Any]:
 def _gguf_file(src: Any, cache_dir: Path | None) -> Path:
     kind = src.kind
     if kind == "gguf":
-        path = Path(str(src.get("path") or "")).expanduser()
-        if not str(src.get("path") or "") or not path.is_file():
-            raise ModelLoadError(f"GGUF file {str(src.get('path'))!r} does not exist; set "
+        path = source_path(src)
+        if path is None or not path.is_file():
+            raise ModelLoadError(f"GGUF file {str(path)!r} does not exist; set "
                                  "model.source.path=/path/to/model.gguf")
         return path
     if kind == "gguf_package":
@@ -264,8 +276,8 @@ def load_model(cfg: Any, cache_dir: Path | None = None) -> LoadedModel:
         elif kind == "hub":
             model, tok = _load_pretrained(src.repo_id, dtype, trust, src.get("revision"))
         else:
-            path = Path(str(src.path)).expanduser()
-            if not path.is_dir():
+            path = source_path(src)
+            if path is None or not path.is_dir():
                 raise ModelLoadError(f"model directory {path} does not exist; set "
                                      "model.source.path to a saved Hugging Face checkpoint "
                                      "(or model.source.kind=gguf for a .gguf file)")

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from harness.evals import EvalContext, get_evaluator
 from harness.inputs.calib import CalibSpec, load_calibration
 from harness.inputs.data import DataMissingError, resolve_data_dir
-from harness.inputs.models import LoadedModel, ModelLoadError, load_model
+from harness.inputs.models import LoadedModel, ModelLoadError, load_model, model_label
 from harness.results.store import ResultStore, RunRecord, config_hash, new_run_id
 from harness.results.tracking import make_tracker
 from harness.run import provenance
@@ -138,11 +138,26 @@ def _reject_foreign_settings(name: str | None, node: dict) -> None:
 
 
 def _labels(cfg: DictConfig) -> dict[str, str]:
-    return {"model": str(cfg.model.name), "method": str(cfg.method.name),
+    return {"model": str(cfg.model.get("name") or "unnamed"), "method": str(cfg.method.name),
             "bits": str(cfg.bits.name), "eval": str(cfg.eval.name)}
 
 
+def _fill_model_label(cfg: DictConfig) -> None:
+    """model.name unset (model=local): the label is the checkpoint directory's name or the
+    GGUF file's stem, stored in the config so records, hashes and reports carry it."""
+    src = cfg.model.get("source") or {}
+    if "path" in src.keys() and OmegaConf.is_missing(src, "path"):
+        raise ModelLoadError(f"model={cfg.model.get('name') or 'local'} needs "
+                             "model.source.path=/path/to/checkpoint_dir (or a .gguf file with "
+                             "model.source.kind=gguf)")
+    if cfg.model.get("name") or "path" not in src.keys():
+        return
+    with open_dict(cfg):
+        cfg.model.name = model_label(cfg.model)
+
+
 def run_one(cfg: DictConfig) -> RunRecord:
+    _fill_model_label(cfg)
     full = scrub_secrets(resolved(cfg))   # records never hold secret-looking values
     cfg_hash = config_hash(identity_config(full))
     store = ResultStore(cfg.paths.runs_dir)
