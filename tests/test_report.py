@@ -300,7 +300,13 @@ def test_cli_end_to_end(store, tmp_path, capsys):
                  "--print"]) == 0
     out = capsys.readouterr().out
     rows = {tuple(c.strip() for c in line.strip("|").split("|")) for line in out.splitlines()}
-    assert ("llama-2-7b", "gptq", "w4a16", "ok", "7.400", "23.000", "5.630") in rows
+    assert ("llama-2-7b", "gptq", "w4a16", "ok", "7.40", "23.00", "5.63") in rows
+    assert not any("awq" in r for r in rows)          # a failed job: one line, not a row
+    assert "Not shown: 1 failed, 1 skipped jobs (`ptqbench-report --show-skipped`" in out
+    assert main(["--runs", str(store.root), "--model", "llama-2-7b", "--eval", "ppl",
+                 "--print", "--show-skipped"]) == 0
+    out = capsys.readouterr().out
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")) for line in out.splitlines()}
     assert ("llama-2-7b", "awq", "w4a16", "failed", "failed", "failed", "failed") in rows
 
     assert main(["--runs", str(store.root), "--name", "f", "--out-root", str(out_root),
@@ -322,7 +328,42 @@ def test_cli_ppl_only_store(tmp_path):
                  "--out-root", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "smollm2-135m" / "report.md").read_text()
     assert "| smollm2-135m | rtn | w4a8 | **25.30** | +5.20 |" in md
-    assert "_Zero-shot accuracy (%): no runs._" in md
+    assert "Zero-shot accuracy" not in md and "no runs" not in md   # no empty sections
+
+
+def test_report_regenerates_byte_identical(store, tmp_path):
+    """The same records give the same report.md, tables and SVG/PNG plots (no dates, no
+    random ids), so regenerating a committed report leaves no diff."""
+    from harness.results.report_cli import main
+
+    outs = []
+    for k in range(2):
+        root = tmp_path / f"out{k}"
+        assert main(["--runs", str(store.root), "--name", "syn", "--out-root", str(root),
+                     "--bench", str(tmp_path / "nobench")]) == 0
+        outs.append({p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()})
+    assert outs[0].keys() == outs[1].keys() and any(p.suffix == ".svg" for p in outs[0])
+    assert [p for p in outs[0] if outs[0][p] != outs[1][p]] == []
+
+
+def test_wide_markdown_is_split_into_blocks_of_at_most_12_columns(df):
+    t = perplexity_wide_table(df)
+    assert len(t.columns) > 12
+    md = to_markdown(t)
+    headers = [line for line in md.splitlines() if line.startswith("| Model")]
+    assert len(headers) > 1 and all(line.count(" | ") + 1 <= 12 for line in headers)
+    for line in headers:   # a method x bits keeps its datasets together in one block
+        cols = [c.strip() for c in line.strip("|").split("|")][1:]
+        assert len(cols) % t.column_group == 0
+
+
+def test_rows_fp16_first_then_bits_then_method(df):
+    t = perplexity_table(df)
+    keys = [(r[1].text, r[2].text) for r in t.rows if r[0].text == "llama-2-7b"]
+    assert keys[0][0] == "fp16"
+    bits = [b for _, b in keys[1:]]
+    order = ["w16a16", "w8a8", "w4a16", "w4a8", "w3a16", "w2a16"]
+    assert bits == sorted(bits, key=lambda b: order.index(b) if b in order else 99)
 
 
 def test_wandb_offline_run_stays_in_run_dir_and_never_writes_the_key(compose_cfg, tmp_path,

@@ -125,6 +125,7 @@ def perplexity_wide_table(df: pd.DataFrame) -> Table:
                     row[j].bold = True
     table.footnotes = ([f"[{i}] {t}" for i, t in enumerate(notes.items, 1)]
                        + [f for f in table.footnotes if not f.startswith("[")])
+    table.column_group = len(metrics)      # one method x bits: its datasets side by side
     return table
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
+matplotlib.rcParams["svg.hashsalt"] = "ptqbench"   # stable clip-path / glyph ids in SVGs
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -58,7 +59,8 @@ def save(fig, stem: str | os.PathLike) -> list[Path]:
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     out = []
-    for ext, kw in (("png", {"dpi": 150}), ("svg", {})):
+    # no creation date: the same records give byte-identical files
+    for ext, kw in (("png", {"dpi": 150}), ("svg", {"metadata": {"Date": None}})):
         final = stem.with_suffix(f".{ext}")
         tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
         fig.savefig(tmp, format=ext, bbox_inches="tight", **kw)

@@ -7,17 +7,45 @@ import io
 
 from harness.results.tables import Cell, Table
 
+MAX_MD_COLUMNS = 12
 
-def to_markdown(t: Table) -> str:
+
+def column_blocks(t: Table, max_cols: int = MAX_MD_COLUMNS) -> list[list[int]]:
+    """Column indices of each markdown block: the label columns, then as many data columns
+    as fit in `max_cols` (a "Δ x" column stays with its x, a `column_group` stays whole)."""
+    labels = list(range(t.n_label_cols))
+    groups: list[list[int]] = []
+    for j in range(t.n_label_cols, len(t.columns)):
+        if groups and (t.columns[j] == f"Δ {t.columns[groups[-1][0]]}"
+                       or len(groups[-1]) < t.column_group):
+            groups[-1].append(j)
+        else:
+            groups.append([j])
+    room = max(max_cols - len(labels), 2)
+    blocks: list[list[int]] = []
+    for g in groups:
+        if blocks and len(blocks[-1]) + len(g) <= room:
+            blocks[-1] += g
+        else:
+            blocks.append(list(g))
+    return [labels + b for b in blocks] or [labels]
+
+
+def to_markdown(t: Table, max_cols: int = MAX_MD_COLUMNS) -> str:
+    """Markdown; a table wider than `max_cols` is split into blocks that repeat the row
+    labels (CSV and LaTeX keep the full width)."""
     def cell(c: Cell) -> str:
         text = c.text.replace("|", "\\|")
         return f"**{text}**" if c.bold else text
     if t.empty:
         return f"_{t.title}: no runs._\n"
-    lines = ["| " + " | ".join(h.replace("|", "\\|") for h in t.columns) + " |",
-             "|" + "|".join(":--" if i < t.n_label_cols else "--:"
-                            for i in range(len(t.columns))) + "|"]
-    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in t.rows]
+    lines: list[str] = []
+    for block in column_blocks(t, max_cols):
+        if lines:
+            lines.append("")
+        lines += ["| " + " | ".join(t.columns[j].replace("|", "\\|") for j in block) + " |",
+                  "|" + "|".join(":--" if j < t.n_label_cols else "--:" for j in block) + "|"]
+        lines += ["| " + " | ".join(cell(row[j]) for j in block) + " |" for row in t.rows]
     if t.footnotes:
         lines += [""] + [f"{f}  " for f in t.footnotes]
     if t.caption:

@@ -13,7 +13,6 @@ import os
 import re
 import sys
 import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -54,8 +53,23 @@ def write_atomic(path: Path, text: str) -> Path:
     return path
 
 
-def build_tables(df: pd.DataFrame, refs: pd.DataFrame) -> list[Table]:
-    ok_or_bad = latest_per_config(df)
+def hide_not_ok(df: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
+    """Drop configs whose latest record is skipped or failed; the one line that says so
+    (what the report prints instead of a row per such job, unless --show-skipped)."""
+    latest = latest_per_config(df)
+    bad = latest[latest["status"] != "ok"]
+    if bad.empty:
+        return df, None
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(bad["status"].value_counts().items()))
+    return (df[~df["config_hash"].isin(bad["config_hash"])],
+            f"Not shown: {counts} jobs (`ptqbench-report --show-skipped` lists them with "
+            "their reasons).")
+
+
+def build_tables(df: pd.DataFrame, refs: pd.DataFrame, shown: pd.DataFrame | None = None
+                 ) -> list[Table]:
+    """The report's tables from `shown` (default: all of df); superseded runs from df."""
+    ok_or_bad = latest_per_config(df if shown is None else shown)
     return [perplexity_table(ok_or_bad), perplexity_wide_table(ok_or_bad),
             accuracy_table(ok_or_bad), mmlu_table(ok_or_bad), latency_table(ok_or_bad),
             cost_table(ok_or_bad), fptq_policy_table(ok_or_bad), exports_table(ok_or_bad),
@@ -86,25 +100,27 @@ def build_plots(df: pd.DataFrame, plot_dir: Path, bench_dir: Path | None) -> dic
 
 def render_report(name: str, tables: list[Table], plots: dict[str, list[Path]],
                   out_dir: Path, args: argparse.Namespace, n_records: int,
-                  corrupt: list[str]) -> str:
-    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                  corrupt: list[str], newest: str = "", hidden: str | None = None) -> str:
+    """report.md: only sections with data; the same records give the same text (no
+    generation time: `newest` is the latest record's finish time)."""
     filters = {k: getattr(args, k) for k in ("model", "method", "bits", "eval", "sweep", "since",
                                              "until") if getattr(args, k)}
     lines = [f"# ptqbench report: {name}", "",
-             f"Generated {stamp} from `{args.runs}` ({n_records} records"
+             f"From `{args.runs}` ({n_records} records, newest finished {newest}"
              + (f"; filters {filters}" if filters else "") + "). Latest record per config hash; "
              "older ones are listed under *Superseded runs*. Bold: best per column among "
              "quantized methods; Δ: difference to the fp16 row of the same model.", ""]
+    if hidden:
+        lines += [hidden, ""]
     if corrupt:
         lines += ["**Unreadable record files (skipped):**", ""]
         lines += [f"- `{c}`" for c in corrupt] + [""]
     plot_after = {"perplexity": ["ppl_vs_bits"], "accuracy": ["accuracy_vs_latency"],
                   "cost": ["cost"], "fptq_policy": [k for k in plots if k.startswith("fptq_")]}
-    for t in tables:
+    for t in (t for t in tables if not t.empty):
         lines += [f"## {t.title}", ""]
         lines.append(to_markdown(t))
-        if not t.empty:
-            lines.append(f"Files: [csv](tables/{t.name}.csv), [tex](tables/{t.name}.tex)\n")
+        lines.append(f"Files: [csv](tables/{t.name}.csv), [tex](tables/{t.name}.tex)\n")
         for key in plot_after.get(t.name, []):
             if key in plots:
                 lines += [f"![{key}](plots/{key}.png)", ""]
@@ -134,6 +150,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--print", action="store_true",
                     help="print the quick markdown comparison table to stdout (writes nothing "
                          "unless --name is given)")
+    ap.add_argument("--show-skipped", action="store_true",
+                    help="list skipped / failed jobs in the tables (default: one line)")
     ap.add_argument("--export", help="also write all (unfiltered) records to this parquet file")
     return ap.parse_args(argv)
 
@@ -163,23 +181,28 @@ def main(argv: list[str] | None = None) -> int:
     if df.empty:
         print(f"no records under {args.runs} match the filters", file=sys.stderr)
         return 1
+    shown, hidden = (df, None) if args.show_skipped else hide_not_ok(df)
     if args.print:
-        print(comparison_table(df).to_markdown(index=False))
+        print(comparison_table(shown).to_markdown(index=False, disable_numparse=True))
         print(f"\n{len(df)} records in {args.runs}" +
               (f"; {len(store.corrupt)} corrupt files skipped" if store.corrupt else ""))
+        if hidden:
+            print(hidden)
         if not args.name:
             return 0
     name = args.name or "-".join(sorted(df["model"].unique()))
     out_dir = Path(args.out_root) / name
     refs = load_references(args.references)
-    tables = build_tables(df, refs)
+    tables = build_tables(df, refs, shown)
     for t in tables:
         if not t.empty:
             write_atomic(out_dir / "tables" / f"{t.name}.csv", to_csv(t))
             write_atomic(out_dir / "tables" / f"{t.name}.tex", to_latex(t))
-    plots = {} if args.no_plots else build_plots(df, out_dir / "plots", Path(args.bench))
+    plots = {} if args.no_plots else build_plots(shown, out_dir / "plots", Path(args.bench))
+    newest = pd.Timestamp(df["finished_at"].max()).isoformat(timespec="seconds")
     write_atomic(out_dir / "report.md",
-                 render_report(name, tables, plots, out_dir, args, len(df), store.corrupt))
+                 render_report(name, tables, plots, out_dir, args, len(df), store.corrupt,
+                               newest, hidden))
     print(f"wrote {out_dir / 'report.md'} ({sum(not t.empty for t in tables)} tables, "
           f"{len(plots)} plots)")
     return 0

@@ -48,6 +48,7 @@ class Table:
     n_label_cols: int
     footnotes: list[str] = field(default_factory=list)
     caption: str = ""
+    column_group: int = 1           # data columns that belong together (kept in one block)
 
     @property
     def empty(self) -> bool:
@@ -141,12 +142,15 @@ def build_table(merged: pd.DataFrame, name: str, title: str, label_cols: Sequenc
     baseline = baseline or (lambda r: r["method"] == BASELINE_METHOD)
     if merged.empty:
         return Table(name, title, [], [], 0, caption=caption)
-    merged = merged.sort_values(
-        [*group_cols, "method", *(["variant"] if "variant" in merged.columns else []), "bits"],
+    # rows: fp16 first, then by bit width (wide to narrow), then method and its variants
+    merged = merged.assign(_base=merged["method"] != BASELINE_METHOD).sort_values(
+        [*group_cols, "_base", "bits", "method",
+         *(["variant"] if "variant" in merged.columns else [])],
         key=lambda s: s.map(method_key) if s.name == "method"
         else s.map(bits_key) if s.name == "bits"
         else s.map(_count_key) if s.name == "docs_per_task"
-        else s.astype(str)).reset_index(drop=True)
+        else s if s.name == "_base"
+        else s.astype(str)).drop(columns="_base").reset_index(drop=True)
     group_of = [tuple(r[g] for g in group_cols) for _, r in merged.iterrows()]
     base_rows = {g: r for g, (_, r) in zip(group_of, merged.iterrows(), strict=True)
                  if baseline(r) and r["status"] == "ok"}
@@ -228,6 +232,10 @@ def comparison_table(df: pd.DataFrame, table: str = "perplexity") -> pd.DataFram
     df = df.assign(method=with_method_label(df)["method_label"])
     out = df[[*ID_COLS[:3], "status", *cols]].copy()
     for c in cols:
-        out[c] = [f"{v:.3f}" if s == "ok" and pd.notna(v) else (s if s != "ok" else "n/a")
+        digits = metric_info(c).digits
+        out[c] = [f"{v:.{digits}f}" if s == "ok" and pd.notna(v) else (s if s != "ok" else "n/a")
                   for v, s in zip(out[c], out["status"], strict=True)]
-    return out.sort_values(list(ID_COLS[:3])).reset_index(drop=True)
+    order = out.assign(_base=out["method"] != BASELINE_METHOD).sort_values(
+        ["model", "_base", "bits", "method"],
+        key=lambda s: s.map(bits_key) if s.name == "bits" else s)
+    return out.loc[order.index].reset_index(drop=True)
