@@ -131,6 +131,7 @@ def launch_splitk_gemm(
     tuned_kernel: Callable[[str], Any],
     interp_meta: dict,
     in_kernel_reduce: bool = False,
+    tune_decode_block_n: bool = False,
 ) -> torch.Tensor:
     """Launch a split-K GEMM kernel writing out [M, N] (M, N > 0), shared by W4A8 / W8A8.
 
@@ -141,7 +142,9 @@ def launch_splitk_gemm(
     "prefill"); interp_meta the fixed config used without autotuning. fp32 partials
     [split, M, N] are reduced into out in split order: by a second small kernel, or, with
     in_kernel_reduce (the kernel has REDUCE_IN_KERNEL), inside the same launch by the last
-    split program to finish each tile (make_args(out, per_split, (ws, counters)))."""
+    split program to finish each tile (make_args(out, per_split, (ws, counters))).
+    tune_decode_block_n: the decode configs carry BLOCK_N (autotuned; the split count is
+    chosen for DECODE_BLOCK_N tiles)."""
     m, n = out.shape
     device = out.device
     decode = m <= DECODE_MAX_M
@@ -162,7 +165,13 @@ def launch_splitk_gemm(
         meta = {**meta, "REDUCE_IN_KERNEL": True}
     else:
         args = make_args(dest, per_split, None)
-    if tuned and decode:
+    if tuned and decode and tune_decode_block_n:
+
+        def grid(meta_):
+            return (triton.cdiv(m, block_m) * triton.cdiv(n, meta_["BLOCK_N"]), split)
+
+        tuned_kernel("decode")[grid](*args, **meta, BLOCK_M=block_m)
+    elif tuned and decode:
         grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split)
         tuned_kernel("decode")[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
     elif tuned:

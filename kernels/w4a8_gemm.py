@@ -213,9 +213,11 @@ def _w4a8_kernel(
 # Configs
 # ----------------------------------------------------------------------------------------
 
-# decode: BLOCK_M / BLOCK_N / split-K picked by the wrapper; tune the pipeline only
+# decode: BLOCK_M / split-K picked by the wrapper; tune the pipeline and the N tile (wider
+# tiles: more weight bytes in flight per program at M <= 16)
 _DECODE_TUNE = [
-    triton.Config({"GROUP_M": 1}, num_warps=w, num_stages=s)
+    triton.Config({"GROUP_M": 1, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bn in (64, 128)
     for w in (2, 4)
     for s in (2, 3, 4, 5)
 ]
@@ -243,7 +245,7 @@ def _tuned_kernel(mode: str):
     configs = _DECODE_TUNE if mode == "decode" else _PREFILL_TUNE
     key = ["N", "K", "GROUP_SIZE", "PER_TOKEN", "HAS_BIAS", "TWO_LEVEL", "HAS_ZERO", "FAST_UNPACK",
            "SKIP_UNPACK", "SKIP_RESCALE", "REDUCE_IN_KERNEL"]
-    key += ["BLOCK_M", "BLOCK_N", "GROUPS_PER_SPLIT"] if mode == "decode" else ["M_BUCKET"]
+    key += ["BLOCK_M", "GROUPS_PER_SPLIT"] if mode == "decode" else ["M_BUCKET"]
     return autotune(configs, key)(_w4a8_kernel)
 
 
@@ -372,4 +374,5 @@ def launch_w4a8(xq, x_scale, w_packed, w_scale, group_size, bias, out_dtype, spl
     return launch_splitk_gemm(
         out, n_groups, split_k, make_args, meta, _w4a8_kernel,
         _tuned_kernel, {**_INTERP_CONFIG, "num_warps": 4}, in_kernel_reduce=one_launch,
+        tune_decode_block_n=True,
     )  # fmt: skip
