@@ -12,7 +12,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PTQ="${PTQ:-.venv/bin/ptqbench}"
 PY="${PY:-.venv/bin/python}"
-RUN=(flock /tmp/ptqbench-heavy.lock $PTQ)
+LOCK="${LOCK-flock /tmp/ptqbench-heavy.lock}"   # LOCK= runs without the shared lock
+RUN=($LOCK $PTQ)
 S=(model=smollm2-135m calib=c4-32x512 eval=ppl-capped bits=w4a8 sweep=fptq-static)
 G=(model=gemma3-270m calib=c4-32x512 eval=ppl-capped 'eval.datasets=[wikitext2,c4]'
    sweep=fptq-static-gemma)
@@ -44,7 +45,7 @@ smollm2_extra() {
     "${RUN[@]}" -m "${S[@]}" method=fptq method.v1=15.001 ++method.act_range=minmax,mse
     # all static with MSE ranges: how much of the all-static loss is the estimator
     "${RUN[@]}" -m "${S[@]}" method=fptq method.policy=all_static ++method.act_range=mse
-    flock /tmp/ptqbench-heavy.lock $PY scripts/fptq_static_ranges.py model=smollm2-135m \
+    $LOCK $PY scripts/fptq_static_ranges.py model=smollm2-135m \
         calib=c4-32x512
     # group size 32 and GPTQ weights after LAE, with MSE ranges
     "${RUN[@]}" -m "${S[@]}" method=fptq ++method.act_range=mse bits.group_size=32
@@ -57,7 +58,7 @@ gemma_extra() {
     export PTQBENCH_CACHE="$GEMMA_CACHE"
     "${RUN[@]}" -m "${G[@]}" method=fptq bits=w4a8 method.v1=15.001 ++method.act_range=minmax,mse
     "${RUN[@]}" -m "${G[@]}" method=fptq bits=w4a8 ++method.w_grid=full method.policy=all_dynamic
-    flock /tmp/ptqbench-heavy.lock $PY scripts/fptq_static_ranges.py model=gemma3-270m \
+    $LOCK $PY scripts/fptq_static_ranges.py model=gemma3-270m \
         calib=c4-32x512 paths.cache_dir="$GEMMA_CACHE"
     unset PTQBENCH_CACHE
 }

@@ -226,6 +226,33 @@ def verdict(v: ModelView, default: dict[str, Any]) -> list[str]:
     return out
 
 
+# Candidate causes of issue 16 item 1 and the records that measure each (on the base budget
+# unless the cause is the budget itself).
+CAUSES = (
+    ("static-range estimator: percentile", lambda r: setting(r, "act_range", PAPER) == "percentile"),
+    ("static-range estimator: MSE clipping", lambda r: setting(r, "act_range", PAPER) == "mse"),
+    ("grid: full (max/7.5) against narrow (max/7)", lambda r: setting(r, "w_grid", PAPER) == "full"),
+    ("cost per bucket (v1 just above v0)", lambda r: setting(r, "v1", PAPER) == 15.001),
+    ("thresholds (v0, v1 around 15 / 150)", lambda r: (setting(r, "v0", PAPER), setting(r, "v1", PAPER))
+     not in ((15.0, 150.0), (15.0, 15.001))),
+    ("GPTQ weights after LAE", lambda r: setting(r, "weight_method", PAPER) == "gptq"),
+    ("group size other than the model's", None),
+)
+
+
+def coverage_section(v: ModelView, model: str) -> list[str]:
+    out = ["| Candidate cause | FPTQ records on this model |", "|:--|:--|"]
+    for name, pred in CAUSES:
+        hits = ([r for r in v.fptq if group_size(r) != v.group] if pred is None
+                else [r for r in v.fptq if pred(r)])
+        out.append(f"| {name} | {len(hits) or 'not measured'} |")
+    probe = (REPO / "results" / "fptq" / f"static_ranges_{model}.json").exists()
+    out.append(f"| massive activations at position 0 (static-range probe) | "
+               f"{'measured' if probe else 'not measured'} |")
+    out.append("| calibration size 128 x 2048 | not measured (outside the base budget) |")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default=str(REPO / "results" / "runs"))
@@ -246,13 +273,16 @@ def main() -> None:
     for model in MODELS:
         v = ModelView(model, records)
         if not v.recs:
+            lines += [f"## {model}", "", "No record on the base budget yet "
+                      "(`scripts/fptq_evidence.sh gemma`).", ""]
             continue
         lines += [f"## {model}", "", "### Target (shipped configuration)", "",
                   *verdict(v, default), "", "### Perplexity", "", *perplexity_section(v), "",
                   "### Layer-wise policy at the paper's thresholds (linears per bucket)", "",
                   *policy_section(v), "", "### Cost per static bucket", "",
                   *bucket_section(v), "", "### Where the static ranges come from", "",
-                  *ranges_section(model), ""]
+                  *ranges_section(model), "", "### Which candidate causes have records", "",
+                  *coverage_section(v, model), ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
