@@ -13,6 +13,7 @@ forward before the final norm and lm_head.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -29,6 +30,27 @@ from methods.arch import ModelSpec, get_module
 from methods.base import LinearStats
 
 log = logging.getLogger(__name__)
+
+
+# The device blocks compute on when the weights live elsewhere (model.placement=offload):
+# set by the orchestration around quantize / eval, read wherever a device is defaulted.
+_COMPUTE_DEVICE: contextvars.ContextVar[torch.device | None] = contextvars.ContextVar(
+    "compute_device", default=None)
+
+
+@contextmanager
+def compute_on(device: torch.device | None):
+    """Within the block, blocks (and the embeddings for capture) run on `device`."""
+    token = _COMPUTE_DEVICE.set(None if device is None else torch.device(device))
+    try:
+        yield
+    finally:
+        _COMPUTE_DEVICE.reset(token)
+
+
+def compute_device(model: nn.Module) -> torch.device:
+    """The device set by compute_on, else where the model's weights are."""
+    return _COMPUTE_DEVICE.get() or next(model.parameters()).device
 
 
 class _StopForward(Exception):
@@ -62,6 +84,7 @@ class BlockInputs:
     block_index: int = 0
     compute_device: torch.device = torch.device("cpu")
     store_device: torch.device = torch.device("cpu")
+    tuple_output: bool = False     # blocks return (hidden, ...) rather than hidden
 
     def __len__(self) -> int:
         return len(self.hidden)
@@ -73,7 +96,12 @@ class BlockInputs:
     @torch.no_grad()
     def run(self, block: nn.Module) -> list[Tensor]:
         """block(X_i) for every sample, kept on the store device."""
-        return [_block_output(block(x, **kw)).to(self.store_device) for x, kw in self.samples()]
+        outs = []
+        for x, kw in self.samples():
+            out = block(x, **kw)
+            self.tuple_output = isinstance(out, (tuple, list))   # the family's block returns
+            outs.append(_block_output(out).to(self.store_device))
+        return outs
 
     @torch.no_grad()
     def advance(self, block: nn.Module) -> None:
@@ -114,7 +142,7 @@ def _non_block_modules(model: nn.Module, spec: ModelSpec) -> list[nn.Module]:
 def capture_block_inputs(model: nn.Module, spec: ModelSpec, calib: Sequence[Tensor],
                          device: torch.device | None = None,
                          store_device: torch.device | None = None) -> BlockInputs:
-    device = device or next(model.parameters()).device
+    device = device or compute_device(model)
     sink = BlockInputs(compute_device=device, store_device=store_device or device)
     blocks = spec.blocks(model)
     sink.kwargs = [[] for _ in blocks]
@@ -152,7 +180,7 @@ def walk_blocks(model: nn.Module, spec: ModelSpec, calib: Sequence[Tensor], on_b
     model calibrates with one block and one sample's activations on the accelerator.
     advance=False: on_block calls inputs.advance(block) itself (e.g. before quantizing, to
     feed the next block full-precision outputs as llm-awq does)."""
-    device = device or next(model.parameters()).device
+    device = device or compute_device(model)
     inputs = capture_block_inputs(model, spec, calib, device, store_device)
     blocks = spec.blocks(model)
     for i in tqdm(range(len(blocks)), desc=desc):
@@ -165,6 +193,70 @@ def walk_blocks(model: nn.Module, spec: ModelSpec, calib: Sequence[Tensor], on_b
             inputs.advance(block)
         block.to(home)
     log.info("walked %d blocks on %s with %d calibration samples", len(blocks), device, len(inputs))
+
+
+class _Replay(nn.Module):
+    """Stands in for decoder block 0 in the head pass: returns the precomputed final hidden
+    state of the current window instead of running block 0 on its input."""
+
+    def __init__(self, as_tuple: bool) -> None:
+        super().__init__()
+        self.hidden: Tensor | None = None
+        self.as_tuple = as_tuple
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
+        assert self.hidden is not None
+        h = self.hidden.to(hidden_states.device, hidden_states.dtype)
+        return (h,) if self.as_tuple else h
+
+
+class _PassThrough(nn.Module):
+    def __init__(self, as_tuple: bool) -> None:
+        super().__init__()
+        self.as_tuple = as_tuple
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
+        return (hidden_states,) if self.as_tuple else hidden_states
+
+
+@torch.no_grad()
+def blockwise_logits(model: nn.Module, spec: ModelSpec, samples: Sequence[Tensor],
+                     device: torch.device, desc: str = "blocks"
+                     ) -> Iterable[tuple[int, Tensor]]:
+    """(j, logits [1, T, V]) of each sample [1, T], computed block by block: every sample
+    through block i, then block i+1, with one block's weights on `device` at a time and the
+    hidden states [1, T, H] of all samples waiting on the CPU (the way the GPTQ reference
+    scripts evaluated LLaMA-65B on one GPU). The head (final norm, lm_head, any logit
+    post-processing of the family) runs through the model's own forward with the blocks
+    replaced, so the logits equal model(ids).logits."""
+    cpu = torch.device("cpu")
+    inputs = capture_block_inputs(model, spec, samples, device, store_device=cpu)
+    blocks = spec.blocks(model)
+    for i in tqdm(range(len(blocks)), desc=f"{desc} (block-wise)", leave=False):
+        block = blocks[i]
+        home = next(block.parameters()).device
+        block.to(device)
+        inputs.advance(block)
+        block.to(home)
+    originals = list(blocks)
+    replay = _Replay(inputs.tuple_output)
+    head = [get_module(model, spec.table.lm_head), *_non_block_modules(model, spec)]
+    homes = [(m, next(m.parameters(), torch.empty(0)).device) for m in head]
+    try:
+        for m, _ in homes:
+            m.to(device)
+        blocks[0] = replay
+        for k in range(1, len(blocks)):
+            blocks[k] = _PassThrough(inputs.tuple_output)
+        for j, ids in enumerate(samples):
+            replay.hidden = inputs.hidden[j]
+            yield j, model(input_ids=ids.to(device), use_cache=False).logits
+    finally:
+        for k, orig in enumerate(originals):
+            blocks[k] = orig
+        for m, dev in homes:
+            if dev.type != "meta":
+                m.to(dev)
 
 
 def _check_finite_weights(block: nn.Module, index: int) -> None:

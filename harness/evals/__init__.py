@@ -39,6 +39,9 @@ class EvalContext:
     calib: list[Tensor] | None = None          # its calibration batches, when it used any
     reference_model: nn.Module | None = None   # fp copy taken before quantization, for eval
     #                                            configs with `needs_reference_model: true`
+    placement: str = "device"     # "offload": weights in host memory, blocks onloaded
+    #                               one at a time (harness.inputs.placement)
+    device_budget_bytes: int | None = None   # per-GPU budget for lm-eval's device map
 
     @property
     def method_name(self) -> str:

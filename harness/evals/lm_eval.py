@@ -42,6 +42,7 @@ from harness.evals.tasks import (
     prepare_task,
 )
 from harness.inputs.data import DataMissingError, resolve_data_dir
+from harness.inputs.placement import spread_over_gpus
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,15 @@ def evaluate(ctx: EvalContext, cfg: Any) -> EvalResult:
         # Local YAMLs never need the hub; make any accidental lookup fail fast instead of hang.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if ctx.placement == "offload" and ctx.device.type == "cuda":
+        with spread_over_gpus(ctx.model, ctx.spec, ctx.device_budget_bytes) as device_map:
+            result = _evaluate(ctx, opts)
+        result.provenance["device_map"] = sorted({str(d) for d in device_map.values()})
+        return result
+    return _evaluate(ctx, opts)
+
+
+def _evaluate(ctx: EvalContext, opts: Options) -> EvalResult:
     result = EvalResult(provenance=_base_provenance(opts, ctx))
     lm = wrap_model(ctx.model, ctx.tokenizer, opts)
     data_dir = ctx.data_dir if ctx.data_dir is not None else resolve_data_dir()

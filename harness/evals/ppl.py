@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 
 from harness.evals import EvalContext, EvalResult, MetricInfo
 from harness.inputs.data import eval_text
+from methods.arch import ModelSpec
+from methods.blockwise import blockwise_logits
 
 log = logging.getLogger(__name__)
 C4_MAX_WINDOWS = 256
@@ -56,21 +58,37 @@ def make_windows(ids: Tensor, seqlen: int, bos_id: int | None = None,
     return win
 
 
+def _batch_nll(logits: Tensor, batch: Tensor, first: int, desc: str) -> Tensor:
+    """logits [b, L, V], batch [b, L] -> mean next-token NLL of each window [b] (fp32)."""
+    logits = logits[:, :-1].float()
+    if not torch.isfinite(logits).all():
+        raise FloatingPointError(f"non-finite logits in {desc} windows "
+                                 f"{first}..{first + len(batch) - 1}")
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                           batch[:, 1:].to(logits.device).reshape(-1),
+                           reduction="none").view(batch.shape[0], -1).mean(dim=1).cpu()
+
+
 @torch.no_grad()
 def window_nlls(model: torch.nn.Module, windows: Tensor, batch_size: int = 1,
                 desc: str = "ppl") -> Tensor:
-    """Mean next-token NLL (fp32) of each window [n]."""
+    """Mean next-token NLL (fp32) of each window [n], the whole model on its device."""
     device = next(model.parameters()).device
     out = []
     for i in tqdm(range(0, len(windows), batch_size), desc=desc, leave=False):
         batch = windows[i:i + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        if not torch.isfinite(logits).all():
-            raise FloatingPointError(f"non-finite logits in {desc} windows {i}..{i + len(batch) - 1}")
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                              reduction="none").view(batch.shape[0], -1).mean(dim=1)
-        out.append(nll.cpu())
+        out.append(_batch_nll(model(input_ids=batch, use_cache=False).logits, batch, i, desc))
     return torch.cat(out)
+
+
+@torch.no_grad()
+def blockwise_window_nlls(model: torch.nn.Module, spec: ModelSpec, windows: Tensor,
+                          device: torch.device, desc: str = "ppl") -> Tensor:
+    """window_nlls for a model that does not fit `device`: all windows through block i, then
+    block i+1 (methods.blockwise.blockwise_logits); the same numbers as window_nlls."""
+    samples = [w[None] for w in windows]
+    return torch.cat([_batch_nll(logits, samples[j], j, desc)
+                      for j, logits in blockwise_logits(model, spec, samples, device, desc)])
 
 
 def perplexity(nlls: Tensor) -> float:
@@ -101,8 +119,12 @@ def evaluate(ctx: EvalContext, cfg: Any) -> EvalResult:
             n_total = len(windows)
             if cap:
                 windows = windows[: int(cap)]
-            nlls = window_nlls(ctx.model, windows, int(cfg.get("batch_size", 1)),
-                               desc=f"ppl {name}")
+            if ctx.placement == "offload":
+                nlls = blockwise_window_nlls(ctx.model, ctx.spec, windows, ctx.device,
+                                             desc=f"ppl {name}")
+            else:
+                nlls = window_nlls(ctx.model, windows, int(cfg.get("batch_size", 1)),
+                                   desc=f"ppl {name}")
             ppl = perplexity(nlls)
             if not math.isfinite(ppl):
                 raise FloatingPointError(f"perplexity on {name} is {ppl} (non-finite loss)")
@@ -110,6 +132,7 @@ def evaluate(ctx: EvalContext, cfg: Any) -> EvalResult:
             res.provenance[metric_name(name)] = {
                 "seqlen": seqlen, "windows": len(windows), "windows_available": n_total,
                 "tokens": int(windows.numel()), "bos_per_window": bos is not None,
+                "blockwise": ctx.placement == "offload",
                 "seconds": time.perf_counter() - t0}
             log.info("ppl %s = %.3f (%d/%d windows of %d)", name, ppl, len(windows), n_total,
                      seqlen)

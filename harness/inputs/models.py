@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from harness.inputs.gguf import GGUFError, assemble_gguf, load_gguf_cached
+from harness.inputs.placement import DEFAULT_PLACEMENT, apply_placement, plan_placement
 from methods.arch import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,24 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
+        """The compute device (with placement=offload the weights stay in host memory)."""
+        placement = self.info.get("placement")
+        if placement:
+            return torch.device(placement["compute_device"])
         return next(self.model.parameters()).device
 
+    @property
+    def offloaded(self) -> bool:
+        return (self.info.get("placement") or {}).get("path") == "offload"
 
-def resolve_dtype(name: str) -> torch.dtype:
+
+def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    """`auto`: bf16 on a GPU that supports it (fp16 otherwise), fp32 on CPU (half-precision
+    CPU matmuls are slow and some ops lack them)."""
+    if name == "auto":
+        if device is not None and device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
     try:
         return DTYPES[name]
     except KeyError:
@@ -245,10 +260,12 @@ def _gguf_file(src: Any, cache_dir: Path | None) -> Path:
     return assemble_gguf(src.package, src.function, cache, src.file)
 
 
-def load_model(cfg: Any, cache_dir: Path | None = None) -> LoadedModel:
-    """cfg: the `model` config group (name, source, dtype, device, ...)."""
-    dtype = resolve_dtype(cfg.dtype)
+def load_model(cfg: Any, cache_dir: Path | None = None,
+               placement: Any = None) -> LoadedModel:
+    """cfg: the `model` config group (name, source, dtype, device, ...); placement: the
+    top-level `placement` node (mode, device_memory_gb; None: auto, the device's memory)."""
     device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
     src = cfg.source
     kind = src.kind
     name = model_label(cfg)
@@ -290,14 +307,17 @@ def load_model(cfg: Any, cache_dir: Path | None = None) -> LoadedModel:
         raise ModelLoadError(f"could not load model {name!r} ({kind}): {e}. Offline? "
                              "Hub models need internet or a local copy (model.source.kind=local)"
                              ) from e
-    model = model.to(device=device, dtype=dtype).eval()
-    model.requires_grad_(False)
+    model.eval().requires_grad_(False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     spec = ModelSpec.from_model(model, name)
+    placement = plan_placement(model.to(dtype=dtype), spec,
+                               str((placement or {}).get("mode") or DEFAULT_PLACEMENT), device,
+                               (placement or {}).get("device_memory_gb"))
+    model = apply_placement(model, placement, dtype)
     n_params = sum(p.numel() for p in model.parameters())
     info.update(load_s=time.perf_counter() - t0, n_params=n_params, dtype=str(dtype),
-                device=str(device), family=spec.table.family)
+                device=str(device), family=spec.table.family, placement=placement.to_dict())
     log.info("loaded %s: %s, %.1fM params, %d blocks, %.1fs", name, spec.table.family,
              n_params / 1e6, spec.num_layers, info["load_s"])
     return LoadedModel(model, tok, spec, info)

@@ -38,13 +38,14 @@ from harness.run.cache import (
 from harness.run.mixed_precision import record_size_and_precision, resolve_selection
 from harness.util.security import UnsafePathError, safe_name, scrub_secrets, within_root
 from methods.base import ConfigError, Method, make_config
+from methods.blockwise import compute_on
 from methods.catalog import build, config_field_defaults
 
 log = logging.getLogger(__name__)
 
 # Keys that change where or how results are written, not what is measured.
 NON_IDENTITY_KEYS = ("paths", "launcher", "tracking", "force", "rerun_failed", "sweep", "hydra",
-                     "cache", "save_checkpoint", "export")
+                     "cache", "save_checkpoint", "export", "placement")
 
 
 def identity_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -222,6 +223,13 @@ def _execute(cfg: DictConfig, record: RunRecord, timer: Timer) -> None:
                              data_dir=str(data_dir) if data_dir else None)
     log.info("job %s: %s on %s (%s)", record.run_id, method.name, device, lm.info["dtype"])
 
+    with compute_on(lm.device if lm.offloaded else None):   # offload: blocks onloaded
+        _execute_loaded(cfg, record, timer, method, lm, data_dir, cache_dir)
+
+
+def _execute_loaded(cfg: DictConfig, record: RunRecord, timer: Timer, method: Method,
+                    lm: LoadedModel, data_dir: Path | None, cache_dir: Path) -> None:
+    device = lm.device
     reason = method.check(lm.spec)
     if reason:
         raise Skip(reason)
@@ -256,9 +264,11 @@ def _execute(cfg: DictConfig, record: RunRecord, timer: Timer) -> None:
     if cfg.get("runtime", False) and cfg.get("runtime_fuse", False):
         from methods.fusion import fuse_runtime  # one launch per linear group (after saving)
         model = fuse_runtime(model, lm.spec, record.artifacts.setdefault("runtime_fusion", {}))
+    placement = lm.info.get("placement") or {}
     ctx = EvalContext(model=model, tokenizer=lm.tokenizer, spec=lm.spec, data_dir=data_dir,
                       run_dir=run_dir, device=device, method=method, calib=calib,
-                      reference_model=reference)
+                      reference_model=reference, placement=placement.get("path", "device"),
+                      device_budget_bytes=placement.get("budget_bytes"))
     n_eval_metrics = 0
     for name in cfg.eval.evaluators:
         with timer.phase(f"eval_{name}", device):
@@ -292,7 +302,7 @@ def _export(cfg: DictConfig, method: Method, model: torch.nn.Module, lm: LoadedM
 def _load(cfg: DictConfig, cache_dir: Path) -> LoadedModel:
     """load_model; any failure other than out-of-memory becomes a ModelLoadError."""
     try:
-        return load_model(cfg.model, cache_dir)
+        return load_model(cfg.model, cache_dir, cfg.get("placement"))
     except (ModelLoadError, MemoryError, torch.OutOfMemoryError):
         raise
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad checkpoint

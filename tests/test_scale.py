@@ -1,0 +1,84 @@
+"""Models larger than the device: placement plan, block-wise perplexity, onloaded quantization."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.evals.ppl import blockwise_window_nlls, window_nlls
+from harness.inputs.models import tiny_bloom, tiny_llama
+from harness.inputs.placement import (
+    PlacementError,
+    gpu_device_map,
+    module_bytes,
+    plan_placement,
+)
+from harness.run.pipeline import run_one
+from methods.arch import ModelSpec
+from tests.conftest import TINY_QUICK
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_bloom])
+def test_blockwise_perplexity_equals_whole_model(build):
+    torch.manual_seed(0)
+    model = build().eval()
+    spec = ModelSpec.from_model(model, "tiny")
+    windows = torch.randint(0, model.config.vocab_size, (3, 24))
+    whole = window_nlls(model, windows)
+    blockwise = blockwise_window_nlls(model, spec, windows, CPU)
+    torch.testing.assert_close(blockwise, whole, rtol=1e-5, atol=1e-6)
+    # the model is left as it was: blocks back in place, forward unchanged
+    torch.testing.assert_close(window_nlls(model, windows), whole)
+
+
+def test_plan_placement_auto_device_offload_and_errors():
+    model = tiny_llama()
+    spec = ModelSpec.from_model(model, "tiny")
+    total = module_bytes(model)
+    gib = 2**30
+    assert plan_placement(model, spec, "auto", CPU).path == "device"     # CPU: unlimited
+    small = plan_placement(model, spec, "auto", CPU, budget_gb=total * 0.7 / gib)
+    assert small.path == "offload" and small.largest_block_bytes < total
+    with pytest.raises(PlacementError, match="placement.mode=offload"):
+        plan_placement(model, spec, "device", CPU, budget_gb=total * 0.7 / gib)
+    with pytest.raises(PlacementError, match=r"needs? .* MiB and the budget is"):
+        plan_placement(model, spec, "offload", CPU,
+                       budget_gb=small.largest_block_bytes * 0.5 / gib)
+    with pytest.raises(PlacementError, match="use one of"):
+        plan_placement(model, spec, "everywhere", CPU)
+
+
+def test_gpu_device_map_spreads_blocks_over_fake_gpus():
+    model = tiny_llama(num_layers=4)
+    spec = ModelSpec.from_model(model, "tiny")
+    per_gpu = int(module_bytes(model) * 0.8)
+    device_map = gpu_device_map(model, spec, n_gpus=2, per_gpu_bytes=per_gpu)
+    assert set(device_map.values()) == {0, 1}
+    with pytest.raises(PlacementError, match="does not fit 2 GPU"):
+        gpu_device_map(model, spec, n_gpus=2, per_gpu_bytes=per_gpu // 4)
+
+
+@pytest.mark.parametrize("method", ["gptq", "fptq"])
+def test_offloaded_job_gives_the_same_codes_and_perplexity(compose_cfg, method):
+    """A device budget smaller than the model: quantized block by block and evaluated block
+    by block, with the numbers of the on-device job."""
+    common = [*TINY_QUICK, f"method={method}", "bits=w4a8", "calib.n_samples=4",
+              "calib.seqlen=64", "cache=off"]
+    on_device = run_one(compose_cfg(*common, "placement.mode=device"))
+    offloaded = run_one(compose_cfg(*common, "placement.mode=auto", "force=true",
+                                    "placement.device_memory_gb=0.0002"))
+    assert on_device.status == offloaded.status == "ok", (on_device.error, offloaded.error)
+    assert offloaded.provenance["model_info"]["placement"]["path"] == "offload"
+    assert on_device.provenance["model_info"]["placement"]["path"] == "device"
+    assert offloaded.provenance["eval"]["ppl_ptb"]["blockwise"] is True
+    assert offloaded.metrics["ppl_ptb"] == pytest.approx(on_device.metrics["ppl_ptb"], rel=1e-5)
+    assert offloaded.config_hash == on_device.config_hash     # placement is not identity
+
+
+def test_block_larger_than_budget_fails_with_the_memory_it_needs(compose_cfg):
+    rec = run_one(compose_cfg(*TINY_QUICK, "method=rtn", "bits=w4a16",
+                              "placement.mode=offload", "placement.device_memory_gb=0.00001"))
+    assert rec.status == "failed"
+    assert "need" in rec.error and "placement.device_memory_gb" in rec.error
