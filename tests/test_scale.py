@@ -82,3 +82,50 @@ def test_block_larger_than_budget_fails_with_the_memory_it_needs(compose_cfg):
                               "placement.mode=offload", "placement.device_memory_gb=0.00001"))
     assert rec.status == "failed"
     assert "need" in rec.error and "placement.device_memory_gb" in rec.error
+
+
+def test_concurrent_jobs_lease_distinct_gpus(tmp_path):
+    """Four jobs of a sweep on a node with two (fake) GPUs: at most two run at once and
+    never two on one GPU; each GPU serves jobs in turn."""
+    import threading
+    import time
+
+    from harness.run.devices import lease_gpu
+
+    fake = ["0", "1"]
+    holding: dict[str, int] = {"0": 0, "1": 0}
+    seen: list[str] = []
+    peak = [0]
+    lock = threading.Lock()
+
+    def job():
+        with lease_gpu(fake, tmp_path / "locks", poll_s=0.01) as gpu:
+            with lock:
+                holding[gpu] += 1
+                seen.append(gpu)
+                peak[0] = max(peak[0], sum(holding.values()))
+                assert holding[gpu] == 1, f"two jobs on GPU {gpu}"
+            time.sleep(0.05)
+            with lock:
+                holding[gpu] -= 1
+
+    threads = [threading.Thread(target=job) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(seen) == ["0", "0", "1", "1"] and peak[0] == 2
+
+
+def test_no_gpu_no_lease(tmp_path):
+    from harness.run.devices import lease_gpu
+    with lease_gpu([], tmp_path) as gpu:
+        assert gpu is None
+
+
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
+    from harness.run.devices import visible_gpus
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert visible_gpus() == ["2", "5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == []

@@ -35,6 +35,7 @@ from harness.run.cache import (
     cache_key,
     cache_key_parts,
 )
+from harness.run.devices import job_gpu
 from harness.run.mixed_precision import record_size_and_precision, resolve_selection
 from harness.util.security import UnsafePathError, safe_name, scrub_secrets, within_root
 from methods.base import ConfigError, Method, make_config
@@ -180,7 +181,10 @@ def run_one(cfg: DictConfig) -> RunRecord:
     tracker = make_tracker(cfg.get("tracking"), record)
     timer = Timer()
     try:
-        _execute(cfg, record, timer)
+        with job_gpu(_wants_gpu(cfg)) as gpu:   # one GPU per concurrent job of a sweep
+            if gpu is not None:
+                record.provenance["gpu"] = gpu
+            _execute(cfg, record, timer)
     except Skip as e:
         record.status, record.error = "skipped", str(e)
         log.warning("skipped %s: %s", labels, e)
@@ -200,6 +204,10 @@ def run_one(cfg: DictConfig) -> RunRecord:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return record
+
+
+def _wants_gpu(cfg: DictConfig) -> bool:
+    return torch.cuda.is_available() and str(cfg.model.get("device", "auto")) in ("auto", "cuda")
 
 
 def _execute(cfg: DictConfig, record: RunRecord, timer: Timer) -> None:
