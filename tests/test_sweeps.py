@@ -67,6 +67,27 @@ def test_sweep_killed_mid_job_resumes_without_loss_or_duplicates(tmp_path):
     assert counts["failed"] == counts["missing"] == 0
     log = out.stdout + out.stderr
     assert log.count("resume: skip") == len(before) and "sweep summary (3 jobs)" in log
+    assert "sweep: 3 jobs" in log and "sweep progress: job 3 of 3 done (rtn w3a16: ok)" in log
+    table = log[log.index("sweep results:"):]
+    assert "| job | model | method | bits | eval | outcome | result |" in table
+    assert all(f"| rtn | {b} |" in table for b in ("w8a16", "w4a16", "w3a16"))
+
+
+def test_sweep_size_counts_swept_params_and_command_line():
+    from omegaconf import OmegaConf
+
+    from harness.run.callbacks import jobs_table, sweep_size
+
+    cfg = OmegaConf.create({"hydra": {
+        "sweeper": {"params": {"method": "fp16,rtn", "bits": "w16a16,w8a8,w4a8"}},
+        "overrides": {"task": ["bits=w4a8,w8a8", "model=tiny", "eval.max_windows=1"]}}})
+    assert sweep_size(cfg) == 4          # method x the command line's bits
+    md = jobs_table([{"job": 0, "model": "m", "method": "rtn", "bits": "w4a8", "eval": "ppl",
+                      "outcome": "ok", "headline": {"WikiText-2": "25.30"}},
+                     {"job": 1, "model": "m", "method": "fp16", "bits": "w4a8", "eval": "ppl",
+                      "outcome": "skipped", "error": "fp16 | quantizes nothing"}])
+    assert "| 0 | m | rtn | w4a8 | ppl | ok | WikiText-2 25.30 |" in md
+    assert "| 1 | m | fp16 | w4a8 | ppl | skipped | fp16 / quantizes nothing |" in md
 
 
 def test_joblib_sweep_of_4_jobs(tmp_path):

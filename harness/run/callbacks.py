@@ -5,6 +5,10 @@ counted in memory: each job writes `job_status.json` into its own Hydra output d
 (`write_job_status`), and `SweepSummary.on_multirun_end` reads them back from the sweep
 directory. A job killed before it finished has no status file and counts as `missing`;
 the next run of the same sweep command reruns it.
+
+While a sweep runs (basic launcher: in this process), each finished job logs the progress
+(job i of N, elapsed, estimated time left); the sweep ends with a table of every job's
+outcome and headline metrics, then the counts.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import importlib.util
 import json
 import logging
 import os
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -42,6 +47,25 @@ def job_outcome(status: str, resumed: bool) -> str:
     return "resumed" if resumed else status
 
 
+# report tables whose metrics the end-of-sweep table shows (MMLU: its average only)
+HEADLINE_TABLES = ("perplexity", "accuracy_avg", "mmlu")
+
+
+def headline_metrics(metrics: dict[str, Any]) -> dict[str, str]:
+    """{label: formatted value} of a record's headline metrics, as their evaluators label them."""
+    from harness.evals import metric_info
+
+    out = {}
+    for name, value in sorted(metrics.items()):
+        info = metric_info(name)
+        if (info is None or info.table not in HEADLINE_TABLES or not isinstance(value, float)
+                or (info.table == "mmlu" and info.subject != "avg")):
+            continue
+        label = "MMLU" if info.table == "mmlu" else info.label
+        out[label] = f"{value * info.scale:.{info.digits}f}"
+    return out
+
+
 def write_job_status(output_dir: str | os.PathLike, record: Any, resumed: bool) -> Path:
     """Atomically write this job's outcome next to Hydra's own files for the job."""
     out = Path(output_dir)
@@ -49,7 +73,7 @@ def write_job_status(output_dir: str | os.PathLike, record: Any, resumed: bool) 
     data = {"outcome": job_outcome(record.status, resumed), "status": record.status,
             "run_id": record.run_id, "config_hash": record.config_hash, "model": record.model,
             "method": record.method, "bits": record.bits, "eval": record.eval,
-            "error": record.error}
+            "error": record.error, "headline": headline_metrics(record.metrics)}
     tmp = out / f".{JOB_STATUS_FILE}.{uuid.uuid4().hex}.tmp"
     tmp.write_text(json.dumps(data), encoding="utf-8")
     final = out / JOB_STATUS_FILE
@@ -62,6 +86,7 @@ def summarize_sweep(sweep_dir: str | os.PathLike) -> dict[str, Any]:
     sweep = Path(sweep_dir)
     counts: Counter[str] = Counter({k: 0 for k in OUTCOMES})
     failed: list[dict[str, Any]] = []
+    jobs: list[dict[str, Any]] = []
     job_dirs = sorted((d for d in sweep.iterdir() if d.is_dir() and d.name.isdigit()),
                       key=lambda d: int(d.name)) if sweep.is_dir() else []
     for d in job_dirs:
@@ -69,19 +94,89 @@ def summarize_sweep(sweep_dir: str | os.PathLike) -> dict[str, Any]:
             data = json.loads((d / JOB_STATUS_FILE).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             counts["missing"] += 1
+            jobs.append({"job": int(d.name), "outcome": "missing"})
             continue
         counts[data["outcome"]] += 1
+        jobs.append({"job": int(d.name), **{k: data.get(k) for k in (
+            "model", "method", "bits", "eval", "outcome", "error", "headline")}})
         if data["outcome"] == "failed":
             failed.append({"job": int(d.name), "run_id": data["run_id"], "error": data["error"]})
     return {"sweep_dir": str(sweep), "jobs": len(job_dirs), "counts": dict(counts),
-            "failed": failed}
+            "failed": failed, "table": jobs}
+
+
+def jobs_table(jobs: list[dict[str, Any]]) -> str:
+    """Markdown: one row per job (outcome, headline metrics or the reason it did not run)."""
+    lines = ["| job | model | method | bits | eval | outcome | result |",
+             "|--:|:--|:--|:--|:--|:--|:--|"]
+    for j in jobs:
+        if j.get("headline"):
+            result = ", ".join(f"{k} {v}" for k, v in j["headline"].items())
+        else:
+            result = " ".join(str(j.get("error") or "").split())[:80]
+        cells = [str(j["job"]), *(str(j.get(k) or "") for k in ("model", "method", "bits", "eval")),
+                 j["outcome"], result.replace("|", "/")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep_size(config: DictConfig) -> int | None:
+    """Jobs the basic sweeper launches: the product of the choices swept in
+    hydra.sweeper.params and on the command line (the command line wins for a key);
+    None when it cannot be counted (e.g. a glob sweep)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = {str(k): f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()}
+    for o in config.hydra.overrides.task:
+        args[str(o).split("=", 1)[0].lstrip("+~")] = str(o)
+    try:
+        n = 1
+        for ov in OverridesParser.create().parse_overrides(list(args.values())):
+            if ov.is_sweep_override():
+                n *= len(list(ov.sweep_string_iterator()))
+        return n
+    except Exception:  # noqa: BLE001 - progress is informative; never fail a sweep over it
+        return None
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
 class SweepSummary(Callback):
-    """Logs (and writes <sweep dir>/sweep_summary.json) ok/failed/skipped/resumed counts."""
+    """Progress after each job; at the end the table of what the sweep produced and the
+    ok/failed/skipped/resumed counts (also in <sweep dir>/sweep_summary.json)."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.total: int | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.start, self.total = time.monotonic(), sweep_size(config)
+        log.info("sweep: %s jobs", self.total if self.total is not None else "unknown number of")
+
+    def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
+        if self.start is None:          # a single run, not a sweep
+            return
+        done = int(config.hydra.job.num) + 1
+        elapsed = time.monotonic() - self.start
+        try:
+            status = json.loads((Path(config.hydra.runtime.output_dir) / JOB_STATUS_FILE)
+                                .read_text(encoding="utf-8"))
+            what = f"{status['method']} {status['bits']}: {status['outcome']}"
+        except (OSError, json.JSONDecodeError, KeyError):
+            what = "no status"
+        left = ("" if not self.total else
+                f", about {_duration(elapsed / done * max(self.total - done, 0))} left")
+        log.info("sweep progress: job %d of %s done (%s), elapsed %s%s", done,
+                 self.total or "?", what, _duration(elapsed), left)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         summary = summarize_sweep(config.hydra.sweep.dir)
+        if summary["table"]:
+            log.info("sweep results:\n%s", jobs_table(summary["table"]))
         c = summary["counts"]
         log.info("sweep summary (%d jobs): %d ok, %d failed, %d skipped, %d resumed "
                  "(finished before, not rerun), %d missing (no status; rerun the command)",
