@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from harness.inputs.data import calib_documents
+from harness.util.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -85,29 +87,69 @@ def build_calibration(tok: Any, spec: CalibSpec, data_dir: Path | None,
     return torch.tensor(rows, dtype=torch.long), strategy
 
 
+CALIB_FORMAT = 2   # 2: <key>.json manifest with the sha256 (1: <key>.txt, no checksum)
+
+
+def _read_cached(path: Path, spec: CalibSpec, vocab: int | None) -> tuple[Tensor, str]:
+    """Cached ids after checking them against their manifest; ValueError otherwise."""
+    from safetensors.torch import load_file
+    manifest = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    if manifest.get("format") != CALIB_FORMAT:
+        raise ValueError(f"format {manifest.get('format')!r}, expected {CALIB_FORMAT}")
+    if sha256_file(path) != manifest.get("sha256"):
+        raise ValueError("sha256 does not match its manifest")
+    ids = load_file(str(path))["input_ids"]
+    if tuple(ids.shape) != (spec.n_samples, spec.seqlen) or ids.dtype != torch.long:
+        raise ValueError(f"shape {tuple(ids.shape)} {ids.dtype}, expected "
+                         f"({spec.n_samples}, {spec.seqlen}) int64")
+    if vocab is not None and ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
+        raise ValueError(f"token ids outside [0, {vocab})")
+    return ids, str(manifest["strategy"])
+
+
+def _write_cached(path: Path, ids: Tensor, strategy: str) -> None:
+    """<key>.safetensors then <key>.json (its presence marks a complete entry); a failure
+    (full disk, read-only cache) only costs rebuilding next time."""
+    from safetensors.torch import save_file
+    tag = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    tmp, tmp_json = (path.with_name(f".{path.name}.{tag}.tmp"),
+                     path.with_name(f".{path.stem}.json.{tag}.tmp"))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".json").unlink(missing_ok=True)
+        save_file({"input_ids": ids.contiguous()}, str(tmp))
+        tmp_json.write_text(json.dumps({"format": CALIB_FORMAT, "sha256": sha256_file(tmp),
+                                        "strategy": strategy, "shape": list(ids.shape)}),
+                            encoding="utf-8")
+        os.replace(tmp, path)
+        os.replace(tmp_json, path.with_suffix(".json"))
+    except OSError as e:
+        log.warning("could not cache calibration batches at %s: %s", path, e)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp_json.unlink(missing_ok=True)
+
+
 def load_calibration(tok: Any, spec: CalibSpec, data_dir: Path | None, cache_dir: Path | None,
                      allow_hub: bool = False, vocab_size: int | None = None
                      ) -> tuple[list[Tensor], dict[str, Any]]:
-    """Calibration samples as a list of [1, seqlen] tensors, from the cache when present."""
-    from safetensors.torch import load_file, save_file
-
+    """Calibration samples as a list of [1, seqlen] tensors, from the cache when present
+    and intact (sha256, shape and id range checked; a bad entry is rebuilt with a warning)."""
     key = spec.key(tokenizer_fingerprint(tok))
     path = Path(cache_dir) / "calib" / f"{key}.safetensors" if cache_dir else None
     info = {"calib_key": key, **spec.__dict__}
-    if path is not None and path.is_file():
+    if path is not None and (path.is_file() or path.with_suffix(".json").is_file()):
         try:
-            data = load_file(str(path))
-            ids, strategy = data["input_ids"], path.with_suffix(".txt").read_text().strip()
+            ids, strategy = _read_cached(path, spec, vocab_size or len(tok))
             log.info("calibration %s loaded from cache", key)
             return list(ids.split(1)), {**info, "strategy": strategy, "cached": True}
-        except Exception as e:  # corrupt cache: rebuild, never use
-            log.warning("calibration cache %s unreadable (%s); rebuilding", path, e)
+        except Exception as e:  # noqa: BLE001 - a bad entry is rebuilt, never used
+            log.warning("calibration cache %s discarded (%s: %s); rebuilding", path,
+                        type(e).__name__, e)
+            for p in (path, path.with_suffix(".json"), path.with_suffix(".txt")):
+                p.unlink(missing_ok=True)
     ids, strategy = build_calibration(tok, spec, data_dir, allow_hub, vocab_size)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"input_ids": ids.contiguous()}, str(tmp))
-        path.with_suffix(".txt").write_text(strategy)
-        os.replace(tmp, path)
+        _write_cached(path, ids, strategy)
     log.info("calibration: %d x %d tokens from %s (%s)", *ids.shape, spec.dataset, strategy)
     return list(ids.split(1)), {**info, "strategy": strategy, "cached": False}
