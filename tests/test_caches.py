@@ -61,3 +61,99 @@ def test_calibration_cache_write_failure_is_harmless(tmp_path, monkeypatch, capl
         ids, info = _calib(tmp_path)
     assert len(ids) == 4 and "No space left" in caplog.text
     assert not [p for p in (tmp_path / "calib").iterdir()]     # no partial files left
+
+
+# ---------------------------------------------------------------- quantized-model cache
+
+QCONFIGS = ["rtn", "smoothquant", "gptq", "awq", "fptq"]
+
+
+def _quantized(name):
+    from harness.inputs.models import tiny_llama
+    from methods.arch import ModelSpec
+    from methods.catalog import build
+    from tests.test_layers import CONFIGS
+    calib = [torch.randint(3, 300, (1, 32), generator=torch.Generator().manual_seed(i))
+             for i in range(4)]
+    model = tiny_llama(hidden_size=64, intermediate_size=128,
+                       outliers={"0.input_layernorm": 40.0, "1.mlp.up_proj": 30.0})
+    spec = ModelSpec.from_model(model, "tiny")
+    method = build(CONFIGS[name])
+    return method.quantize(model, spec, calib), spec, method
+
+
+@pytest.mark.parametrize("name", QCONFIGS)
+def test_quantized_cache_stores_codes_and_rebuilds_the_identical_model(tmp_path, name):
+    from harness.inputs.models import tiny_llama
+    from harness.run.cache import WEIGHTS, QuantizedModelCache
+    from methods.layers import FakeQuantLinear
+    qmodel, spec, method = _quantized(name)
+    cache = QuantizedModelCache(tmp_path)
+    cache.save("k", {"p": 1}, qmodel, spec, method.artifacts)
+    manifest = cache.read_manifest("k")
+    quantized = [n for n, m in qmodel.named_modules()
+                 if type(m) is FakeQuantLinear and m.w_scale is not None]
+    assert quantized and sorted(manifest["codes"]) == sorted(quantized)   # no dense fallback
+    dense = sum(t.numel() * t.element_size() for t in qmodel.state_dict().values())
+    coded = sum(qmodel.get_submodule(n).weight.numel() * 4 for n in quantized)   # fp32 bytes
+    assert (tmp_path / "k" / WEIGHTS).stat().st_size < dense - 0.8 * coded   # 4-bit: 1/8
+    fresh = tiny_llama(hidden_size=64, intermediate_size=128,
+                       outliers={"0.input_layernorm": 40.0, "1.mlp.up_proj": 30.0})
+    hit = cache.restore("k", manifest, fresh, spec)
+    for (n, a), (m, b) in zip(sorted(hit.model.state_dict().items()),
+                              sorted(qmodel.state_dict().items()), strict=True):
+        assert n == m and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+    ids = torch.randint(3, 300, (1, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(hit.model(ids).logits, qmodel(ids).logits, rtol=0, atol=0)
+
+
+def test_quantized_cache_evicts_least_recently_used_over_max_gb(tmp_path, caplog):
+    import os
+    import time
+
+    from harness.run.cache import QuantizedModelCache
+    qmodel, spec, method = _quantized("rtn")
+    probe = QuantizedModelCache(tmp_path / "probe")
+    probe.save("x", {}, qmodel, spec, {})
+    size = sum(p.stat().st_size for p in (tmp_path / "probe" / "x").iterdir())
+    cache = QuantizedModelCache(tmp_path / "c", max_gb=2.5 * size / 2**30)   # room for two
+    for i, key in enumerate(("a", "b")):
+        cache.save(key, {}, qmodel, spec, {})
+        os.utime(tmp_path / "c" / key / "manifest.json", (time.time() - 100 + i,) * 2)
+    cache.touch("a")                                   # a used last: b is the oldest
+    with caplog.at_level("WARNING"):
+        cache.save("c", {}, qmodel, spec, {})
+    assert sorted(d.name for d in cache.entries()) == ["a", "c"]
+    assert "least recently used" in caplog.text
+    with pytest.raises(ValueError, match="max_gb"):
+        QuantizedModelCache(tmp_path, max_gb=0)
+
+
+def test_quantized_cache_malformed_manifest_is_discarded_not_fatal(tmp_path):
+    from harness.run.cache import MANIFEST, CacheEntryError, QuantizedModelCache
+    qmodel, spec, method = _quantized("rtn")
+    cache = QuantizedModelCache(tmp_path)
+    cache.save("k", {}, qmodel, spec, {})
+    m = json.loads((tmp_path / "k" / MANIFEST).read_text())
+    for bad in ([1, 2], {**m, "weights": None}, {k: v for k, v in m.items() if k != "codes"},
+                {**m, "codes": {"model.layers.0.mlp.up_proj": {"packing": "zip"}}},
+                {**m, "format": 2}):
+        (tmp_path / "k" / MANIFEST).write_text(json.dumps(bad))
+        with pytest.raises(CacheEntryError):
+            cache.read_manifest("k")
+
+
+def test_quantized_cache_save_failure_is_harmless(compose_cfg, monkeypatch):
+    import harness.run.cache as cache_mod
+    from harness.run.pipeline import run_one
+    from tests.conftest import TINY_QUICK
+
+    def no_space(*a, **k):
+        raise RuntimeError("Error while serializing: IoError(No space left on device)")
+
+    monkeypatch.setattr(cache_mod, "save_safetensors_file", no_space)
+    record = run_one(compose_cfg(*TINY_QUICK, "method=rtn", "bits=w4a16",
+                                 "bits.group_size=32"))
+    assert record.status == "ok" and "ppl_ptb" in record.metrics

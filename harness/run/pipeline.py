@@ -374,6 +374,7 @@ def _quantize_cached(cfg: DictConfig, method: Method, lm: LoadedModel, record: R
             with timer.phase("reload", torch.device("cpu")):   # the model was half-restored
                 lm = _load(cfg, Path(cfg.paths.cache_dir))
         else:
+            qcache.touch(key)
             method.artifacts.update(hit.artifacts)
             if manifest.get("calibration") is not None:
                 record.provenance["calibration"] = manifest["calibration"]
@@ -386,8 +387,8 @@ def _quantize_cached(cfg: DictConfig, method: Method, lm: LoadedModel, record: R
             qcache.save(key, parts, model, lm.spec, method.artifacts,
                         {"calibration": record.provenance.get("calibration"),
                          "method": method.describe()})
-    except (CacheEntryError, OSError, TypeError) as e:   # the job's result does not depend on it
-        log.warning("quantized model not cached: %s", e)
+    except Exception as e:  # noqa: BLE001 - a full disk or any cache fault: the job's result
+        log.warning("quantized model not cached: %s: %s", type(e).__name__, e)  # stands
         status = "off" if isinstance(e, CacheEntryError) else status
     record.provenance["cache"] = status
     return model, lm
