@@ -157,3 +157,30 @@ def test_quantized_cache_save_failure_is_harmless(compose_cfg, monkeypatch):
     record = run_one(compose_cfg(*TINY_QUICK, "method=rtn", "bits=w4a16",
                                  "bits.group_size=32"))
     assert record.status == "ok" and "ppl_ptb" in record.metrics
+
+
+def test_ptqbench_cache_list_verify_clear(tmp_path, capsys):
+    from harness.run.cache import WEIGHTS, QuantizedModelCache
+    from harness.run.cache_cli import main
+    qmodel, spec, method = _quantized("rtn")
+    qc = QuantizedModelCache(tmp_path / "quantized")
+    qc.save("good", {"model": {"name": "tiny"}, "method": {"name": "rtn", "w_bits": 4,
+                                                            "a_bits": 8}}, qmodel, spec, {})
+    qc.save("bad", {}, qmodel, spec, {})
+    _calib(tmp_path)
+    assert main(["--dir", str(tmp_path), "list"]) == 0
+    out = capsys.readouterr().out
+    assert "quantized" in out and "good" in out and "tiny rtn w4a8" in out and "calib" in out
+    data = bytearray((tmp_path / "quantized" / "bad" / WEIGHTS).read_bytes())
+    data[100] ^= 0xFF
+    (tmp_path / "quantized" / "bad" / WEIGHTS).write_bytes(bytes(data))
+    assert main(["--dir", str(tmp_path), "verify"]) == 1
+    assert "BAD quantized  bad" in capsys.readouterr().out
+    assert main(["--dir", str(tmp_path), "verify", "--fix"]) == 0
+    assert main(["--dir", str(tmp_path), "verify"]) == 0
+    assert [d.name for d in qc.entries()] == ["good"]
+    assert main(["--dir", str(tmp_path), "clear", "good"]) == 0 and qc.entries() == []
+    with pytest.raises(SystemExit):
+        main(["--dir", str(tmp_path), "clear", "nope"])
+    assert main(["--dir", str(tmp_path), "clear", "--all"]) == 0
+    assert not list((tmp_path / "calib").glob("*.safetensors"))

@@ -93,11 +93,8 @@ CALIB_FORMAT = 2   # 2: <key>.json manifest with the sha256 (1: <key>.txt, no ch
 def _read_cached(path: Path, spec: CalibSpec, vocab: int | None) -> tuple[Tensor, str]:
     """Cached ids after checking them against their manifest; ValueError otherwise."""
     from safetensors.torch import load_file
+    verify_cached(path)
     manifest = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
-    if manifest.get("format") != CALIB_FORMAT:
-        raise ValueError(f"format {manifest.get('format')!r}, expected {CALIB_FORMAT}")
-    if sha256_file(path) != manifest.get("sha256"):
-        raise ValueError("sha256 does not match its manifest")
     ids = load_file(str(path))["input_ids"]
     if tuple(ids.shape) != (spec.n_samples, spec.seqlen) or ids.dtype != torch.long:
         raise ValueError(f"shape {tuple(ids.shape)} {ids.dtype}, expected "
@@ -105,6 +102,13 @@ def _read_cached(path: Path, spec: CalibSpec, vocab: int | None) -> tuple[Tensor
     if vocab is not None and ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
         raise ValueError(f"token ids outside [0, {vocab})")
     return ids, str(manifest["strategy"])
+
+
+def verify_cached(path: Path) -> None:
+    """ValueError unless calibration entry `path` (.safetensors) matches its manifest."""
+    manifest = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    if manifest.get("format") != CALIB_FORMAT or sha256_file(path) != manifest.get("sha256"):
+        raise ValueError("format or sha256 does not match its manifest")
 
 
 def _write_cached(path: Path, ids: Tensor, strategy: str) -> None:
