@@ -256,3 +256,26 @@ def test_gptq_format_loads_through_gptqmodel(tiny, tmp_path):
     back = GPTQModel.load(str(tmp_path / "g"), device="cpu")
     torch.testing.assert_close(_logits(back.model, ids).float(), _logits(m, ids),
                                atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", [
+    RTNConfig(w_bits=4, group_size=64, symmetric=False),
+    RTNConfig(w_bits=8, a_bits=8, act_mode="dynamic_token"),
+    RTNConfig(w_bits=4, a_bits=8, group_size=64, act_mode="dynamic_token")],
+    ids=["w4a16", "w8a8-dynamic", "w4a8-dynamic"])
+def test_smollm2_round_trip(compose_cfg, tmp_path, cfg):
+    """SmolLM2-135M (tied embeddings): bit-exact weights and the logits of the simulated
+    model (dynamic schemes: on compressed-tensors' token grid)."""
+    from harness.inputs.models import load_model
+    from methods.export import export_compressed_tensors, load_compressed_tensors
+
+    c = compose_cfg("model=smollm2-135m", "model.device=cpu")
+    lm = load_model(c.model, c.paths.cache_dir)
+    build(cfg).quantize(lm.model, lm.spec, None)
+    report = export_compressed_tensors(lm.model, lm.spec, tmp_path / "ct", tokenizer=lm.tokenizer)
+    back = load_compressed_tensors(tmp_path / "ct")
+    ids = torch.randint(0, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
+    ref = _on_ct_token_grid(lm.model, lm.spec) if cfg.a_bits < 16 else lm.model
+    torch.testing.assert_close(_logits(back, ids), _logits(ref, ids), atol=1e-3, rtol=1e-3)
+    assert report["tensor_bytes"] == report["expected_tensor_bytes"]
