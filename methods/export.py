@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from methods.arch import ModelSpec
+from methods.kvcache import detach_kv_cache_quant
 from methods.layers import FakeQuantLinear, iter_block_linears, replace_linear
 
 FORMATS = ("compressed_tensors", "gptq")
@@ -194,8 +195,7 @@ def export_compressed_tensors(model: nn.Module, spec: ModelSpec, out_dir: str | 
                               "exported (the checkpoint keeps an fp KV cache)", [])
 
     ex = copy.deepcopy(model)
-    for kv in [m for m in ex.modules() if hasattr(m, "kv_quant")]:
-        del kv.kv_quant
+    detach_kv_cache_quant(ex, spec)        # simulated only: listed as a deviation above
     for full in found:
         replace_linear(ex, full, _plain_linear(found[full][0]))
     schemes = sorted({s for _, s in found.values()}, key=lambda s: s.label)

@@ -279,3 +279,18 @@ def test_smollm2_round_trip(compose_cfg, tmp_path, cfg):
     ref = _on_ct_token_grid(lm.model, lm.spec) if cfg.a_bits < 16 else lm.model
     torch.testing.assert_close(_logits(back, ids), _logits(ref, ids), atol=1e-3, rtol=1e-3)
     assert report["tensor_bytes"] == report["expected_tensor_bytes"]
+
+
+def test_simulated_kv_cache_is_a_listed_deviation(tiny, tmp_path):
+    from methods.export import export_compressed_tensors, load_compressed_tensors
+    _, spec, _, ids = tiny
+    cfg = RTNConfig(w_bits=4, group_size=G, kv_bits=4)
+    m = _quantized(tiny, cfg)
+    build(cfg).quantize_kv_cache(m, spec, None)
+    report = export_compressed_tensors(m, spec, tmp_path / "ct", kv_bits=4)
+    assert any(d.startswith("kv_bits=4") for d in report["deviations"])
+    assert "ptqbench" not in (tmp_path / "ct" / "config.json").read_text()
+    assert m.config._attn_implementation.startswith("ptqbench_kv")    # the source untouched
+    back = load_compressed_tensors(tmp_path / "ct")
+    assert not any(hasattr(x, "kv_quant") for x in back.modules())
+    assert _logits(back, ids).isfinite().all()
