@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-gemma install-baselines install-gptqmodel demo test test-all lint report clean-venv
+.PHONY: install install-gemma install-baselines install-export install-gptqmodel demo test test-all lint report clean-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -50,6 +50,10 @@ install-gemma: install
 # Reference libraries for experiment=alignment: llm-compressor (GPTQ, AWQ, SmoothQuant) ...
 install-baselines: install
 	$(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[baselines]"
+
+# compressed-tensors for export=compressed_tensors / ptqbench-export (docs/export.md)
+install-export: install
+	$(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[export]"
 
 # ... and GPTQModel 7.7 (GPTQ). Its metadata asks for torch>=2.14.1 and transformers>=5.20.2,
 # which would replace the pinned CPU torch and break llm-compressor's transformers<=5.17; it
