@@ -244,18 +244,22 @@ def test_gptq_format_refuses_activation_quantization(tiny, tmp_path):
         export_model(m, spec, "gptq", tmp_path / "g")
 
 
+@pytest.mark.slow      # GPTQModel's import and kernel selection take minutes on 2 cores
 @pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None,
                     reason="GPTQModel is not installed (make install-gptqmodel)")
 def test_gptq_format_loads_through_gptqmodel(tiny, tmp_path):
+    """GPTQModel reads the v1 zero points right: its (fp16) logits equal the simulated
+    model's to 1% of their norm (a v2 misreading shifts every code by one step)."""
     from gptqmodel import GPTQModel
 
+    from harness.inputs.models import tiny_tokenizer
     from methods.export import export_model
     _, spec, _, ids = tiny
     m = _quantized(tiny, RTNConfig(w_bits=4, group_size=G))
-    export_model(m, spec, "gptq", tmp_path / "g")
+    export_model(m, spec, "gptq", tmp_path / "g", tokenizer=tiny_tokenizer())
     back = GPTQModel.load(str(tmp_path / "g"), device="cpu")
-    torch.testing.assert_close(_logits(back.model, ids).float(), _logits(m, ids),
-                               atol=2e-2, rtol=2e-2)
+    out, sim = _logits(back.model, ids).float(), _logits(m, ids)
+    assert float((out - sim).norm() / sim.norm()) < 1e-2
 
 
 @pytest.mark.slow
