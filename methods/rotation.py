@@ -20,7 +20,7 @@ For y = x W^T (x [.., K], W [N, K]) and an orthogonal R [K, K]:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -135,7 +135,7 @@ def kron_rows(x: Tensor, factors: tuple[Tensor, ...]) -> Tensor:
     lead = x.shape[:-1]
     y = x.reshape(-1, *sizes)
     for axis, f in enumerate(factors, start=1):
-        y = torch.movedim(torch.movedim(y, axis, -1) @ f.T.to(y), -1, axis)
+        y = torch.movedim(torch.movedim(y, axis, -1) @ f.T.to(y.dtype), -1, axis)
     return y.reshape(*lead, -1)
 
 
@@ -146,6 +146,15 @@ class Rotation:
     factors: tuple[Tensor, ...]
     signs: Tensor | None = None
     kind: str = "hadamard"
+    # (device, dtype) -> (factors, signs) copies, so an online rotation moves its factors once
+    _copies: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def _on(self, like: Tensor) -> tuple[tuple[Tensor, ...], Tensor | None]:
+        key = (like.device, like.dtype)
+        if key not in self._copies:
+            self._copies[key] = (tuple(f.to(like) for f in self.factors),
+                                 None if self.signs is None else self.signs.to(like))
+        return self._copies[key]
 
     @property
     def n(self) -> int:
@@ -159,15 +168,18 @@ class Rotation:
     def apply(self, x: Tensor) -> Tensor:
         """Rows v of x [.., n] -> R v, i.e. x R^T (dtype of x; fp32 arithmetic for halves)."""
         y = self._compute(x)
-        if self.signs is not None:
-            y = y * self.signs.to(y)
-        return kron_rows(y, self.factors).to(x.dtype)
+        factors, signs = self._on(y)
+        if signs is not None:
+            y = y * signs
+        return kron_rows(y, factors).to(x.dtype)
 
     def apply_t(self, x: Tensor) -> Tensor:
         """Rows v of x [.., n] -> R^T v, i.e. x R."""
-        y = kron_rows(self._compute(x), tuple(f.T for f in self.factors))
-        if self.signs is not None:
-            y = y * self.signs.to(y)
+        y = self._compute(x)
+        factors, signs = self._on(y)
+        y = kron_rows(y, tuple(f.T for f in factors))
+        if signs is not None:
+            y = y * signs
         return y.to(x.dtype)
 
     def conjugate(self, H: Tensor) -> Tensor:
