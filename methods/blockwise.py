@@ -38,14 +38,53 @@ _COMPUTE_DEVICE: contextvars.ContextVar[torch.device | None] = contextvars.Conte
     "compute_device", default=None)
 
 
+class BlockStore:
+    """Where a decoder block's weights wait while other blocks compute. This one keeps them
+    in memory on their home device and moves a block to the compute device for its turn;
+    a store can instead keep them on disk (harness.inputs.lazy.DiskBlocks)."""
+
+    def onload(self, index: int, block: nn.Module, device: torch.device) -> None:
+        self._home = next(block.parameters()).device
+        block.to(device)
+
+    def offload(self, index: int, block: nn.Module, changed: bool) -> None:
+        """changed: the block was rewritten (quantized) and its new state must be kept."""
+        block.to(self._home)
+
+
+_BLOCK_STORE: contextvars.ContextVar[BlockStore | None] = contextvars.ContextVar(
+    "block_store", default=None)
+
+
 @contextmanager
-def compute_on(device: torch.device | None):
-    """Within the block, blocks (and the embeddings for capture) run on `device`."""
+def compute_on(device: torch.device | None, store: BlockStore | None = None):
+    """Within the block, blocks (and the embeddings for capture) run on `device`, taken
+    from and returned to `store` (default: moved in memory)."""
     token = _COMPUTE_DEVICE.set(None if device is None else torch.device(device))
+    store_token = _BLOCK_STORE.set(store)
     try:
         yield
     finally:
         _COMPUTE_DEVICE.reset(token)
+        _BLOCK_STORE.reset(store_token)
+
+
+def block_store() -> BlockStore:
+    return _BLOCK_STORE.get() or BlockStore()
+
+
+@torch.no_grad()
+def for_each_block(model: nn.Module, spec: ModelSpec, fn: Callable[[int, nn.Module], None],
+                   device: torch.device | None = None, desc: str = "blocks") -> None:
+    """fn(i, block) for each block in turn on the compute device, without calibration data
+    (e.g. data-free RTN); with a disk store only one block's weights are in memory."""
+    device = device or compute_device(model)
+    store = block_store()
+    blocks = spec.blocks(model)
+    for i in tqdm(range(len(blocks)), desc=desc, leave=False):
+        store.onload(i, blocks[i], device)
+        fn(i, blocks[i])
+        store.offload(i, blocks[i], changed=True)
 
 
 def compute_device(model: nn.Module) -> torch.device:
@@ -183,15 +222,15 @@ def walk_blocks(model: nn.Module, spec: ModelSpec, calib: Sequence[Tensor], on_b
     device = device or compute_device(model)
     inputs = capture_block_inputs(model, spec, calib, device, store_device)
     blocks = spec.blocks(model)
+    store = block_store()
     for i in tqdm(range(len(blocks)), desc=desc):
         block = blocks[i]
-        home = next(block.parameters()).device
-        block.to(device)
+        store.onload(i, block, device)
         _check_finite_weights(block, i)
         on_block(i, block, inputs)
         if advance and i + 1 < len(blocks):
             inputs.advance(block)
-        block.to(home)
+        store.offload(i, block, changed=True)
     log.info("walked %d blocks on %s with %d calibration samples", len(blocks), device, len(inputs))
 
 
@@ -232,12 +271,12 @@ def blockwise_logits(model: nn.Module, spec: ModelSpec, samples: Sequence[Tensor
     cpu = torch.device("cpu")
     inputs = capture_block_inputs(model, spec, samples, device, store_device=cpu)
     blocks = spec.blocks(model)
+    store = block_store()
     for i in tqdm(range(len(blocks)), desc=f"{desc} (block-wise)", leave=False):
         block = blocks[i]
-        home = next(block.parameters()).device
-        block.to(device)
+        store.onload(i, block, device)
         inputs.advance(block)
-        block.to(home)
+        store.offload(i, block, changed=False)
     originals = list(blocks)
     replay = _Replay(inputs.tuple_output)
     head = [get_module(model, spec.table.lm_head), *_non_block_modules(model, spec)]

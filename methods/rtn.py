@@ -9,8 +9,8 @@ from torch import nn
 
 from methods.arch import ModelSpec
 from methods.base import Calib, LinearStats, Method, QuantConfig, register
-from methods.blockwise import collect_block_stats, stats_table, walk_blocks
-from methods.layers import config_for, iter_block_linears, replace_linear, round_and_wrap
+from methods.blockwise import collect_block_stats, for_each_block, stats_table, walk_blocks
+from methods.layers import config_for, replace_linear, round_and_wrap
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,13 @@ class RTN(Method[RTNConfig]):
 
     def quantize(self, model: nn.Module, spec: ModelSpec, calib: Calib | None) -> nn.Module:
         if not self.needs_calibration:
-            for _, _, full, lin in iter_block_linears(model, spec):
-                if (cfg := config_for(self.config, full)) is not None:
-                    replace_linear(model, full, round_and_wrap(lin, cfg))
+            def round_block(i: int, block: nn.Module) -> None:
+                for rel in spec.table.linear_names():
+                    cfg = config_for(self.config, f"{spec.table.blocks}.{i}.{rel}")
+                    if cfg is not None:
+                        replace_linear(block, rel, round_and_wrap(block.get_submodule(rel), cfg))
+
+            for_each_block(model, spec, round_block, desc="rtn blocks")
             return model
         if not calib:
             raise ValueError("rtn with static activation scales needs calibration data")

@@ -129,3 +129,38 @@ def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
     assert visible_gpus() == ["2", "5"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert visible_gpus() == []
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """tiny-llama saved as a sharded safetensors checkpoint with its tokenizer."""
+    from harness.inputs.models import tiny_tokenizer
+    path = tmp_path / "tiny-ckpt"
+    tiny_llama().save_pretrained(path, max_shard_size="200KB")
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_disk_placement_reads_blocks_on_demand_with_the_same_numbers(compose_cfg,
+                                                                     tiny_checkpoint, method):
+    assert (tiny_checkpoint / "model.safetensors.index.json").is_file()   # sharded
+    common = [*TINY_QUICK[1:], "model=local", f"model.source.path={tiny_checkpoint}",
+              "model.dtype=float32", "model.group_size=32", f"method={method}", "bits=w4a8",
+              "calib.n_samples=4", "calib.seqlen=64", "cache=off"]
+    in_memory = run_one(compose_cfg(*common, "placement.mode=device"))
+    on_disk = run_one(compose_cfg(*common, "placement.mode=disk", "force=true"))
+    assert in_memory.status == on_disk.status == "ok", (in_memory.error, on_disk.error)
+    assert on_disk.provenance["model_info"]["placement"]["path"] == "disk"
+    n_blocks = 2
+    assert on_disk.provenance["block_store"]["writes"] == n_blocks       # each block once
+    assert on_disk.metrics["ppl_ptb"] == pytest.approx(in_memory.metrics["ppl_ptb"], rel=1e-5)
+    assert on_disk.metrics["avg_bits_linear"] == in_memory.metrics["avg_bits_linear"]
+
+
+def test_disk_placement_refuses_whole_model_steps(compose_cfg, tiny_checkpoint):
+    rec = run_one(compose_cfg(*TINY_QUICK[1:], "model=local",
+                              f"model.source.path={tiny_checkpoint}", "model.dtype=float32",
+                              "method=rtn", "bits=w4a16", "placement.mode=disk",
+                              "save_checkpoint=true"))
+    assert rec.status == "skipped" and "placement.mode=disk" in rec.error

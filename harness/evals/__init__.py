@@ -39,9 +39,14 @@ class EvalContext:
     calib: list[Tensor] | None = None          # its calibration batches, when it used any
     reference_model: nn.Module | None = None   # fp copy taken before quantization, for eval
     #                                            configs with `needs_reference_model: true`
-    placement: str = "device"     # "offload": weights in host memory, blocks onloaded
-    #                               one at a time (harness.inputs.placement)
+    placement: str = "device"     # "offload" / "disk": weights in host memory / in files,
+    #                               blocks onloaded one at a time (harness.inputs.placement)
     device_budget_bytes: int | None = None   # per-GPU budget for lm-eval's device map
+
+    @property
+    def blockwise(self) -> bool:
+        """The model's blocks are onloaded one at a time (offload or disk placement)."""
+        return self.placement in ("offload", "disk")
 
     @property
     def method_name(self) -> str:

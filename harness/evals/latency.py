@@ -279,10 +279,10 @@ def _decoder(model: nn.Module, ids: Tensor, spec: LatencySpec, device: torch.dev
 def evaluate(ctx: EvalContext, cfg: Any) -> EvalResult:
     spec = LatencySpec.from_cfg(cfg)
     model, device = ctx.model, ctx.device
-    if ctx.placement == "offload":
-        raise ValueError("latency with model.placement=offload would time weight transfers, "
-                         "not the model: run it on a device the model fits "
-                         "(model.placement=device, or more GPUs for lm-eval)")
+    if ctx.blockwise:
+        raise ValueError(f"latency with placement.mode={ctx.placement} would time weight "
+                         "transfers, not the model: run it where the model fits "
+                         "(placement.mode=device)")
     vocab = int(model.config.vocab_size)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     longest = max(*spec.prompt_lens, spec.decode_prompt_len + spec.new_tokens)

@@ -130,6 +130,9 @@ def evaluate(ctx: EvalContext, cfg: Any) -> EvalResult:
         # Local YAMLs never need the hub; make any accidental lookup fail fast instead of hang.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if ctx.placement == "disk":
+        raise ValueError("lm-eval needs the whole model in memory; placement.mode=disk keeps "
+                         "one block at a time (use placement.mode=offload on GPUs, or eval=ppl)")
     if ctx.placement == "offload" and ctx.device.type == "cuda":
         with spread_over_gpus(ctx.model, ctx.spec, ctx.device_budget_bytes) as device_map:
             result = _evaluate(ctx, opts)

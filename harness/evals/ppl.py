@@ -119,7 +119,7 @@ def evaluate(ctx: EvalContext, cfg: Any) -> EvalResult:
             n_total = len(windows)
             if cap:
                 windows = windows[: int(cap)]
-            if ctx.placement == "offload":
+            if ctx.blockwise:
                 nlls = blockwise_window_nlls(ctx.model, ctx.spec, windows, ctx.device,
                                              desc=f"ppl {name}")
             else:
@@ -132,7 +132,7 @@ def evaluate(ctx: EvalContext, cfg: Any) -> EvalResult:
             res.provenance[metric_name(name)] = {
                 "seqlen": seqlen, "windows": len(windows), "windows_available": n_total,
                 "tokens": int(windows.numel()), "bos_per_window": bos is not None,
-                "blockwise": ctx.placement == "offload",
+                "blockwise": ctx.blockwise,
                 "seconds": time.perf_counter() - t0}
             log.info("ppl %s = %.3f (%d/%d windows of %d)", name, ppl, len(windows), n_total,
                      seqlen)

@@ -38,6 +38,7 @@ class LoadedModel:
     tokenizer: Any
     spec: ModelSpec
     info: dict[str, Any] = field(default_factory=dict)
+    block_store: Any = None    # DiskBlocks with placement.mode=disk (blocks read on demand)
 
     @property
     def device(self) -> torch.device:
@@ -49,7 +50,7 @@ class LoadedModel:
 
     @property
     def offloaded(self) -> bool:
-        return (self.info.get("placement") or {}).get("path") == "offload"
+        return (self.info.get("placement") or {}).get("path") in ("offload", "disk")
 
 
 def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
@@ -260,6 +261,51 @@ def _gguf_file(src: Any, cache_dir: Path | None) -> Path:
     return assemble_gguf(src.package, src.function, cache, src.file)
 
 
+def _checkpoint_dir(cfg: Any, kind: str) -> Path:
+    if kind == "local":
+        return Path(str(cfg.source.path)).expanduser()
+    if kind == "hub":
+        from huggingface_hub import snapshot_download
+        try:
+            return Path(snapshot_download(cfg.source.repo_id, revision=cfg.source.get("revision"),
+                                          allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                          "*.txt"]))
+        except Exception as e:  # noqa: BLE001 - offline / gated / missing repo
+            raise ModelLoadError(f"placement.mode=disk needs the checkpoint files of "
+                                 f"{cfg.source.repo_id!r}: {e}") from e
+    raise ModelLoadError(f"placement.mode=disk reads safetensors checkpoints "
+                         f"(model.source.kind=local or hub), not {kind!r}")
+
+
+def _load_disk(cfg: Any, name: str, kind: str, dtype: torch.dtype, device: torch.device,
+               trust: bool, placement: Any, cache_dir: Path | None, info: dict[str, Any],
+               t0: float) -> LoadedModel:
+    """Blocks stay in their safetensors files until the block-wise engine reads them."""
+    from transformers import AutoTokenizer
+
+    from harness.inputs.lazy import DiskBlocks, LazyLoadError, load_lazy
+    path = _checkpoint_dir(cfg, kind)
+    try:
+        model, checkpoint = load_lazy(path, dtype, trust)
+    except LazyLoadError as e:
+        raise ModelLoadError(str(e)) from e
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    spec = ModelSpec.from_model(model, name)
+    plan = plan_placement(model, spec, "disk", device,
+                          (placement or {}).get("device_memory_gb"))
+    store = DiskBlocks(checkpoint, spec, dtype,
+                       Path(cache_dir) / "offload" if cache_dir is not None else None)
+    n_params = sum(p.numel() for p in model.parameters())
+    info.update(load_s=time.perf_counter() - t0, n_params=n_params, dtype=str(dtype),
+                device=str(device), family=spec.table.family, placement=plan.to_dict(),
+                checkpoint=str(path))
+    log.info("loaded %s lazily: %s, %.1fM params, %d blocks on disk, %.1fs", name,
+             spec.table.family, n_params / 1e6, spec.num_layers, info["load_s"])
+    return LoadedModel(model, tok, spec, info, block_store=store)
+
+
 def load_model(cfg: Any, cache_dir: Path | None = None,
                placement: Any = None) -> LoadedModel:
     """cfg: the `model` config group (name, source, dtype, device, ...); placement: the
@@ -278,6 +324,9 @@ def load_model(cfg: Any, cache_dir: Path | None = None,
                              f"{', '.join(KINDS)}")
     if trust:
         info["trust_remote_code"] = _warn_remote_code(cfg, kind)
+    mode = str((placement or {}).get("mode") or DEFAULT_PLACEMENT)
+    if mode == "disk":
+        return _load_disk(cfg, name, kind, dtype, device, trust, placement, cache_dir, info, t0)
     try:
         if kind == "tiny":
             family = src.get("family", "llama")

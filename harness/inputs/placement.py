@@ -6,7 +6,9 @@
 `device`: the whole model on the compute device (today's path). `offload`: the weights stay
 in host memory and one decoder block at a time is moved to the compute device by the
 block-wise engine (methods.blockwise), for calibration and for perplexity; embeddings and
-the head visit the device only for their own step. `auto` is `device` when the model fits
+the head visit the device only for their own step. `disk`: not even host memory holds the
+blocks: each is read from its safetensors files when its turn comes and a quantized block
+is written back to a work directory (harness.inputs.lazy), for models beyond RAM. `auto` is `device` when the model fits
 the budget and `offload` otherwise. The record's `model_info.placement` says which ran.
 """
 
@@ -21,8 +23,8 @@ from torch import nn
 
 from methods.arch import ModelSpec
 
-PlacementMode = Literal["auto", "device", "offload"]
-PLACEMENT_MODES = ("auto", "device", "offload")
+PlacementMode = Literal["auto", "device", "offload", "disk"]
+PLACEMENT_MODES = ("auto", "device", "offload", "disk")
 DEFAULT_PLACEMENT: PlacementMode = "auto"
 # Room kept free on the device for activations, Hessians and the allocator (fraction).
 DEVICE_HEADROOM = 0.1
@@ -33,6 +35,7 @@ class PlacementError(ValueError):
 
 
 def module_bytes(module: nn.Module) -> int:
+    """Bytes of every parameter and buffer (meta tensors count by shape and dtype)."""
     return sum(t.numel() * t.element_size()
                for t in [*module.parameters(), *module.buffers()])
 
@@ -79,13 +82,14 @@ def plan_placement(model: nn.Module, spec: ModelSpec, mode: str, device: torch.d
     head = total - sum(block_bytes)
     budget = device_budget(device, budget_gb)
     fits = budget is None or total <= budget
-    path = "device" if mode == "device" or (mode == "auto" and fits) else "offload"
+    path = ("device" if mode == "device" or (mode == "auto" and fits) else
+            "disk" if mode == "disk" else "offload")
     if path == "device" and not fits:
         raise PlacementError(
             f"the model needs {_size(total)} on {device} but the budget is {_size(budget)}; "
             "use placement.mode=offload (one block at a time) or auto")
     largest = max(block_bytes, default=0)
-    if path == "offload" and budget is not None and max(largest, head) > budget:
+    if path != "device" and budget is not None and max(largest, head) > budget:
         i = block_bytes.index(largest)
         what = (f"block {i} needs {_size(largest)}" if largest >= head else
                 f"the embeddings and head need {_size(head)}")

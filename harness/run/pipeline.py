@@ -231,8 +231,23 @@ def _execute(cfg: DictConfig, record: RunRecord, timer: Timer) -> None:
                              data_dir=str(data_dir) if data_dir else None)
     log.info("job %s: %s on %s (%s)", record.run_id, method.name, device, lm.info["dtype"])
 
-    with compute_on(lm.device if lm.offloaded else None):   # offload: blocks onloaded
+    if lm.block_store is not None:
+        _refuse_whole_model_steps(cfg)
+    with compute_on(lm.device if lm.offloaded else None, lm.block_store):   # one block at a time
         _execute_loaded(cfg, record, timer, method, lm, data_dir, cache_dir)
+    if lm.block_store is not None:
+        record.provenance["block_store"] = {"reads": lm.block_store.reads,
+                                            "writes": lm.block_store.writes}
+
+
+def _refuse_whole_model_steps(cfg: DictConfig) -> None:
+    """Steps that need every weight in memory at once cannot run with placement.mode=disk."""
+    whole = [k for k in ("runtime", "save_checkpoint", "export") if cfg.get(k)]
+    if cfg.eval.get("needs_reference_model"):
+        whole.append(f"eval={cfg.eval.name}")
+    if whole:
+        raise Skip(f"{', '.join(whole)} need the whole model in memory; placement.mode=disk "
+                   "keeps one block at a time (use placement.mode=offload)")
 
 
 def _execute_loaded(cfg: DictConfig, record: RunRecord, timer: Timer, method: Method,
@@ -350,7 +365,8 @@ def _quantize_cached(cfg: DictConfig, method: Method, lm: LoadedModel, record: R
     qcache = QuantizedModelCache.from_config(cfg.get("cache"))
     c = method.config
     if (qcache is None or not (c.quantizes_weights or c.quantizes_activations)
-            or not method.cacheable):   # e.g. state outside FakeQuantLinear
+            or not method.cacheable     # e.g. state outside FakeQuantLinear
+            or lm.block_store is not None):   # blocks on disk: the store holds them
         record.provenance["cache"] = "off"
         return _quantize(method, lm, timer, calib), lm
     parts = scrub_secrets(cache_key_parts(
