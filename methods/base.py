@@ -67,7 +67,16 @@ class QuantConfig:
     w_scales: WScales = "group"
 
     def __post_init__(self) -> None:
-        if self.group_size == -1 or self.group_size == 0:
+        for key in ("w_bits", "a_bits", "group_size", "kv_bits"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ConfigError(f"{key}={v!r} (bits.{key} / method.{key}) must be an integer"
+                                  + ("; group_size: a positive multiple of 8, or -1 for "
+                                     "per-channel" if key == "group_size" else ""))
+        if self.group_size == 0:
+            raise ConfigError("group_size=0 (bits.group_size / method.group_size) is not a group "
+                              "size: use a positive multiple of 8, or -1 for per-channel")
+        if self.group_size == -1:
             object.__setattr__(self, "group_size", None)
         object.__setattr__(self, "keep_fp", tuple(self.keep_fp or ()))
         object.__setattr__(self, "keep_w8", tuple(self.keep_w8 or ()))

@@ -243,6 +243,14 @@ def test_fptq_gptq_weights(outlier_model, calib, held_out, fptq_run):
     method.quantize(m, spec, calib)
     assert isinstance(m.model.layers[1].mlp.down_proj, FakeQuantLinear)
     assert _rel_err(m, ref, held_out) < 1.5 * _rel_err(fptq_run[0], ref, held_out)
+    # GPTQ, not an RTN fallback: every quantized weight differs from the RTN path's (same
+    # LAE scales, same grid), while still being codes on that grid (scale * integer)
+    rtn_model = fptq_run[0]
+    for name, mod in m.named_modules():
+        if isinstance(mod, FakeQuantLinear) and mod.w_scale is not None:
+            rtn_mod = rtn_model.get_submodule(name)
+            assert not torch.equal(mod.weight, rtn_mod.weight), f"{name}: RTN weights"
+    assert method.artifacts["fptq_policy"]["weight_method"] == "gptq"
 
 
 # ------------------------------------------------------------------ errors

@@ -102,6 +102,11 @@ def test_mmlu_groups_and_categories(tiny, tmp_path):
     assert res.provenance["tasks"]["mmlu"]["n_docs"] == 114  # limit 2 per subject
     subjects = res.artifacts["mmlu_subjects"]
     assert len(subjects) == 57
+    # each category = size-weighted mean of its subjects (2 docs each: the plain mean)
+    info = mmlu_subjects()
+    for cat in ("stem", "humanities", "social_sciences", "other"):
+        accs = [a for s, a in subjects.items() if info[s]["category"] == cat]
+        assert res.metrics[f"mmlu_{cat}"] == pytest.approx(sum(accs) / len(accs))
     # overall = size-weighted mean of subjects; with 2 docs each, the plain mean
     assert res.metrics["mmlu_avg"] == pytest.approx(sum(subjects.values()) / 57)
 
@@ -118,14 +123,14 @@ def test_mmlu_mapping_is_lm_evals():
 
 # ---------------------------------------------------------------- scoring direction
 
-def y_lover(tok, strength: float = 8.0):
-    """A Llama whose next-token distribution is fixed: it puts extra logit on byte 'y'.
+def y_lover(tok, strength: float = 8.0, liked: str = "y"):
+    """A Llama whose next-token distribution is fixed: it puts extra logit on byte 'y'
+    (or on each byte of `liked`).
 
     Layers are silenced (o_proj, down_proj = 0) and every embedding is the same vector, so
     the final hidden state is constant and lm_head alone sets the logits.
     """
     model = tiny_llama(seed=1)
-    y_id = tok.convert_tokens_to_ids("y")
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.zero_()
@@ -133,7 +138,9 @@ def y_lover(tok, strength: float = 8.0):
         model.model.embed_tokens.weight.fill_(1.0)
         model.model.norm.weight.fill_(1.0)
         model.lm_head.weight.zero_()
-        model.lm_head.weight[y_id].fill_(strength / model.config.hidden_size)
+        for ch in liked:
+            model.lm_head.weight[tok.convert_tokens_to_ids(ch)].fill_(
+                strength / model.config.hidden_size)
     return model
 
 
@@ -184,7 +191,7 @@ def test_nan_is_never_stored():
     res = EvalResult()
     mod._collect("boolq", {"acc,none": float("nan"), "acc_stderr,none": "N/A"}, res)
     assert res.metrics == {}
-    assert "acc_boolq" in res.errors and "acc_boolq_stderr" in res.errors
+    assert "acc_boolq" in res.errors and "acc_boolq_stderr" in res.provenance["not_stored"]
 
 
 def test_config_validation():
@@ -219,3 +226,82 @@ def test_config_hash_is_stable_and_path_free(tmp_path):
     b = prepare_task("boolq", DATA_DIR, tmp_path / "b")
     assert a.config_sha256 == b.config_sha256
     assert a.data_sha256 == b.data_sha256
+
+
+# Every converter, same idea as PIQA: the gold answer sits at varied positions and is the one
+# a "yes"-loving model picks (its bytes y, e, s get the logit), so a converter that maps
+# labels wrongly (inverted BoolQ map, ARC answerKey off by one, winogrande gold flipped)
+# changes the accuracy. BoolQ's choices are fixed ("no", "yes"): acc = share of true labels.
+# Winogrande scores one shared continuation after each context, CommonsenseQA scores the
+# answer letters: this model has no preference there, so lm-eval's argmax takes the first
+# option: acc = share of gold 0.
+
+def _write_jsonl(path: Path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+GOLD = [2, 0, 3, 1]          # gold position per doc (4 docs)
+
+
+def _write_arc(root: Path, name: str) -> None:
+    rows = []
+    for i, g in enumerate(GOLD):
+        labels = ["1", "2", "3", "4"] if i == 3 else ["A", "B", "C", "D"]   # ARC has both
+        rows.append({"id": f"q{i}", "question": {"stem": f"question {i}", "choices": [
+            {"text": "yyyy yyyy" if j == g else "zzzz zzzz", "label": lab}
+            for j, lab in enumerate(labels)]}, "answerKey": labels[g]})
+    _write_jsonl(root / "arc" / name, rows)
+
+
+def _write_hellaswag(root: Path) -> None:
+    import bz2
+    lines = []
+    for i, g in enumerate(GOLD):
+        lines += [f"Activity: context {i} and then", str(g),
+                  *["yyyy yyyy" if j == g else "zzzz zzzz" for j in range(4)]]
+    (root / "hellaswag").mkdir(parents=True)
+    with bz2.open(root / "hellaswag" / "hellaswag_val_full.txt.bz2", "wt") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _write_csqa(root: Path) -> None:
+    labels = ["A", "B", "C", "D", "E"]
+    _write_jsonl(root / "commonsense_qa" / "validation.hf_format.jsonl", [
+        {"id": f"q{i}", "question": f"question {i}?", "question_concept": "x",
+         "choices": {"label": labels, "text": ["yyyy yyyy" if j == g else "zzzz zzzz"
+                                               for j in range(5)]},
+         "answerKey": labels[g]} for i, g in enumerate(GOLD)])
+
+
+def _write_boolq(root: Path) -> None:
+    labels = ["true", "false", "true", "true"]      # share of true labels: 0.75
+    _write_jsonl(root / "boolq" / "val.jsonl", [
+        {"question": f"is it {i}", "passage": "a passage", "idx": i, "label": lab}
+        for i, lab in enumerate(labels)])
+
+
+def _write_winogrande(root: Path) -> None:
+    golds = [0, 1, 0, 0]                             # share of gold 0: 0.75
+    _write_jsonl(root / "winogrande" / "dev.mosaicml_partial.jsonl", [
+        {"context_options": [f"context {i} with A", f"context {i} with B"],
+         "continuation": "went home.", "gold": g} for i, g in enumerate(golds)])
+
+
+@pytest.mark.parametrize("task, write, expected", [
+    ("arc_easy", lambda r: _write_arc(r, "ARC-Easy-Test.jsonl"), 1.0),
+    ("arc_challenge", lambda r: _write_arc(r, "ARC-Challenge-Test.jsonl"), 1.0),
+    ("hellaswag", _write_hellaswag, 1.0),
+    ("commonsense_qa", _write_csqa, 0.25),   # lettered choices: ties pick "A"; GOLD[i]==0 once
+    ("boolq", _write_boolq, 0.75),
+    ("winogrande", _write_winogrande, 0.75),
+])
+def test_scoring_direction_every_task(tmp_path, task, write, expected):
+    tok = tiny_tokenizer()
+    data = tmp_path / "data"
+    write(data)
+    res = run(make_ctx(y_lover(tok, liked="yes"), tok, data, tmp_path / "run"), [task],
+              limit=None)
+    assert not {k: v for k, v in res.errors.items() if not k.endswith("_stderr")}, res.errors
+    assert res.metrics[f"acc_{task}"] == pytest.approx(expected)
+    assert res.provenance["tasks"][task]["n_docs"] == 4

@@ -175,7 +175,7 @@ def test_cache_off_from_cli_and_fp16_not_cached(compose_cfg):
     assert run_one(compose_cfg(*TINY_QUICK, "method=fp16")).provenance["cache"] == "off"
     # cache settings are not part of a job's identity
     on = compose_cfg(*RTN_STATIC)
-    assert pl.config_hash(pl.identity_config(pl.resolved(on))) == rec.config_hash
+    assert pl.job_config_hash(on) == rec.config_hash
 
 
 # ---------------------------------------------------------------- fault handling

@@ -378,6 +378,17 @@ def test_latency_eval_reports_metrics(tmp_path):
     assert all(i is not None and i.evaluator == "latency" for i in info.values()), info
     assert info["decode_tok_s_b2"].higher_is_better and info["decode_tok_s_b2"].batch == 2
     assert not info["ttft_ms_b2_p16"].higher_is_better and info["ttft_ms_b2_p16"].unit == "ms"
+    m = res.metrics
+    # consistent with each other, not just positive: decode tok/s is batch / step time
+    for b in (1, 2):
+        assert m[f"decode_tok_s_b{b}"] == pytest.approx(b * 1000.0 / m[f"decode_ms_per_step_b{b}"],
+                                                        rel=1e-6)
+    # TTFT covers the prefill plus the first token; nothing on a CPU takes a minute here
+    assert m["ttft_ms_b2_p16"] >= 0.5 * m["latency_prefill_ms_b2_p16"]
+    assert all(m[k] < 60_000 for k in m if k.endswith("_ms") or "_ms_" in k)
+    # peak memory at least holds the weights
+    weights_mb = sum(p.numel() * p.element_size() for p in rt.parameters()) / 2**20
+    assert m["peak_mem_mb_prefill_b2_p16"] >= 0.5 * weights_mb
     assert res.provenance["latency"]["backend"] == "reference-cpu"
     assert res.provenance["latency"]["device_name"].startswith("cpu")
 

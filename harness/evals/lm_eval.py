@@ -225,11 +225,17 @@ def _finite(value: Any) -> bool:
 
 
 def _put(result: EvalResult, name: str, value: Any) -> None:
-    """Store finite numbers only; anything else (NaN, 'N/A', missing) becomes a note."""
+    """Store finite numbers only. A metric that is not (NaN, 'N/A', missing) is an error of
+    the evaluation (the job is partial); a standard error that is not (too few docs) is a
+    note in provenance.not_stored, the accuracy itself stands."""
     if _finite(value):
         result.metrics[name] = float(value)
+        return
+    why = f"not stored: lm-eval reported {value!r}"
+    if name.endswith("_stderr"):
+        result.provenance.setdefault("not_stored", {})[name] = why + " (e.g. too few docs)"
     else:
-        result.errors[name] = f"not stored: lm-eval reported {value!r} (e.g. stderr of too few docs)"
+        result.errors[name] = why
 
 
 def _add_commonsense_avg(result: EvalResult) -> None:

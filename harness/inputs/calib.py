@@ -135,11 +135,16 @@ def _write_cached(path: Path, ids: Tensor, strategy: str) -> None:
 
 
 def load_calibration(tok: Any, spec: CalibSpec, data_dir: Path | None, cache_dir: Path | None,
-                     allow_hub: bool = False, vocab_size: int | None = None
+                     allow_hub: bool = False, vocab_size: int | None = None,
+                     data_fingerprint: str | None = None
                      ) -> tuple[list[Tensor], dict[str, Any]]:
     """Calibration samples as a list of [1, seqlen] tensors, from the cache when present
-    and intact (sha256, shape and id range checked; a bad entry is rebuilt with a warning)."""
+    and intact (sha256, shape and id range checked; a bad entry is rebuilt with a warning).
+    `data_fingerprint` (of the calibration text's content) is part of the cache key: edited
+    text never reuses batches drawn from the old one."""
     key = spec.key(tokenizer_fingerprint(tok))
+    if data_fingerprint:
+        key = f"{key}-d{data_fingerprint[:12]}"
     path = Path(cache_dir) / "calib" / f"{key}.safetensors" if cache_dir else None
     info = {"calib_key": key, **spec.__dict__}
     if path is not None and (path.is_file() or path.with_suffix(".json").is_file()):

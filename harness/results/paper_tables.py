@@ -9,6 +9,7 @@ import pandas as pd
 
 from harness.evals import metric_info
 from harness.evals.lm_eval import COMMONSENSE_AVG
+from harness.evals.tasks import COMMONSENSE_TASKS
 from harness.results.records import (
     BASELINE_METHOD,
     ROW_KEYS,
@@ -43,8 +44,14 @@ def metric_column(metric: str, label: str | None = None, delta: bool = True) -> 
 
 def ppl_metrics(df: pd.DataFrame) -> list[str]:
     """GPTQ-protocol perplexities present (the `ppl` evaluator's; lm-eval's word perplexity
-    of LAMBADA is another table), in the papers' dataset order."""
-    return table_metrics(df, "perplexity")
+    of LAMBADA is another table), in the papers' dataset order; a dataset whose evaluation
+    failed in a partial record still gets its column (the cell names the reason)."""
+    found = table_metrics(df, "perplexity")
+    for errors in df.get("eval_errors", []):
+        if isinstance(errors, dict):
+            found += [k for k in errors if k not in found and (info := metric_info(k))
+                      is not None and info.table == "perplexity"]
+    return sorted(found, key=lambda c: (metric_info(c).order, c))
 
 
 def perplexity_table(df: pd.DataFrame) -> Table:
@@ -84,6 +91,8 @@ def perplexity_wide_table(df: pd.DataFrame) -> Table:
     merged = merge_rows(sub, ("model", "method", "bits"), metrics)
     if merged.empty:
         return Table("perplexity_wide", "Perplexity by method and bits", [], [], 0)
+    merged["method"] = [f"{m} [{s}]" if s else m   # settings that split a combo: own column
+                        for m, s in zip(merged["method"], merged["setting"], strict=True)]
     combos = sorted({(r.method, r.bits) for r in merged.itertuples()},
                     key=lambda mb: (method_key(mb[0]), bits_key(mb[1])))
     wide = []
@@ -173,7 +182,7 @@ def accuracy_table(df: pd.DataFrame, prefer_norm: bool = False) -> Table:
         return Table("accuracy", "Zero-shot accuracy (%)", [], [], 0)
     df = _with_limit(with_commonsense_avg(df, [c.metric for c in cols]))
     cols.append(metric_column(COMMONSENSE_AVG))
-    merged = merge_rows(rows_for(df, "lm_eval", [c.metric for c in cols]),
+    merged = merge_rows(rows_for(df, "lm_eval", [c.metric for c in cols], tasks=COMMONSENSE_TASKS),
                         (*ROW_KEYS, "docs_per_task"), [c.metric for c in cols])
     labels, groups, note = _limit_layout(merged)
     return build_table(merged, "accuracy", "Zero-shot accuracy (%, higher is better)",
@@ -186,7 +195,8 @@ def mmlu_table(df: pd.DataFrame) -> Table:
     cols = [metric_column(m) for m in table_metrics(df, "mmlu")]
     if not cols:
         return Table("mmlu", "MMLU (%)", [], [], 0)
-    merged = merge_rows(rows_for(_with_limit(df), "lm_eval", [c.metric for c in cols]),
+    merged = merge_rows(rows_for(_with_limit(df), "lm_eval", [c.metric for c in cols],
+                                 tasks=("mmlu",)),
                         (*ROW_KEYS, "docs_per_task"), [c.metric for c in cols])
     labels, groups, note = _limit_layout(merged)
     return build_table(merged, "mmlu", "MMLU accuracy by category (%, higher is better)",
@@ -241,7 +251,7 @@ def cost_table(df: pd.DataFrame) -> Table:
     cols = [c for c in COST_COLUMNS if c.metric in df.columns]
     if not cols or df.empty:
         return Table("cost", "Quantization cost", [], [], 0)
-    merged = merge_rows(df, ROW_KEYS, [c.metric for c in cols])
+    merged = merge_rows(df, ROW_KEYS, [c.metric for c in cols], ignore=("eval.",))
     merged = merged[merged["method"] != BASELINE_METHOD]
     return build_table(merged, "cost", "Quantization cost (lower is better)",
                        [("model", "Model"), ("method_label", "Method"), ("bits", "Bits")], cols,

@@ -108,6 +108,8 @@ def records_frame(store) -> pd.DataFrame:
         gs = meth.get("group_size", (cfg.get("bits") or {}).get("group_size"))
         extra[r["run_id"]] = {
             "evaluators": tuple(ev.get("evaluators") or ()),
+            "tasks": tuple([ev["tasks"]] if isinstance(ev.get("tasks"), str)
+                           else ev.get("tasks") or ()),
             "group_size": None if gs in (None, -1, 0) else int(gs),
             "seqlen": ev.get("seqlen"),
             "max_windows": ev.get("max_windows"),
@@ -116,11 +118,98 @@ def records_frame(store) -> pd.DataFrame:
             "method_cfg": meth,
             "fptq_policy": policy_rows((r.get("artifacts") or {}).get("fptq_policy")),
             "export": (r.get("artifacts") or {}).get("export"),
+            "settings": record_settings(r),
+            "eval_errors": (r.get("provenance") or {}).get("eval_errors"),
         }
     cols = pd.DataFrame.from_dict(extra, orient="index")
     df = df.join(cols, on="run_id")
     df["variant"] = method_variants(df)
     return df
+
+
+# Flattened config keys that name or select what a record measures, not how it is measured:
+# they never split a table row (the metrics themselves say which dataset / task ran).
+LABEL_KEYS = frozenset({"model.name", "method.name", "bits.name", "eval.name", "eval.evaluators",
+                        "eval.datasets", "eval.tasks", "eval.needs_reference_model",
+                        "eval.allow_hub", "calib_allow_hub", "runtime_note"})
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def record_settings(r: dict[str, Any]) -> dict[str, str]:
+    """Every setting of a record that can change one of its numbers, flattened to
+    {"eval.seqlen": "2048", "data.c4/...": "<digest>", ...} (values as JSON text). Method
+    hyper-parameters are left to `method_variants` (they label the method) except the group
+    size; calibration settings count only for records that calibrated."""
+    from harness.results.store import identity_config
+    cfg = r.get("config") if isinstance(r.get("config"), dict) else {}
+    flat = flatten(identity_config(cfg))
+    prov = r.get("provenance") if isinstance(r.get("provenance"), dict) else {}
+    calibrated = "calibration" in prov or (r.get("status") != "ok"
+                                           and r.get("method") != BASELINE_METHOD)
+    out = {}
+    for k, v in flat.items():
+        if (k in LABEL_KEYS or k.startswith("bits.")
+                or (k.startswith("method.") and k != "method.group_size")
+                or (k.startswith("calib.") and not calibrated)
+                or k.startswith("data.")):
+            continue
+        if k == "method.group_size" and v in (None, 0):
+            v = -1
+        out[k] = json.dumps(numeric(v), sort_keys=True, default=str)
+    fp = prov.get("data_fingerprint")
+    if isinstance(fp, dict):
+        out.update({f"data:{src}": str(d) for src, d in fp.items()})
+    return out
+
+
+def conflicts(a: dict[str, str], b: dict[str, str], ignore: tuple[str, ...] = ()) -> list[str]:
+    """Settings both records have with different values (keys starting with `ignore` skipped)."""
+    return sorted(k for k in a.keys() & b.keys()
+                  if a[k] != b[k] and not k.startswith(ignore))
+
+
+def setting_clusters(settings: Sequence[dict[str, str]]) -> tuple[list[int], list[str]]:
+    """Split records (newest first) into groups whose shared settings agree; per record its
+    group index, per group a label of the settings that tell the groups apart ("" when
+    there is one group)."""
+    groups: list[list[int]] = []
+    of = [0] * len(settings)
+    for i, s in enumerate(settings):
+        for g, members in enumerate(groups):
+            if not any(conflicts(s, settings[j]) for j in members):
+                members.append(i)
+                of[i] = g
+                break
+        else:
+            of[i] = len(groups)
+            groups.append([i])
+    if len(groups) < 2:
+        return of, [""] * len(groups)
+    merged = [{k: v for j in m for k, v in settings[j].items()} for m in groups]
+    differ = sorted({k for x in merged for y in merged for k in conflicts(x, y)})
+    labels = [", ".join(f"{_short_key(k)}={_short_value(m[k])}" for k in differ if k in m)
+              for m in merged]
+    return of, labels
+
+
+def _short_key(k: str) -> str:
+    return k.removeprefix("data:")
+
+
+def _short_value(v: str) -> str:
+    try:
+        x = json.loads(v)
+    except ValueError:
+        return v[:8]      # a data digest
+    return str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
 
 
 def calib_label(calib: dict) -> str | None:

@@ -39,10 +39,24 @@ from harness.results.render import to_csv, to_latex, to_markdown
 from harness.results.reproduction import load_references, reproduction_table
 from harness.results.store import ResultStore
 from harness.results.tables import Table, comparison_table
+from harness.util.security import UnsafePathError, safe_name, within_root
 
 log = logging.getLogger("ptqbench.report")
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_REFERENCES = REPO / "reports" / "reference"
+
+
+def slug(value: object) -> str:
+    """A record field (model, bits, method label) as a plain file-name component."""
+    text = re.sub(r"[^A-Za-z0-9.=+-]+", "_", str(value)).strip("._") or "x"
+    return safe_name(text.replace("..", "_"), "report file name")
+
+
+def inside(root: Path, *parts: str) -> Path:
+    """root/parts..., each part a safe name, the result checked to stay inside root."""
+    for part in parts:
+        safe_name(part, "report file name")
+    return within_root(root, Path(root).joinpath(*parts), "report output")
 
 
 def write_atomic(path: Path, text: str) -> Path:
@@ -78,23 +92,26 @@ def build_tables(df: pd.DataFrame, refs: pd.DataFrame, shown: pd.DataFrame | Non
 
 
 def build_plots(df: pd.DataFrame, plot_dir: Path, bench_dir: Path | None) -> dict[str, list[Path]]:
+    """Plots under plot_dir; every file name built from record fields goes through slug /
+    inside (a record with model '../../x' writes nowhere but plot_dir)."""
     from harness.results import plots as P
 
-    out = {"ppl_vs_bits": P.plot_ppl_vs_bits(df, plot_dir / "ppl_vs_bits"),
-           "accuracy_vs_latency": P.plot_accuracy_vs_latency(df, plot_dir / "accuracy_vs_latency"),
-           "cost": P.plot_cost(df, plot_dir / "cost")}
+    out = {"ppl_vs_bits": P.plot_ppl_vs_bits(df, inside(plot_dir, "ppl_vs_bits")),
+           "accuracy_vs_latency": P.plot_accuracy_vs_latency(
+               df, inside(plot_dir, "accuracy_vs_latency")),
+           "cost": P.plot_cost(df, inside(plot_dir, "cost"))}
     if "fptq_policy" in df.columns:
         latest = with_method_label(latest_per_config(df[df["status"] == "ok"]))
         for _, r in latest.iterrows():
             if isinstance(r["fptq_policy"], list) and r["fptq_policy"]:
-                label = re.sub(r"[^A-Za-z0-9.=-]+", "_", r["method_label"]).strip("_")
-                name = f"fptq_policy_{r['model']}_{r['bits']}_{label}"
+                name = slug(f"fptq_policy_{r['model']}_{r['bits']}_{r['method_label']}")
                 out[name] = P.plot_fptq_policy(
-                    r["fptq_policy"], plot_dir / name, P.fptq_thresholds(r.get("method_cfg")),
+                    r["fptq_policy"], inside(plot_dir, name),
+                    P.fptq_thresholds(r.get("method_cfg")),
                     title=f"FPTQ policy: {r['model']} {r['bits']} {r['method_label']}")
     for stem, result in P.load_bench(bench_dir) if bench_dir else []:
-        out[f"kernel_speedup_{stem}"] = P.plot_kernel_speedup(
-            result, plot_dir / f"kernel_speedup_{stem}")
+        name = slug(f"kernel_speedup_{stem}")
+        out[name] = P.plot_kernel_speedup(result, inside(plot_dir, name))
     return {k: v for k, v in out.items() if v}
 
 
@@ -107,9 +124,11 @@ def render_report(name: str, tables: list[Table], plots: dict[str, list[Path]],
                                              "until") if getattr(args, k)}
     lines = [f"# ptqbench report: {name}", "",
              f"From `{args.runs}` ({n_records} records, newest finished {newest}"
-             + (f"; filters {filters}" if filters else "") + "). Latest record per config hash; "
-             "older ones are listed under *Superseded runs*. Bold: best per column among "
-             "quantized methods; Δ: difference to the fp16 row of the same model.", ""]
+             + (f"; filters {filters}" if filters else "") + "). Latest record per config "
+             "hash; older ones are listed under *Superseded runs*. Records that differ in a "
+             "setting that can change a number are separate rows (Setting column). Bold: "
+             "best per column among quantized methods; Δ: difference to the fp16 row of the "
+             "same model at the same settings.", ""]
     if hidden:
         lines += [hidden, ""]
     if corrupt:
@@ -181,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     if df.empty:
         print(f"no records under {args.runs} match the filters", file=sys.stderr)
         return 1
+    if args.name:
+        try:
+            safe_name(args.name, "--name")
+        except UnsafePathError as e:     # before anything is written
+            print(f"ptqbench-report: {e}", file=sys.stderr)
+            return 2
     shown, hidden = (df, None) if args.show_skipped else hide_not_ok(df)
     if args.print:
         print(comparison_table(shown).to_markdown(index=False, disable_numparse=True))
@@ -190,17 +215,22 @@ def main(argv: list[str] | None = None) -> int:
             print(hidden)
         if not args.name:
             return 0
-    name = args.name or "-".join(sorted(df["model"].unique()))
-    out_dir = Path(args.out_root) / name
+    try:
+        name = (safe_name(args.name, "--name") if args.name
+                else slug("-".join(sorted(map(str, df["model"].unique())))[:120]))
+        out_dir = inside(Path(args.out_root), name)
+    except UnsafePathError as e:
+        print(f"ptqbench-report: {e}", file=sys.stderr)
+        return 2
     refs = load_references(args.references)
     tables = build_tables(df, refs, shown)
     for t in tables:
         if not t.empty:
-            write_atomic(out_dir / "tables" / f"{t.name}.csv", to_csv(t))
-            write_atomic(out_dir / "tables" / f"{t.name}.tex", to_latex(t))
+            write_atomic(inside(out_dir, "tables", f"{t.name}.csv"), to_csv(t))
+            write_atomic(inside(out_dir, "tables", f"{t.name}.tex"), to_latex(t))
     plots = {} if args.no_plots else build_plots(shown, out_dir / "plots", Path(args.bench))
     newest = pd.Timestamp(df["finished_at"].max()).isoformat(timespec="seconds")
-    write_atomic(out_dir / "report.md",
+    write_atomic(inside(out_dir, "report.md"),
                  render_report(name, tables, plots, out_dir, args, len(df), store.corrupt,
                                newest, hidden))
     print(f"wrote {out_dir / 'report.md'} ({sum(not t.empty for t in tables)} tables, "

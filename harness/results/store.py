@@ -34,8 +34,16 @@ from harness.util.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
 
-Status = Literal["ok", "failed", "skipped"]
+# ok: every evaluation ran. partial: some evaluations failed (record.provenance.eval_errors
+# says which and why); interrupted: SIGINT/SIGTERM stopped the job. Resume reruns every
+# status but ok and skipped (and failed only with rerun_failed).
+Status = Literal["ok", "partial", "failed", "skipped", "interrupted"]
+STATUSES = ("ok", "partial", "failed", "skipped", "interrupted")
+DONE_STATUSES = ("ok", "skipped")
 SCHEMA_VERSION = 1
+# Config keys that change where or how results are written, not what is measured.
+NON_IDENTITY_KEYS = ("paths", "launcher", "tracking", "force", "rerun_failed", "sweep", "hydra",
+                     "cache", "save_checkpoint", "export", "placement")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 # Hard links unsupported (some network / FUSE file systems): fall back to exclusive create.
 _NO_LINK = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
@@ -44,6 +52,11 @@ _NO_LINK = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EML
 def config_hash(cfg: dict[str, Any]) -> str:
     blob = json.dumps(cfg, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def identity_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The part of a resolved config that can change a number (hashed into config_hash)."""
+    return {k: v for k, v in cfg.items() if k not in NON_IDENTITY_KEYS}
 
 
 def _utcnow() -> str:
@@ -100,15 +113,54 @@ class CorruptRecord(ValueError):
     pass
 
 
+# field -> allowed JSON types (None allowed where listed); checked on every read so a
+# hand-edited or foreign file is named and skipped instead of crashing a report.
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "run_id": (str,), "config_hash": (str,), "status": (str,), "model": (str,),
+    "method": (str,), "bits": (str,), "eval": (str,), "config": (dict,), "metrics": (dict,),
+    "timings": (dict,), "memory": (dict,), "provenance": (dict,), "artifacts": (dict,),
+    "error": (str, type(None)), "sweep": (str, type(None)), "started_at": (str, type(None)),
+    "finished_at": (str, type(None)), "schema": (int,),
+}
+_REQUIRED = ("run_id", "config_hash", "status", "model", "method", "bits", "eval")
+
+
+def validate_record(data: Any, where: str) -> dict[str, Any]:
+    """`data` if it is a run record with fields of the right types; CorruptRecord naming
+    `where` and the first bad field otherwise."""
+    if not isinstance(data, dict):
+        raise CorruptRecord(f"{where}: not a run record (a JSON {type(data).__name__}, "
+                            "expected an object)")
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        raise CorruptRecord(f"{where}: not a run record (missing {missing})")
+    for key, types in _FIELD_TYPES.items():
+        if key in data and (not isinstance(data[key], types) or isinstance(data[key], bool)):
+            raise CorruptRecord(f"{where}: field {key!r} is {type(data[key]).__name__} "
+                                f"{str(data[key])[:60]!r}; expected "
+                                f"{' or '.join(t.__name__ for t in types)}")
+    if data["status"] not in STATUSES:
+        raise CorruptRecord(f"{where}: status {data['status']!r} is not one of {STATUSES}")
+    if not _RUN_ID.match(data["run_id"]):
+        raise CorruptRecord(f"{where}: run_id {data['run_id'][:60]!r} is not a plain name")
+    for group in ("metrics", "timings", "memory"):
+        bad = [k for k, v in (data.get(group) or {}).items()
+               if group != "metrics" and not _is_number(v)]
+        if bad:
+            raise CorruptRecord(f"{where}: {group} {bad[:3]} are not numbers")
+    return data
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def read_record(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CorruptRecord(f"{path}: {e}") from e
-    missing = {"run_id", "config_hash", "status"} - set(data) if isinstance(data, dict) else {"*"}
-    if missing:
-        raise CorruptRecord(f"{path}: not a run record (missing {sorted(missing)})")
-    return data
+    return validate_record(data, str(path))
 
 
 def _write_new(path: Path, payload: bytes) -> None:

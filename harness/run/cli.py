@@ -11,7 +11,7 @@ from omegaconf import DictConfig, open_dict
 
 from harness.run.callbacks import require_launcher_plugin, write_job_status
 from harness.run.overrides import lift_swept_group_keys
-from harness.run.pipeline import run_one
+from harness.run.pipeline import RunsDirError, run_one
 from harness.util.security import install_log_redaction, override_secrets
 
 log = logging.getLogger("ptqbench")
@@ -37,7 +37,11 @@ def hydra_main(cfg: DictConfig) -> None:
     if cfg.get("sweep") is None:
         with open_dict(cfg):
             cfg.sweep = _sweep_label()
-    record = run_one(cfg)
+    try:
+        record = run_one(cfg)
+    except RunsDirError as e:     # nothing ran: no job can keep its result
+        log.error("%s", e)
+        raise SystemExit(2) from None
     resumed = bool(record.provenance.get("resumed"))
     out = _output_dir()
     if out:

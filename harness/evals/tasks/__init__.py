@@ -35,6 +35,19 @@ COMMONSENSE_TASKS = ("piqa", "arc_easy", "arc_challenge", "boolq", "hellaswag", 
                      "lambada_openai", "commonsense_qa")
 MMLU_CATEGORIES = ("stem", "humanities", "social_sciences", "other")
 ALL_TASKS = (*COMMONSENSE_TASKS, "mmlu")
+# What each task's converter reads under the data directory (a directory: every file in it);
+# harness.run.data_identity fingerprints these into the job's identity.
+TASK_SOURCES: dict[str, tuple[str, ...]] = {
+    "piqa": ("piqa/valid.jsonl", "piqa/valid-labels.lst"),
+    "arc_easy": ("arc/ARC-Easy-Test.jsonl",),
+    "arc_challenge": ("arc/ARC-Challenge-Test.jsonl",),
+    "boolq": ("boolq/val.jsonl",),
+    "hellaswag": ("hellaswag/hellaswag_val_full.txt.bz2",),
+    "winogrande": ("winogrande/dev.mosaicml_partial.jsonl",),
+    "lambada_openai": ("lambada/lambada_test.jsonl",),
+    "commonsense_qa": ("commonsense_qa/validation.hf_format.jsonl",),
+    "mmlu": ("mmlu",),
+}
 
 
 @dataclass

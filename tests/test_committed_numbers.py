@@ -1,0 +1,99 @@
+"""Numbers that have a source: the committed report tables are what `ptqbench-report`
+regenerates from the committed records, and prose numbers derived from committed JSON /
+tables (H200 kernel speedups, code agreement) match them."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from harness.results import report_cli
+
+REPO = Path(__file__).resolve().parent.parent
+RUNS = REPO / "results" / "runs"
+
+# committed report -> the ptqbench-report filters it was generated with (its README / the
+# main README say so)
+REPORTS = {
+    "smollm2-135m": ["--model", "smollm2-135m", "--eval", "ppl-capped", "--eval", "commonsense",
+                     "--eval", "mmlu"],
+    "alignment": ["--sweep", "alignment-c4-32x512", "--sweep", "alignment-calib-seeds",
+                  "--sweep", "alignment-16windows"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(REPORTS))
+def test_committed_report_tables_match_regeneration(tmp_path, name):
+    committed = REPO / "reports" / name / "tables"
+    assert report_cli.main(["--runs", str(RUNS), *REPORTS[name], "--name", name,
+                            "--out-root", str(tmp_path), "--no-plots"]) == 0
+    fresh = tmp_path / name / "tables"
+    got = sorted(p.name for p in fresh.glob("*.csv"))
+    assert got == sorted(p.name for p in committed.glob("*.csv"))
+    for f in got:
+        assert (fresh / f).read_text() == (committed / f).read_text(), (
+            f"reports/{name}/tables/{f} differs from regeneration: rerun ptqbench-report "
+            f"{' '.join(REPORTS[name])} --name {name}")
+
+
+def _speedup_range(gemm: list[dict], variant: str, decode: bool) -> str:
+    vals = [r["speedup_vs_fp16"][variant] for r in gemm
+            if variant in r["speedup_vs_fp16"] and ((r["M"] <= 16) if decode else (r["M"] >= 1024))]
+    return f"{min(vals):.2f}-{max(vals):.2f}x"
+
+
+def test_h200_speedup_table_is_the_shipped_kernels_json():
+    bench = REPO / "results" / "bench" / "h200"
+    text = (bench / "README.md").read_text()
+    gemm = json.loads((bench / "bench_v3_fast_unpack.json").read_text())["gemm"]
+    rows = {"W4A8 GEMM": "w4a8", "W4A8 + activation quant": "w4a8+quant",
+            "W8A8 GEMM (Triton)": "w8a8", "W8A8 `torch._int_mm`": "w8a8_int_mm"}
+    for label, variant in rows.items():
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"| {label} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1:3] == [_speedup_range(gemm, variant, True),
+                              _speedup_range(gemm, variant, False)], label
+
+
+def _agreement(block: int) -> str:
+    vals = []
+    for pair in ("gptq_vs_gptqmodel", "gptq_vs_llmc_gptq", "llmc_gptq_vs_gptqmodel"):
+        text = (REPO / "reports" / "alignment" / "code_agreement" / f"{pair}.md").read_text()
+        header = next(ln for ln in text.splitlines() if ln.startswith("| block"))
+        names = [c.strip() for c in header.strip("|").split("|")]
+        row = next(ln for ln in text.splitlines() if re.match(rf"^\| {block} \|", ln))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        vals += [float(v) for n, v in zip(names, cells, strict=True)
+                 if n not in ("block", "scales_equal")]
+    return f"{100 * min(vals):.1f}-{100 * max(vals):.1f}%"
+
+
+def test_code_agreement_prose_matches_the_committed_tables():
+    block1, block28 = _agreement(1), _agreement(28)
+    readme = (REPO / "reports" / "alignment" / "README.md").read_text()
+    assert f"{block1} equal codes" in " ".join(readme.split())
+    assert f"{block28} by block 28" in " ".join(readme.split())
+    assert f"({block28} equal codes by block 28" in " ".join((REPO / "README.md").read_text().split())
+
+
+def test_tiny_check_table_is_the_committed_json():
+    data = json.loads((REPO / "reports" / "alignment" / "tiny_check.json").read_text())
+    readme = " ".join((REPO / "reports" / "alignment" / "README.md").read_text().split())
+    for row in data["rows"]:
+        assert f"{row['mse']:.4f}" in readme, row
+    assert len(data["rows"]) == 7
+
+
+def test_every_test_named_in_the_failure_mode_table_exists():
+    text = (REPO / "docs" / "failure_modes.md").read_text()
+    current = None
+    named = []
+    for m in re.finditer(r"`(tests/[\w/]+\.py)?::(\w+)", text):
+        current = m.group(1) or current
+        named.append((current, m.group(2)))
+    assert len(named) > 20
+    for path, name in named:
+        assert re.search(rf"^\s*def {name}\(", (REPO / path).read_text(), re.M), f"{path}::{name}"
