@@ -65,9 +65,11 @@ def run_variant(args: argparse.Namespace) -> dict:
     from harness.inputs.calib import CalibSpec, load_calibration
     from harness.inputs.data import resolve_data_dir
     from harness.inputs.models import load_model
+    from harness.run.config_defaults import register_method_defaults
     from methods.catalog import build
     from methods.gptq import GPTQConfig
 
+    register_method_defaults()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("run", overrides=[f"model={args.model}", f"bits={args.bits}"])
     lm = load_model(cfg.model, Path(cfg.paths.cache_dir))

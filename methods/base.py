@@ -120,6 +120,12 @@ class QuantConfig:
             raise ConfigError("w_scales=two_level needs per-group scales (group_size=null/-1 "
                               "given); set bits.group_size, e.g. 128")
 
+    @classmethod
+    def upgrade_settings(cls, node: dict[str, Any]) -> dict[str, Any]:
+        """A stored settings node (an older record's config.method) in this class's current
+        field names; a class that renames or nests fields maps the old spellings here."""
+        return node
+
     @property
     def quantizes_weights(self) -> bool:
         return self.w_bits < 16
@@ -418,6 +424,10 @@ def method_for(config_type: type[QuantConfig]) -> type[Method] | None:
 
 def registered_methods() -> list[type[Method]]:
     return list(_REGISTRY.values())
+
+
+def registered_configs() -> list[type[QuantConfig]]:
+    return list(_REGISTRY)
 
 
 @dataclass

@@ -59,14 +59,42 @@ def available() -> list[str]:
     return sorted(m.name for m in registered_methods())
 
 
+def settings_value(value: Any) -> Any:
+    """A config value as a settings node holds it: sub-configs as dicts, tuples as lists."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: settings_value(getattr(value, f.name))
+                for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [settings_value(v) for v in value]
+    return value
+
+
 @functools.cache
 def config_field_defaults(target: str) -> dict[str, Any] | None:
     """{field: default} of the config dataclass at dotted path `target` (a Hydra
-    `_target_`); dataclasses.MISSING for fields without a plain default. None when the path
-    names no QuantConfig of the methods package (a renamed class, a foreign target: never
-    imported)."""
+    `_target_`), as a settings node holds it (`settings_value`; default_factory fields
+    built); dataclasses.MISSING for fields without a default. None when the path names no
+    QuantConfig of the methods package (a renamed class, a foreign target: never imported)."""
     try:
         cls = config_class(target)
     except ConfigError:
         return None
-    return {f.name: f.default for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = settings_value(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = settings_value(f.default_factory())
+        else:
+            out[f.name] = dataclasses.MISSING
+    return out
+
+
+def upgrade_settings(node: dict[str, Any]) -> dict[str, Any]:
+    """A stored method settings node in its config class's current field names (see
+    QuantConfig.upgrade_settings); unchanged when `_target_` names no methods config."""
+    try:
+        cls = config_class(node.get("_target_"))
+    except ConfigError:
+        return node
+    return cls.upgrade_settings(node)

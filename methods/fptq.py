@@ -31,7 +31,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +47,7 @@ from methods.blockwise import (
     input_hooks,
     walk_blocks,
 )
+from methods.gptq import GPTQSolver, GPTQSolverConfig
 from methods.layers import config_for, replace_linear, round_and_wrap
 from methods.smoothing import (
     S_MIN,
@@ -66,6 +67,10 @@ MIDDLES = ("lae", "smoothquant")
 POLICIES = ("layerwise", "all_static", "all_dynamic")
 
 
+LEGACY_GPTQ_KEYS = {"gptq_damp": "damp", "gptq_block_size": "block_size",
+                    "gptq_act_order": "act_order", "gptq_static_groups": "static_groups"}
+
+
 @dataclass(frozen=True)
 class FPTQConfig(QuantConfig):
     w_bits: int = 4
@@ -78,13 +83,28 @@ class FPTQConfig(QuantConfig):
     sq_alpha: float = 0.5               # SmoothQuant migration strength when middle=smoothquant
     policy: str = "layerwise"           # layerwise | all_static | all_dynamic (ablations)
     fold_linear_feeders: bool = True    # equalize o (into v_proj) and down (into up_proj)
-    gptq_damp: float = 0.01
-    gptq_block_size: int = 128
-    gptq_act_order: bool = True
-    gptq_static_groups: bool = True     # group scales in natural column order under act_order
+    gptq: GPTQSolverConfig = field(default_factory=GPTQSolverConfig)   # weight_method=gptq
+
+    @classmethod
+    def upgrade_settings(cls, node: dict[str, Any]) -> dict[str, Any]:
+        """Records before the nested `gptq` node spelled its fields gptq_damp, ... flat."""
+        flat = {k: v for k, v in node.items() if k in LEGACY_GPTQ_KEYS}
+        if not flat:
+            return node
+        nested = {**(node.get("gptq") or {}),
+                  **{LEGACY_GPTQ_KEYS[k]: v for k, v in flat.items()}}
+        return {**{k: v for k, v in node.items() if k not in flat}, "gptq": nested}
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.gptq, Mapping):      # a config node: method.gptq.damp=...
+            try:
+                object.__setattr__(self, "gptq", GPTQSolverConfig(**self.gptq))
+            except TypeError as e:
+                raise ConfigError(f"method.gptq: {e}; its settings: "
+                                  f"{[f.name for f in fields(GPTQSolverConfig)]}") from None
+        if self.weight_method == "gptq":
+            self.gptq.check_groups(self.group_size)
         if not (self.v0 > 0 and self.v1 > 0 and self.v0 < self.v1):
             raise ConfigError(f"FPTQ thresholds need 0 < v0 < v1, got v0={self.v0}, "
                               f"v1={self.v1} (the paper uses v0=15, v1=150)")
@@ -227,12 +247,6 @@ class FPTQ(Method[FPTQConfig]):
         reason = super().check(spec)
         if reason:
             return reason
-        if self.config.weight_method == "gptq":
-            try:
-                from methods.gptq import GPTQSolver  # noqa: F401
-            except ImportError:
-                return ("fptq weight_method=gptq needs methods.gptq.GPTQSolver, which this "
-                        "build lacks; use method.weight_method=rtn")
         return None
 
     # -------------------------------------------------------------- per-group decision
@@ -296,8 +310,6 @@ class FPTQ(Method[FPTQConfig]):
                        prefix: str) -> None:
         """Hessians from the (equalized) inputs of this group with earlier groups of the
         block already quantized; solve; free."""
-        from methods.gptq import GPTQSolver
-
         cfgs = self._linear_configs(d, prefix)
         if not cfgs:
             return
@@ -309,8 +321,7 @@ class FPTQ(Method[FPTQConfig]):
         for n, cfg in cfgs.items():
             solved = solvers[n].solve(
                 bits=cfg.w_bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
-                act_order=cfg.gptq_act_order, static_groups=cfg.gptq_static_groups,
-                block_size=cfg.gptq_block_size, damp=cfg.gptq_damp, grid=cfg.w_grid)[:2]
+                grid=cfg.w_grid, **cfg.gptq.solve_kwargs())[:2]
             solvers[n].free()
             replace_linear(block, n, round_and_wrap(block.get_submodule(n), cfg, solved=solved,
                                                     act_mode=d.act_mode, act_range=d.act_range))

@@ -17,6 +17,7 @@ The solver is public so other methods (FPTQ) reuse it on their own transformed W
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -47,28 +48,52 @@ class CholeskyError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class GPTQConfig(QuantConfig):
-    group_size: int | None = 128
+class GPTQSolverConfig:
+    """Settings of `GPTQSolver.solve` beyond the grid; a method that runs the solver on its
+    own weights (FPTQ) holds one as a nested config node."""
     damp: float = 0.01               # lambda = damp * mean(diag H)
     block_size: int = 128            # columns per lazy-update block
     act_order: bool = True           # quantize columns in order of decreasing diag(H)
     static_groups: bool = True       # group scales from W before reordering (act_order + groups)
-    true_sequential: bool = True     # q/k/v, then o, then gate/up, then down per block
     max_damp_retries: int = 4        # Cholesky failure: damp x10 up to this many times
-    offload_inputs: bool = False     # keep block inputs on CPU between blocks (large models)
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if not self.damp > 0:
             raise ConfigError(f"gptq damp={self.damp} must be > 0 (paper: 0.01 x mean diag H)")
         if self.block_size < 1:
             raise ConfigError(f"gptq block_size={self.block_size} must be >= 1 (paper: 128)")
         if self.max_damp_retries < 0:
             raise ConfigError("gptq max_damp_retries must be >= 0")
-        if self.act_order and self.group_size and not self.static_groups:
+
+    def check_groups(self, group_size: int | None) -> None:
+        if self.act_order and group_size and not self.static_groups:
             raise ConfigError("gptq act_order with group-wise scales needs static_groups=true: "
                               "dynamic groups over reordered columns need a per-column group "
                               "index that the [N, K/g] scale layout cannot hold")
+
+    def solve_kwargs(self) -> dict[str, Any]:
+        return {"act_order": self.act_order, "static_groups": self.static_groups,
+                "block_size": self.block_size, "damp": self.damp,
+                "max_retries": self.max_damp_retries}
+
+
+@dataclass(frozen=True)
+class GPTQConfig(QuantConfig, GPTQSolverConfig):
+    """QuantConfig + the solver settings (damp, block_size, act_order, static_groups,
+    max_damp_retries) as flat fields of the method."""
+    group_size: int | None = 128
+    true_sequential: bool = True     # q/k/v, then o, then gate/up, then down per block
+    offload_inputs: bool = False     # keep block inputs on CPU between blocks (large models)
+
+    def __post_init__(self) -> None:
+        QuantConfig.__post_init__(self)
+        GPTQSolverConfig.__post_init__(self)
+        self.check_groups(self.group_size)
+
+    @property
+    def solver(self) -> GPTQSolverConfig:
+        return GPTQSolverConfig(**{f.name: getattr(self, f.name)
+                                   for f in dataclasses.fields(GPTQSolverConfig)})
 
 
 class GPTQSolver:
@@ -252,8 +277,7 @@ class GPTQ(Method[GPTQConfig]):
         c = cfg or self.config
         solver = GPTQSolver(linear.weight.data)
         solver.set_hessian(H, n)
-        W_hat, qp, info = solver.solve(c.w_bits, c.group_size, c.symmetric, c.act_order,
-                                       c.static_groups, c.block_size, c.damp, c.max_damp_retries,
-                                       grid=c.w_grid)
+        W_hat, qp, info = solver.solve(c.w_bits, c.group_size, c.symmetric, grid=c.w_grid,
+                                       **c.solver.solve_kwargs())
         solver.free()
         return round_and_wrap(linear, c, act_range=stats.static_range, solved=(W_hat, qp)), info

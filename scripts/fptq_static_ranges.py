@@ -27,6 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+
+    from harness.run.config_defaults import register_method_defaults
+
+    register_method_defaults()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hydra_compose("run", overrides=overrides)
 

@@ -31,6 +31,10 @@ def compose(overrides: list[str], results_dir: Path):
     from hydra import initialize_config_dir
     from omegaconf import open_dict
 
+    from harness.run.config_defaults import register_method_defaults
+
+    register_method_defaults()
+
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = hydra_compose("run", overrides=[f"paths.results_dir={results_dir}",
                                               f"paths.cache_dir={results_dir}/cache", *overrides])

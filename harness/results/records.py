@@ -245,7 +245,10 @@ def _config_fields(target: Any) -> dict[str, Any] | None:
 
 def with_defaults(cfg: dict) -> dict:
     """A record made before an option existed ran with its default: fill the missing
-    fields from the config dataclass named by `_target_` (when it still imports)."""
+    fields from the config dataclass named by `_target_` (when it still imports), after
+    renaming the fields the class has renamed since (methods.catalog.upgrade_settings)."""
+    from methods.catalog import upgrade_settings
+    cfg = upgrade_settings(cfg) if cfg.get("_target_") else cfg
     fields = _config_fields(cfg.get("_target_"))
     if not fields:
         return cfg

@@ -48,6 +48,9 @@ def _option_configs(group: str, options: Sequence[str], choices: Sequence[str],
     choices of the command line); an option that does not compose is left to Hydra."""
     from hydra import compose, initialize_config_dir
 
+    from harness.run.config_defaults import register_method_defaults
+
+    register_method_defaults()
     nodes = []
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         for opt in options:
