@@ -15,7 +15,8 @@ from methods.layers import config_for, replace_linear, round_and_wrap
 
 @dataclass(frozen=True)
 class RTNConfig(QuantConfig):
-    pass
+    """The shared settings alone: w_bits / group_size / symmetric / w_grid for the weights,
+    a_bits / act_mode / act_range for the activations."""
 
 
 @register(RTNConfig)
