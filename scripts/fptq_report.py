@@ -184,26 +184,39 @@ def bucket_section(v: ModelView) -> list[str]:
     return out
 
 
+QUANTIZERS = (("static_minmax", "static max\\|X\\|"), ("static_p99.99", "static p99.99"),
+              ("static_mse_int8", "static MSE clip"), ("dynamic_token", "dynamic per-token"))
+
+
 def ranges_section(model: str) -> list[str]:
     path = REPO / "results" / "fptq" / f"static_ranges_{model}.json"
     if not path.exists():
         return ["(no static-range probe committed for this model)"]
     data = json.loads(path.read_text())
     rows = data["rows"]
-    out = [f"From `{path.relative_to(REPO)}` (fp model, {data['calibration'].get('n_samples')} "
-           f"x {data['calibration'].get('seqlen')} calibration tokens). Per role: linears "
-           "whose max|X| is more than 1.5x the max without the first position of each "
-           "sample, and the median ratios of max|X| to the 99.99th percentile and to the "
-           "int8 MSE clip.", "",
-           "| Role | Paper bucket | Linears | Range set by position 0 | median max / p99.99 "
-           "| median max / MSE clip |", "|:--|:--|--:|--:|--:|--:|"]
+    cal = data["calibration"]
+    out = [f"From `{path.relative_to(REPO)}` (`scripts/fptq_static_ranges.py`: fp model, "
+           f"{cal.get('n_samples')} x {cal.get('seqlen')} calibration tokens of "
+           f"{cal.get('dataset')}, one row per linear group). *Position 0*: groups whose "
+           "max|X| is more than 1.5x the max without the first position of each sample. "
+           "Ratios: median of max|X| over the 99.99th percentile and over the int8 MSE clip. "
+           "Errors: mean over the groups of ||XW^T - Q(X)W^T||^2 / ||XW^T||^2 (fp weights, "
+           "int8 activations, narrow grid), on the same calibration tokens.", "",
+           "| Role | Paper bucket | Groups | Position 0 | max / p99.99 | max / MSE | "
+           + " | ".join(lbl for _, lbl in QUANTIZERS) + " |",
+           "|:--|:--|--:|--:|--:|--:|" + "--:|" * len(QUANTIZERS)]
     keys = sorted({(r["role"], r["bucket_paper"]) for r in rows})
-    for role, bucket in keys:
-        sel = [r for r in rows if r["role"] == role and r["bucket_paper"] == bucket]
+    for role, bucket in [*keys, ("all", "all")]:
+        sel = [r for r in rows if role == "all" or (r["role"] == role
+                                                     and r["bucket_paper"] == bucket)]
         first = sum(r["max"] > 1.5 * r["max_without_first"] for r in sel)
+        errs = " | ".join(
+            f"{sum(r['rel_output_error'][k] for r in sel) / len(sel):.2e}"
+            for k, _ in QUANTIZERS)
         out.append(f"| {role} | {bucket} | {len(sel)} | {first} | "
                    f"{median(r['max'] / max(r['p99.99'], 1e-12) for r in sel):.2f} | "
-                   f"{median(r['max'] / max(r['mse_int8'], 1e-12) for r in sel):.2f} |")
+                   f"{median(r['max'] / max(r['mse_int8'], 1e-12) for r in sel):.2f} | "
+                   f"{errs} |")
     return out
 
 
