@@ -201,7 +201,10 @@ def ranges_section(model: str) -> list[str]:
            "max|X| is more than 1.5x the max without the first position of each sample. "
            "Ratios: median of max|X| over the 99.99th percentile and over the int8 MSE clip. "
            "Errors: mean over the groups of ||XW^T - Q(X)W^T||^2 / ||XW^T||^2 (fp weights, "
-           "int8 activations, narrow grid), on the same calibration tokens.", "",
+           "int8 activations, narrow grid), on the same calibration tokens. The probe quantizes "
+           "X as the fp model produces it: for the static bucket that is what FPTQ quantizes; "
+           "for the LAE bucket FPTQ quantizes X / s instead, so those rows are the cost "
+           "before equalization.", "",
            "| Role | Paper bucket | Groups | Position 0 | max / p99.99 | max / MSE | "
            + " | ".join(lbl for _, lbl in QUANTIZERS) + " |",
            "|:--|:--|--:|--:|--:|--:|" + "--:|" * len(QUANTIZERS)]
