@@ -131,6 +131,17 @@ def test_quantized_cache_evicts_least_recently_used_over_max_gb(tmp_path, caplog
         QuantizedModelCache(tmp_path, max_gb=0)
 
 
+def test_quantized_cache_entries_of_an_old_format_are_removed(tmp_path):
+    from harness.run.cache import MANIFEST, QuantizedModelCache
+    qmodel, spec, method = _quantized("rtn")
+    cache = QuantizedModelCache(tmp_path)
+    cache.save("old", {}, qmodel, spec, {})
+    m = json.loads((tmp_path / "old" / MANIFEST).read_text())
+    (tmp_path / "old" / MANIFEST).write_text(json.dumps({**m, "format": 2}))
+    cache.save("new", {}, qmodel, spec, {})
+    assert [d.name for d in cache.entries()] == ["new"]
+
+
 def test_quantized_cache_malformed_manifest_is_discarded_not_fatal(tmp_path):
     from harness.run.cache import MANIFEST, CacheEntryError, QuantizedModelCache
     qmodel, spec, method = _quantized("rtn")

@@ -155,6 +155,18 @@ def test_converted_copy_reproduces_the_gguf_load_and_is_verified(fake_gguf):
     assert len(calls) == 2
 
 
+def test_entries_of_an_older_format_are_removed_when_the_new_one_is_written(fake_gguf):
+    path, calls, cache = fake_gguf
+    entry = G.converted_dir(path, torch.float32, cache)
+    old = entry.parent / entry.name.replace(f"-v{G.CONVERTED_FORMAT}", "")   # format 1 name
+    old.mkdir(parents=True)
+    (old / "ptqbench_converted").write_text(path.name)
+    other = entry.parent / "other-model-float32-1-2-v2"
+    other.mkdir()
+    G.load_gguf_cached(path, torch.float32, False, cache)
+    assert entry.is_dir() and not old.exists() and other.exists()
+
+
 def _flip_bit(path, offset_from_end=4096):
     data = bytearray(path.read_bytes())
     data[-offset_from_end] ^= 0x01

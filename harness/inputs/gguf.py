@@ -83,9 +83,10 @@ class GGUFVocab:
     pad_id: int | None = None
 
 
-def _reader(path: Path):
+def _reader(path: Path | str):
     """gguf.GGUFReader over `path`, checked against truncation; GGUFError naming the file."""
     from gguf import GGUFReader
+    path = Path(path)
     try:
         size = path.stat().st_size
         reader = GGUFReader(str(path))
@@ -119,7 +120,7 @@ def _field(reader, name: str) -> Any:
     return [f.parts[i].tolist()[0] for i in f.data]
 
 
-def read_vocab(path: Path) -> GGUFVocab:
+def read_vocab(path: Path | str) -> GGUFVocab:
     reader = _reader(path)
     tokens = _field(reader, "tokenizer.ggml.tokens")
     if not tokens:
@@ -383,6 +384,17 @@ def _discard(entry: Path, reason: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _discard_stale(path: Path, dtype: torch.dtype, target: Path) -> None:
+    """Entries of the same GGUF name and dtype under another key (an older format, a
+    changed file) are never read again: remove them."""
+    prefix = f"{path.stem}-{str(dtype).removeprefix('torch.')}-"
+    if not target.parent.is_dir():
+        return
+    for d in target.parent.iterdir():
+        if d.is_dir() and d.name.startswith(prefix) and d.name != target.name:
+            _discard(d, "superseded by " + target.name)
+
+
 def load_gguf_cached(path: Path, dtype: torch.dtype, trust_remote_code: bool,
                      cache_dir: Path | None):
     """GGUF -> (model, tokenizer, from_copy), through the verified converted copy when
@@ -399,6 +411,7 @@ def load_gguf_cached(path: Path, dtype: torch.dtype, trust_remote_code: bool,
         except Exception as e:  # noqa: BLE001 - an unreadable entry is rebuilt, not fatal
             _discard(target, f"{type(e).__name__}: {e}")
     model, tok = load_gguf(path, dtype, trust_remote_code)
+    _discard_stale(path, dtype, target)
     try:
         _write_converted(path, dtype, trust_remote_code, target, model, tok)
     except ConvertedEntryError as e:

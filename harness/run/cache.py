@@ -264,13 +264,27 @@ class QuantizedModelCache:
         except OSError:
             pass
 
+    def discard_old_formats(self) -> list[str]:
+        """Entries written by another cache format are never read again: remove them."""
+        removed = []
+        for d in self.entries():
+            try:
+                fmt = json.loads((d / MANIFEST).read_text(encoding="utf-8")).get("format")
+            except (OSError, ValueError, AttributeError):
+                continue      # partial or being written: read_manifest decides
+            if fmt != FORMAT:
+                self.discard(d.name, f"cache format {fmt!r}, this ptqbench writes {FORMAT}")
+                removed.append(d.name)
+        return removed
+
     def evict(self, keep: str | None = None) -> list[str]:
-        """Remove least recently used entries until the cache fits max_bytes."""
+        """Remove entries of old formats, then least recently used entries until the cache
+        fits max_bytes."""
+        removed = self.discard_old_formats()
         if self.max_bytes is None:
-            return []
+            return removed
         entries = [(d, _entry_bytes(d)) for d in self.entries()]
         total = sum(b for _, b in entries)
-        removed = []
         for d, size in entries:
             if total <= self.max_bytes:
                 break
