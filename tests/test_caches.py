@@ -85,12 +85,16 @@ def _quantized(name):
 @pytest.mark.parametrize("name", QCONFIGS)
 def test_quantized_cache_stores_codes_and_rebuilds_the_identical_model(tmp_path, name):
     from harness.inputs.models import tiny_llama
-    from harness.run.cache import WEIGHTS, QuantizedModelCache
+    from harness.run.cache import WEIGHTS, CacheEntryError, QuantizedModelCache, tensor_digests
     from methods.layers import FakeQuantLinear
+    base = tensor_digests(tiny_llama(hidden_size=64, intermediate_size=128,
+                                     outliers={"0.input_layernorm": 40.0,
+                                               "1.mlp.up_proj": 30.0}))
     qmodel, spec, method = _quantized(name)
     cache = QuantizedModelCache(tmp_path)
-    cache.save("k", {"p": 1}, qmodel, spec, method.artifacts)
+    cache.save("k", {"p": 1}, qmodel, spec, method.artifacts, base_digests=base)
     manifest = cache.read_manifest("k")
+    assert "model.embed_tokens.weight" in manifest["from_base"]    # unchanged: not stored
     quantized = [n for n, m in qmodel.named_modules()
                  if type(m) is FakeQuantLinear and m.w_scale is not None]
     assert quantized and sorted(manifest["codes"]) == sorted(quantized)   # no dense fallback
@@ -107,6 +111,9 @@ def test_quantized_cache_stores_codes_and_rebuilds_the_identical_model(tmp_path,
     ids = torch.randint(3, 300, (1, 40), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         torch.testing.assert_close(hit.model(ids).logits, qmodel(ids).logits, rtol=0, atol=0)
+    other_base = tiny_llama(hidden_size=64, intermediate_size=128, seed=3)   # another model
+    with pytest.raises(CacheEntryError, match="base model differs"):
+        cache.restore("k", manifest, other_base, spec)
 
 
 def test_quantized_cache_evicts_least_recently_used_over_max_gb(tmp_path, caplog):

@@ -8,7 +8,9 @@ source files its modules import):
     <cache.dir>/<key>/model.safetensors   what quantization produced: integer weight codes
                                          (4-bit packed two per byte, else one byte), scales,
                                          zero points, smoothing vectors, activation scales,
-                                         and the other tensors (folded norms, embeddings)
+                                         and the tensors quantization changed (folded norms);
+                                         unchanged ones (embeddings) come from the base model
+                                         on restore, checked against their sha256
                       artifacts.json       method.artifacts (stats, policy tables)
                       manifest.json        FakeQuantLinear.layout() per linear, how its codes
                                            are stored, tied-tensor aliases, sha256 of both files
@@ -178,18 +180,37 @@ def _codes_of(mod: FakeQuantLinear) -> tuple[torch.Tensor, dict[str, Any]] | Non
     return packed, {**meta, "dtype": dtype_name(mod.weight.dtype)}
 
 
-def _entry_tensors(model: nn.Module, spec: ModelSpec
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
-    """(tensors to save, {linear: codes fields}, {tied name: stored name})."""
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes."""
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def tensor_digests(model: nn.Module) -> dict[str, str]:
+    """{state-dict name: tensor_digest} of the base model before quantization: tensors that
+    quantization leaves unchanged (embeddings, untouched norms) are then not stored."""
+    return {n: tensor_digest(t) for n, t in model.state_dict().items()}
+
+
+def _entry_tensors(model: nn.Module, spec: ModelSpec, base: Mapping[str, str] | None = None
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str],
+                              dict[str, str]]:
+    """(tensors to save, {linear: codes fields}, {tied name: stored name},
+    {name: digest} of tensors equal to the base model's, taken from it on restore)."""
     codes: dict[str, Any] = {}
     tensors: dict[str, torch.Tensor] = {}
     for _, _, full, mod in iter_block_linears(model, spec):
         if type(mod) is FakeQuantLinear and (got := _codes_of(mod)) is not None:
             tensors[f"{full}.weight.codes"], codes[full] = got
     aliases: dict[str, str] = {}
+    from_base: dict[str, str] = {}
     seen: dict[tuple, str] = {}
     for name, t in model.state_dict().items():
         if name.removesuffix(".weight") in codes and name.endswith(".weight"):
+            continue
+        if base is not None and name in base and tensor_digest(t) == base[name]:
+            from_base[name] = base[name]
             continue
         ident = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t.device.type)
         if t.numel() and ident in seen:
@@ -197,7 +218,7 @@ def _entry_tensors(model: nn.Module, spec: ModelSpec
             continue
         seen[ident] = name
         tensors[name] = t.detach().contiguous()
-    return tensors, codes, aliases
+    return tensors, codes, aliases, from_base
 
 
 def _check_codes_manifest(codes: Any, aliases: Any) -> None:
@@ -330,6 +351,8 @@ class QuantizedModelCache:
             if not isinstance(manifest["fake_quant"], dict):
                 raise TypeError("fake_quant is not an object")
             _check_codes_manifest(manifest["codes"], manifest["aliases"])
+            if not isinstance(manifest["from_base"], dict):
+                raise TypeError("from_base is not an object")
         except (KeyError, TypeError, AttributeError) as e:
             raise CacheEntryError(f"{entry}: malformed manifest ({type(e).__name__}: {e})"
                                   ) from e
@@ -341,6 +364,13 @@ class QuantizedModelCache:
         On CacheEntryError the model may be half-restored: load a fresh one."""
         entry = self.entry_dir(key)
         try:
+            state = model.state_dict()
+            base = {}
+            for name, digest in manifest["from_base"].items():   # before linears are swapped
+                if name not in state or tensor_digest(state[name]) != digest:
+                    raise CacheEntryError(f"{name} of the base model differs from the one the "
+                                          "entry was made from")
+                base[name] = state[name]
             for full, fields in manifest["fake_quant"].items():
                 linear = model.get_submodule(full)
                 if type(linear) is not nn.Linear:
@@ -353,6 +383,7 @@ class QuantizedModelCache:
                 tensors[f"{full}.weight"] = _dequant(
                     q, tensors[f"{full}.w_scale"], tensors.get(f"{full}.w_zero"),
                     dtype_from_name(meta["dtype"]))
+            tensors.update(base)
             for alias, name in manifest["aliases"].items():
                 tensors[alias] = tensors[name]
             model.load_state_dict(tensors, strict=True)
@@ -389,15 +420,18 @@ class QuantizedModelCache:
         shutil.rmtree(trash, ignore_errors=True)
 
     def save(self, key: str, parts: Mapping[str, Any], model: nn.Module, spec: ModelSpec,
-             artifacts: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> Path:
-        """Write an entry atomically; keep an existing complete entry of the same key."""
+             artifacts: Mapping[str, Any], extra: Mapping[str, Any] | None = None,
+             base_digests: Mapping[str, str] | None = None) -> Path:
+        """Write an entry atomically; keep an existing complete entry of the same key.
+        base_digests (`tensor_digests` of the model before quantization): tensors still
+        equal to the base model's are not stored; a restore checks and takes them from it."""
         layout = fake_quant_layout(model, spec)
         final = self.entry_dir(key)
         self.root.mkdir(parents=True, exist_ok=True)
         self.remove_stale_temp()
         with StagedDir(final) as stage:
             tmp = stage.path
-            tensors, codes, aliases = _entry_tensors(model, spec)
+            tensors, codes, aliases, from_base = _entry_tensors(model, spec, base_digests)
             save_safetensors_file(tensors, str(tmp / WEIGHTS), metadata={"ptqbench_key": key})
             _write_json(tmp / ARTIFACTS, dict(artifacts))
             manifest = {
@@ -408,6 +442,7 @@ class QuantizedModelCache:
                 "artifacts": {"sha256": sha256_file(tmp / ARTIFACTS),
                               "bytes": (tmp / ARTIFACTS).stat().st_size},
                 "fake_quant": layout, "codes": codes, "aliases": aliases,
+                "from_base": from_base,
                 **dict(extra or {})}
             _write_json(tmp / MANIFEST, manifest)   # last: its presence marks completeness
         if not stage.published:

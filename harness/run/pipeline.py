@@ -47,6 +47,7 @@ from harness.run.cache import (
     QuantizedModelCache,
     cache_key,
     cache_key_parts,
+    tensor_digests,
 )
 from harness.run.data_identity import fingerprint, job_data_sources, undeclared_reads
 from harness.run.devices import job_gpu
@@ -624,12 +625,13 @@ def _quantize_cached(cfg: DictConfig, method: Method, lm: LoadedModel, record: R
             record.provenance["cache"] = "hit"
             log.info("cache hit %s: quantization skipped", key)
             return hit.model, lm
+    base = tensor_digests(lm.model)   # tensors quantization leaves alone are not stored
     model = _quantize(method, lm, timer, calib)
     try:
         with timer.phase("cache_save", lm.device):
             qcache.save(key, parts, model, lm.spec, method.artifacts,
                         {"calibration": record.provenance.get("calibration"),
-                         "method": method.describe()})
+                         "method": method.describe()}, base_digests=base)
     except Exception as e:  # noqa: BLE001 - a full disk or any cache fault: the job's result
         log.warning("quantized model not cached: %s: %s", type(e).__name__, e)  # stands
         status = "off" if isinstance(e, CacheEntryError) else status
