@@ -263,7 +263,7 @@ def fptq_policy_table(df: pd.DataFrame) -> Table:
     if "fptq_policy" not in df.columns:
         return Table("fptq_policy", "FPTQ layer-wise policy", [], [], 0)
     recs = with_method_label(latest_per_config(df))
-    recs = recs[recs["fptq_policy"].map(lambda p: isinstance(p, list) and bool(p))]
+    recs = recs[recs["fptq_policy"].map(lambda p: isinstance(p, list) and bool(p)).astype(bool)]
     counts: dict[tuple[str, str, str], dict[str, int]] = {}
     for _, r in recs.sort_values("finished_at").iterrows():
         c: dict[str, int] = {}
@@ -288,7 +288,7 @@ def exports_table(df: pd.DataFrame) -> Table:
     if "export" not in df.columns:
         return Table("exports", "Exports", [], [], 0)
     recs = with_method_label(latest_per_config(df))
-    recs = recs[recs["export"].map(lambda e: isinstance(e, dict) and bool(e))]
+    recs = recs[recs["export"].map(lambda e: isinstance(e, dict) and bool(e)).astype(bool)]
     header = ["Model", "Method", "Bits", "Format", "Size (MB)", "Deviations", "Path or error"]
     rows = []
     for _, r in recs.sort_values(["model", "method_label", "bits"]).iterrows():

@@ -38,7 +38,7 @@ from harness.results.records import (
 from harness.results.render import to_csv, to_latex, to_markdown
 from harness.results.reproduction import load_references, reproduction_table
 from harness.results.store import ResultStore
-from harness.results.tables import Table, comparison_table
+from harness.results.tables import MEASURED, Table, comparison_table
 from harness.util.security import UnsafePathError, safe_name, within_root
 
 log = logging.getLogger("ptqbench.report")
@@ -71,7 +71,7 @@ def hide_not_ok(df: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
     """Drop configs whose latest record is skipped or failed; the one line that says so
     (what the report prints instead of a row per such job, unless --show-skipped)."""
     latest = latest_per_config(df)
-    bad = latest[latest["status"] != "ok"]
+    bad = latest[~latest["status"].isin(MEASURED)]     # partial records keep their row
     if bad.empty:
         return df, None
     counts = ", ".join(f"{n} {status}" for status, n in sorted(bad["status"].value_counts().items()))
