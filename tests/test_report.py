@@ -245,7 +245,9 @@ def test_committed_references_are_well_formed():
 def test_plots_png_and_svg(df, tmp_path):
     from harness.results import plots as P
 
-    written = [*P.plot_ppl_vs_bits(df, tmp_path / "ppl"), *P.plot_cost(df, tmp_path / "cost"),
+    ppl = P.plot_ppl_vs_bits(df, tmp_path / "ppl")
+    assert "ppl" in ppl        # the main methods' figure (ablations / libraries when present)
+    written = [*(p for paths in ppl.values() for p in paths), *P.plot_cost(df, tmp_path / "cost"),
                *P.plot_accuracy_vs_latency(df, tmp_path / "acc"),
                *P.plot_fptq_policy(POLICY, tmp_path / "pol", {"v0": 15.0, "v1": 150.0})]
     bench = {"env": {"device": "H100", "peaks": {"hbm_gbs": 3350.0, "int8_tops": 1979.0,
@@ -586,3 +588,26 @@ def test_every_committed_metric_is_described_by_one_evaluator():
     assert metric_info("ppl_lambada_openai").table == "word_perplexity"   # not a GPTQ ppl
     assert metric_info("acc_arc_easy").higher_is_better
     assert metric_info("mmlu_stem").stderr == "mmlu_stem_stderr"
+
+
+def test_ppl_plot_splits_main_methods_ablations_and_libraries(tmp_path):
+    from harness.results import plots as P
+
+    store = ResultStore(tmp_path / "runs")
+    dyn = {"act_mode": "dynamic_token"}
+    runs = [("fp16", "w16a16", {}), ("rtn", "w4a16", dyn), ("rtn", "w8a8", dyn),
+            ("rtn", "w4a8", {"act_mode": "static_tensor"}), ("gptq", "w4a16", {}),
+            ("llmc_gptq", "w4a16", {})]
+    for i, (method, bits, extra) in enumerate(runs):
+        rec = _rec(i, "m", method, bits, cfg_hash=f"h{i}", metrics={"ppl_wikitext2": 10.0 + i})
+        rec.config["method"].update(extra)
+        store.write(rec)
+    df = records_frame(store).sort_values("run_id")
+    assert [P.ppl_figure_of(m, v) for m, v in zip(df["method"], df["variant"], strict=True)
+            ] == ["main", "main", "main", "ablations", "main", "libraries"]
+    figs = P.plot_ppl_vs_bits(df, tmp_path / "ppl_vs_bits")
+    assert sorted(figs) == ["ppl_vs_bits", "ppl_vs_bits_ablations", "ppl_vs_bits_libraries"]
+    assert all(p.is_file() for paths in figs.values() for p in paths)
+    labels = sorted(set(df["method"]))
+    styles = P._series_styles(labels)
+    assert len(set(styles.values())) == len(labels)      # distinct colour + marker per series

@@ -24,6 +24,7 @@ import pandas as pd  # noqa: E402
 
 from harness.evals import metric_info  # noqa: E402
 from harness.evals.lm_eval import COMMONSENSE_AVG  # noqa: E402
+from harness.results.alignment import LIBRARY_NATIVE  # noqa: E402
 from harness.results.paper_tables import (  # noqa: E402
     ppl_metrics,
     with_commonsense_avg,
@@ -82,30 +83,112 @@ def _ok(df: pd.DataFrame) -> pd.DataFrame:
     return with_method_label(latest_per_config(df[df["status"] == "ok"])) if not df.empty else df
 
 
-def plot_ppl_vs_bits(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
-    """Perplexity vs bit width, one line per method, one panel per model x dataset."""
+# Distinct colours for methods without a fixed one (after METHOD_COLORS' hues) and markers:
+# within one figure no two series share both.
+SERIES_COLORS = ("#CC79A7", "#56B4E9", "#E69F00", "#009E73", "#0072B2", "#D55E00", "#999999",
+                 "#882255", "#44AA99", "#332288", "#AA4499", "#117733")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+PPL_FIGURES = {"main": "", "ablations": "_ablations", "libraries": "_libraries"}  # stem suffix
+
+
+def ppl_figure_of(method: str, variant: Any) -> str:
+    """main: a method at its common setting; ablations: its variants; libraries: reference-
+    library baselines (alignment.LIBRARY_NATIVE: conf/method/llmc_*, gptqmodel_*)."""
+    if method in LIBRARY_NATIVE:
+        return "libraries"
+    return "ablations" if isinstance(variant, str) and variant else "main"
+
+
+def plot_ppl_vs_bits(df: pd.DataFrame, stem: str | os.PathLike) -> dict[str, list[Path]]:
+    """Perplexity vs bit width in up to three figures, <stem><suffix> for PPL_FIGURES (returned
+    by file stem name): the main methods (one
+    colour and marker each, a line joining one method's bit widths), the ablation variants
+    and the library baselines (points only, with fp16 and the native methods they vary or
+    are compared with for reference). One panel per model x dataset; legend below."""
     ok = _ok(df)
     sets = ppl_metrics(ok)
-    models = sorted(ok["model"].unique()) if not ok.empty else []
-    if not sets or not models:
+    if not sets or ok.empty:
+        return {}
+    variants = ok["variant"] if "variant" in ok.columns else [""] * len(ok)
+    ok = ok.assign(figure=[ppl_figure_of(m, v) for m, v in zip(ok["method"], variants,
+                                                                strict=True)])
+    out = {}
+    for kind, suffix in PPL_FIGURES.items():
+        shown = ok[ok["figure"] == kind]
+        if shown.empty:
+            continue
+        if kind == "main":
+            groups = [("", shown)]
+        else:   # one row of panels per varied / compared method, with fp16 and the native
+            groups = []     # method(s) at their common setting for reference
+            for method in sorted(shown["method"].unique(), key=method_key):
+                related = {BASELINE_METHOD, method, *LIBRARY_NATIVE.get(method, ())}
+                groups.append((method, pd.concat([
+                    ok[(ok["figure"] == "main") & ok["method"].isin(related)],
+                    shown[shown["method"] == method]])))
+        path = Path(f"{stem}{suffix}")
+        out[path.name] = _ppl_panels(groups, sets, path, connect=kind == "main", title={
+            "main": "Perplexity vs bit width",
+            "ablations": "Ablations: each method's variants vs its common setting",
+            "libraries": "Reference-library baselines vs native methods"}[kind])
+    return out
+
+
+def _series_styles(labels: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """label -> (colour, marker), distinct within the figure; fixed colours for known methods
+    at their common setting."""
+    styles, spare = {}, iter(SERIES_COLORS * 3)
+    for i, label in enumerate(labels):
+        colour = METHOD_COLORS.get(label) or next(spare)
+        styles[label] = (colour, MARKERS[i % len(MARKERS)])
+    return styles
+
+
+def _ppl_panels(groups: Sequence[tuple[str, pd.DataFrame]], metrics: Sequence[str], stem: Path,
+                connect: bool, title: str) -> list[Path]:
+    """One row of panels (model x dataset) per group; series = method labels, one legend per
+    row (below it) so every row's colours and markers are distinct."""
+    rows_all = pd.concat([g for _, g in groups])
+    panels = [(m, d) for m in sorted(rows_all["model"].unique()) for d in metrics
+              if rows_all.loc[rows_all["model"] == m, d].notna().any()]
+    if not panels:
         return []
-    panels = [(m, d) for m in models for d in sets
-              if ok.loc[ok["model"] == m, d].notna().any()]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    bits_order = sorted(ok["bits"].unique(), key=bits_key)
-    for ax, (model, d) in zip(axes[0], panels, strict=True):
-        sub = ok[(ok["model"] == model) & ok[d].notna()]
-        for method in sorted(sub["method_label"].unique(), key=method_key):
-            pts = sub[sub["method_label"] == method].groupby("bits")[d].last()
-            xs = [b for b in bits_order if b in pts.index]
-            ax.plot([bits_order.index(b) for b in xs], [pts[b] for b in xs], marker="o",
-                    color=method_color(method), label=method,
-                    linestyle="none" if method == BASELINE_METHOD else "-")
-        ax.set_xticks(range(len(bits_order)), bits_order, rotation=30)
-        ax.set(xlabel="bit width (weights / activations)", ylabel="perplexity (log scale)",
-               yscale="log", title=f"{model}: {metric_info(d).label}")
-        ax.grid(alpha=0.3)
-    _legend_outside(axes[0][-1])
+    bits_order = sorted(rows_all["bits"].unique(), key=bits_key)
+    width = max(4.0, 0.6 * len(bits_order) + 2.2)
+    fig = plt.figure(figsize=(width * len(panels), 4.4 * len(groups)), layout="constrained")
+    subfigs = fig.subfigures(len(groups), 1, squeeze=False)[:, 0]
+    for subfig, (name, rows) in zip(subfigs, groups, strict=True):
+        labels = sorted(rows["method_label"].unique(), key=method_key)
+        styles = _series_styles(labels)
+        dodge = 0.6 / max(len(labels), 1)
+        axes = subfig.subplots(1, len(panels), squeeze=False)[0]
+        for ax, (model, d) in zip(axes, panels, strict=True):
+            sub = rows[(rows["model"] == model) & rows[d].notna()]
+            for k, label in enumerate(labels):
+                pts = sub[sub["method_label"] == label].groupby("bits")[d].last()
+                xs = [b for b in bits_order if b in pts.index]
+                if not xs:
+                    continue
+                colour, marker = styles[label]
+                offset = 0.0 if connect else (k - (len(labels) - 1) / 2) * dodge
+                ax.plot([bits_order.index(b) + offset for b in xs], [pts[b] for b in xs],
+                        marker=marker, color=colour, label=label, markersize=6,
+                        linestyle="-" if connect and label != BASELINE_METHOD else "none",
+                        linewidth=1.2, markeredgecolor="black", markeredgewidth=0.4)
+            ax.set_xticks(range(len(bits_order)), bits_order)
+            ax.set(xlabel="bit width (weights / activations)", yscale="log",
+                   title=f"{model}: {metric_info(d).label}")
+            ax.grid(alpha=0.3, which="both", axis="y")
+        axes[0].set_ylabel("perplexity (log scale)")
+        seen: dict[str, Any] = {}       # one legend entry per series over the row's panels
+        for ax in axes:
+            for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+                seen.setdefault(label, handle)
+        subfig.legend(list(seen.values()), list(seen.keys()), loc="outside lower center",
+                      ncol=min(4, len(seen)), frameon=False, fontsize=8)
+        if name:
+            subfig.suptitle(name, fontsize=10)
+    fig.suptitle(title)
     return save(fig, stem)
 
 

@@ -96,7 +96,7 @@ def build_plots(df: pd.DataFrame, plot_dir: Path, bench_dir: Path | None) -> dic
     inside (a record with model '../../x' writes nowhere but plot_dir)."""
     from harness.results import plots as P
 
-    out = {"ppl_vs_bits": P.plot_ppl_vs_bits(df, inside(plot_dir, "ppl_vs_bits")),
+    out = {**P.plot_ppl_vs_bits(df, inside(plot_dir, "ppl_vs_bits")),
            "accuracy_vs_latency": P.plot_accuracy_vs_latency(
                df, inside(plot_dir, "accuracy_vs_latency")),
            "cost": P.plot_cost(df, inside(plot_dir, "cost"))}
@@ -134,7 +134,7 @@ def render_report(name: str, tables: list[Table], plots: dict[str, list[Path]],
     if corrupt:
         lines += ["**Unreadable record files (skipped):**", ""]
         lines += [f"- `{c}`" for c in corrupt] + [""]
-    plot_after = {"perplexity": ["ppl_vs_bits"], "accuracy": ["accuracy_vs_latency"],
+    plot_after = {"perplexity": ["ppl_vs_bits", "ppl_vs_bits_ablations", "ppl_vs_bits_libraries"], "accuracy": ["accuracy_vs_latency"],
                   "cost": ["cost"], "fptq_policy": [k for k in plots if k.startswith("fptq_")]}
     for t in (t for t in tables if not t.empty):
         lines += [f"## {t.title}", ""]
