@@ -93,4 +93,4 @@ def alignment_table(df: pd.DataFrame) -> Table:
             "bits, calibration tokens, perplexity windows, group size, grid symmetry, "
             "activation mode and every setting both methods define."]
     return Table("alignment", "Native vs reference library (like-for-like settings)", header,
-                 rows, 5, foot if rows else [])
+                 rows, 5, foot if rows else [], column_group=3)   # native, library, rel. Δ
