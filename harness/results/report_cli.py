@@ -2,7 +2,11 @@
 
     ptqbench-report --runs results/runs --model smollm2-135m --name smollm2-135m
     ptqbench-report --runs results/runs --model smollm2-135m --eval ppl-quick --print
+    ptqbench-report --runs results/runs --model smollm2-135m --print --show-skipped
     ptqbench-report --runs results/runs --export results.parquet
+
+Skipped and failed jobs are one line under the report's header unless --show-skipped; the
+same records always give the same files (no generation time, no random SVG ids).
 """
 
 from __future__ import annotations
