@@ -324,24 +324,27 @@ def plot_cost(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
     ok = ok[(ok["method"] != BASELINE_METHOD) & ok["time_quantize"].notna()]
     if ok.empty:
         return []
-    ok = ok.groupby(["model", "method_label", "bits"], as_index=False).last()
-    ok = ok.sort_values(["model", "method_label", "bits"],
+    ok = ok.groupby(["model", "method", "method_label", "bits"], as_index=False).last()
+    ok = ok.sort_values(["model", "bits", "method_label"],
                         key=lambda s: s.map(method_key) if s.name == "method_label"
                         else s.map(bits_key) if s.name == "bits" else s)
-    labels = [f"{r.method_label}\n{r.bits}" + (f"\n{r.model}" if ok["model"].nunique() > 1 else "")
+    # one horizontal bar per method x bits, labels on the y axis (never overlapping)
+    labels = [f"{r.method_label} {r.bits}" + (f" ({r.model})" if ok["model"].nunique() > 1 else "")
               for r in ok.itertuples()]
-    colors = [method_color(m) for m in ok["method_label"]]
+    colors = [method_color(m) for m in ok["method"]]
     has_mem = "mem_peak_quantize_mb" in ok.columns and ok["mem_peak_quantize_mb"].notna().any()
-    fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(max(5, 0.8 * len(ok)) * 1.6, 3.6),
-                             squeeze=False)
-    x = range(len(ok))
-    axes[0][0].bar(x, ok["time_quantize"], color=colors)
-    axes[0][0].set(ylabel="quantization time (s)", title="Quantization time")
-    axes[0][0].set_xticks(list(x), labels, fontsize=7)
+    fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(11 if has_mem else 6.5,
+                                                             1.2 + 0.24 * len(ok)),
+                             squeeze=False, sharey=True, layout="constrained")
+    y = list(range(len(ok)))
+    axes[0][0].barh(y, ok["time_quantize"], color=colors, edgecolor="black", linewidth=0.3)
+    axes[0][0].set(xlabel="quantization time (s)", title="Quantization time")
+    axes[0][0].set_yticks(y, labels, fontsize=7)
+    axes[0][0].invert_yaxis()
     if has_mem:
-        axes[0][1].bar(x, ok["mem_peak_quantize_mb"].fillna(0), color=colors)
-        axes[0][1].set(ylabel="peak memory while quantizing (MB)", title="Quantization memory")
-        axes[0][1].set_xticks(list(x), labels, fontsize=7)
+        axes[0][1].barh(y, ok["mem_peak_quantize_mb"].fillna(0), color=colors,
+                        edgecolor="black", linewidth=0.3)
+        axes[0][1].set(xlabel="peak memory while quantizing (MB)", title="Quantization memory")
     for ax in axes[0]:
-        ax.grid(alpha=0.3, axis="y")
+        ax.grid(alpha=0.3, axis="x")
     return save(fig, stem)
