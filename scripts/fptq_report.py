@@ -233,6 +233,9 @@ def verdict(v: ModelView, default: dict[str, Any]) -> list[str]:
     ref_a, ref_b = v.rtn_w4a16(setting(r, "w_grid", PAPER)), v.all_dynamic(r)
     out = []
     for k, lbl in v.datasets[:2]:
+        if ppl(r, k) is None:
+            out.append(f"- {lbl}: not measured")
+            continue
         gap = None if not ref_a else ppl(r, k) / ppl(ref_a, k) - 1
         dyn = None if not ref_b else ppl(r, k) / ppl(ref_b, k) - 1
         ok = gap is not None and gap <= TARGET and dyn is not None and dyn <= 0.0
