@@ -121,13 +121,18 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="ptqbench-large-"))
     ckpt = work / "checkpoint"
     t0 = time.perf_counter()
-    n_params = write_checkpoint(ckpt, args.hidden, args.mlp, args.layers, args.vocab)
-    write_s = time.perf_counter() - t0
+    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if (ckpt / "model.safetensors.index.json").is_file() and previous.get("n_params"):
+        n_params, write_s = previous["n_params"], previous["checkpoint_write_s"]   # reused
+    else:
+        n_params = write_checkpoint(ckpt, args.hidden, args.mlp, args.layers, args.vocab)
+        write_s = time.perf_counter() - t0
     fp32_bytes = n_params * 4
     print(f"random LLaMA checkpoint: {n_params / 1e9:.3f} B parameters, "
           f"{fp32_bytes / 2**30:.2f} GiB fp32, written in {write_s:.0f} s", flush=True)
     wanted = args.methods.split(",")
-    rows = []
+    # rows of methods not rerun now are kept (one JSON for the model, filled method by method)
+    rows = [r for r in previous.get("runs", []) if r["method"] not in wanted]
     for method, bits in METHODS:
         if method not in wanted:
             continue

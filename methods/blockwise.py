@@ -177,6 +177,28 @@ def _non_block_modules(model: nn.Module, spec: ModelSpec) -> list[nn.Module]:
     return [m for name, m in parent.named_children() if name != blocks_attr]
 
 
+@contextmanager
+def _blocks_replaced(model: nn.Module, spec: ModelSpec, stand_ins: Sequence[nn.Module],
+                     on_device: Sequence[nn.Module], device: torch.device):
+    """Within the block, decoder block i is stand_ins[i] and the `on_device` modules
+    (embeddings, norms, head) sit on `device`; both are put back afterwards."""
+    blocks = spec.blocks(model)
+    originals = list(blocks)
+    homes = [(m, next(m.parameters(), torch.empty(0)).device) for m in on_device]
+    try:
+        for m, _ in homes:
+            m.to(device)
+        for i, stand_in in enumerate(stand_ins):
+            blocks[i] = stand_in
+        yield
+    finally:
+        for i, orig in enumerate(originals):
+            blocks[i] = orig
+        for m, dev in homes:
+            if dev.type != "meta":
+                m.to(dev)
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, spec: ModelSpec, calib: Sequence[Tensor],
                          device: torch.device | None = None,
@@ -185,24 +207,13 @@ def capture_block_inputs(model: nn.Module, spec: ModelSpec, calib: Sequence[Tens
     sink = BlockInputs(compute_device=device, store_device=store_device or device)
     blocks = spec.blocks(model)
     sink.kwargs = [[] for _ in blocks]
-    originals = list(blocks)
-    moved = [(m, next(m.parameters(), torch.empty(0)).device) for m in _non_block_modules(model, spec)]
-    try:
-        for m, _ in moved:
-            m.to(device)
-        for i in range(len(blocks)):
-            blocks[i] = _Recorder(i, i == len(blocks) - 1, sink)
+    stand_ins = [_Recorder(i, i == len(blocks) - 1, sink) for i in range(len(blocks))]
+    with _blocks_replaced(model, spec, stand_ins, _non_block_modules(model, spec), device):
         for ids in tqdm(calib, desc="capture block inputs", leave=False):
             try:
                 model(input_ids=ids.to(device), use_cache=False)
             except _StopForward:
                 pass
-    finally:
-        for i, orig in enumerate(originals):
-            blocks[i] = orig
-        for m, dev in moved:
-            if dev.type != "meta":
-                m.to(dev)
     return sink
 
 
@@ -277,26 +288,13 @@ def blockwise_logits(model: nn.Module, spec: ModelSpec, samples: Sequence[Tensor
         store.onload(i, block, device)
         inputs.advance(block)
         store.offload(i, block, changed=False)
-    originals = list(blocks)
     replay = _Replay(inputs.tuple_output)
+    stand_ins = [replay] + [_PassThrough(inputs.tuple_output) for _ in blocks[1:]]
     head = [get_module(model, spec.table.lm_head), *_non_block_modules(model, spec)]
-    homes = [(m, next(m.parameters(), torch.empty(0)).device) for m in head]
-    try:
-        for m, _ in homes:
-            m.to(device)
-        blocks[0] = replay
-        for k in range(1, len(blocks)):
-            blocks[k] = _PassThrough(inputs.tuple_output)
+    with _blocks_replaced(model, spec, stand_ins, head, device):
         for j, ids in enumerate(samples):
             replay.hidden = inputs.hidden[j]
             yield j, model(input_ids=ids.to(device), use_cache=False).logits
-    finally:
-        for k, orig in enumerate(originals):
-            blocks[k] = orig
-        for m, dev in homes:
-            if dev.type != "meta":
-                m.to(dev)
-
 
 def _check_finite_weights(block: nn.Module, index: int) -> None:
     for name, p in block.named_parameters():
