@@ -31,7 +31,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -93,7 +93,8 @@ class FPTQConfig(QuantConfig):
             return node
         nested = {**(node.get("gptq") or {}),
                   **{LEGACY_GPTQ_KEYS[k]: v for k, v in flat.items()}}
-        return {**{k: v for k, v in node.items() if k not in flat}, "gptq": nested}
+        return {**{k: v for k, v in node.items() if k not in flat},
+                "gptq": asdict(GPTQSolverConfig(**nested))}   # what those runs used
 
     def __post_init__(self) -> None:
         super().__post_init__()

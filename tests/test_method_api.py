@@ -82,3 +82,15 @@ def test_catalog_sits_above_base_and_lists_the_builtin_methods():
     assert {"fp16", "rtn", "smoothquant", "gptq", "awq", "fptq"} <= set(available())
     assert config_field_defaults("methods.awq.AWQConfig")["n_grid"] == 20
     assert config_field_defaults("methods.nope.Config") is None
+
+
+def test_old_fptq_records_read_with_the_nested_gptq_node():
+    from harness.results.records import with_defaults
+
+    old = {"_target_": "methods.fptq.FPTQConfig", "v0": 15.0, "weight_method": "gptq",
+           "gptq_damp": 0.1, "gptq_act_order": False}
+    got = with_defaults(old)
+    assert not any(k.startswith("gptq_") for k in got)
+    assert got["gptq"] == {"damp": 0.1, "block_size": 128, "act_order": False,
+                           "static_groups": True, "max_damp_retries": 4}
+    assert FPTQConfig(gptq={"damp": 0.1}).gptq.damp == 0.1
