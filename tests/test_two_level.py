@@ -142,7 +142,7 @@ def test_every_w4a8_method_emits_two_level_weights(method, compose_cfg):
     from harness.run.pipeline import build_method
 
     cfg = compose_cfg(*TINY_QUICK, f"method={method}", "bits=w4a8", "bits.group_size=32",
-                      "+method.w_scales=two_level")
+                      "method.w_scales=two_level")
     m = build_method(cfg.method)
     assert m.config.w_scales == "two_level"
     model = tiny_llama(outliers=OUTLIERS)
@@ -157,7 +157,7 @@ def test_every_w4a8_method_emits_two_level_weights(method, compose_cfg):
 
 def test_pipeline_records_two_level_runs(compose_cfg):
     rec = run_one(compose_cfg(*TINY_QUICK, "method=rtn", "bits=w4a8", "bits.group_size=32",
-                              "+method.w_scales=two_level", "runtime=true"))
+                              "method.w_scales=two_level", "runtime=true"))
     assert rec.status == "ok", rec.error
     assert rec.provenance["method"]["w_scales"] == "two_level"
     assert rec.artifacts["runtime"]["converted"] == {"W4A8TwoLevelLinear": 14}
