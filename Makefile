@@ -27,8 +27,8 @@ install: $(STAMP)
 # The default sweep on the embedded SmolLM2-135M: fp16 and rtn at w16a16/w8a8/w4a16/w4a8.
 demo: install
 	$(BIN)/ptqbench -m experiment=demo paths.results_dir=results/demo
-	$(BIN)/ptqbench experiment=demo method=rtn bits=w4a8 method.act_mode=static_tensor paths.results_dir=results/demo
-	$(BIN)/ptqbench-report --runs results/demo/runs --model smollm2-135m --eval ppl-quick --print
+	@echo "demo: SmolLM2-135M; perplexity on 4 windows x 512 tokens of WikiText-2 and PTB; calibration 8 x 512 C4 tokens; AWQ grid 10/10 (conf/experiment/demo.yaml)"
+	$(BIN)/ptqbench-report --runs results/demo/runs --model smollm2-135m --eval ppl-quick --sweep demo --print --name demo --out-root results/demo/reports
 	@echo "records: results/demo/runs/ (one JSON per job); Hydra logs: results/demo/hydra/"
 
 # The reference libraries are installed for every test run: the alignment tests (native

@@ -302,14 +302,18 @@ def test_cli_end_to_end(store, tmp_path, capsys):
                  "--print"]) == 0
     out = capsys.readouterr().out
     rows = {tuple(c.strip() for c in line.strip("|").split("|")) for line in out.splitlines()}
-    assert ("llama-2-7b", "gptq", "w4a16", "ok", "7.40", "23.00", "5.63") in rows
+    assert ("llama-2-7b", "gptq", "w4a16", "ok", "7.40", "23.00", "5.63",
+            "+0.14", "+0.50", "+0.16") in rows                # Δ vs fp16
+    assert ("llama-2-7b", "fp16", "w16a16", "ok", "7.26", "22.50", "5.47", "", "", "") in rows
+    assert ("llama-2-7b", "fptq", "w4a8", "1", "3", "5", "9") in rows   # FPTQ policy counts
     assert not any("awq" in r for r in rows)          # a failed job: one line, not a row
     assert "Not shown: 1 failed, 1 skipped jobs (`ptqbench-report --show-skipped`" in out
     assert main(["--runs", str(store.root), "--model", "llama-2-7b", "--eval", "ppl",
                  "--print", "--show-skipped"]) == 0
     out = capsys.readouterr().out
     rows = {tuple(c.strip() for c in line.strip("|").split("|")) for line in out.splitlines()}
-    assert ("llama-2-7b", "awq", "w4a16", "failed", "failed", "failed", "failed") in rows
+    assert ("llama-2-7b", "awq", "w4a16", "failed", "failed", "failed", "failed",
+            "", "", "") in rows
 
     assert main(["--runs", str(store.root), "--name", "f", "--out-root", str(out_root),
                  "--method", "fp16", "--method", "rtn", "--until",

@@ -212,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     shown, hidden = (df, None) if args.show_skipped else hide_not_ok(df)
     if args.print:
-        print(comparison_table(shown).to_markdown(index=False, disable_numparse=True))
+        print(comparison_table(shown, delta=True).to_markdown(index=False, disable_numparse=True))
+        policy = fptq_policy_table(shown)
+        if not policy.empty:
+            print(f"\n{policy.title}\n\n{to_markdown(policy)}")
         print(f"\n{len(df)} records in {args.runs}" +
               (f"; {len(store.corrupt)} corrupt files skipped" if store.corrupt else ""))
         if hidden:
@@ -238,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                  render_report(name, tables, plots, out_dir, args, len(df), store.corrupt,
                                newest, hidden))
     print(f"wrote {out_dir / 'report.md'} ({sum(not t.empty for t in tables)} tables, "
-          f"{len(plots)} plots)")
+          f"{len(plots)} plots): the full report")
     return 0
 
 

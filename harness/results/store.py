@@ -42,8 +42,8 @@ STATUSES = ("ok", "partial", "failed", "skipped", "interrupted")
 DONE_STATUSES = ("ok", "skipped")
 SCHEMA_VERSION = 1
 # Config keys that change where or how results are written, not what is measured.
-NON_IDENTITY_KEYS = ("paths", "launcher", "tracking", "force", "rerun_failed", "sweep", "hydra",
-                     "cache", "save_checkpoint", "export", "placement")
+NON_IDENTITY_KEYS = ("paths", "launcher", "tracking", "force", "rerun_failed", "sweep", "jobs",
+                     "hydra", "cache", "save_checkpoint", "export", "placement")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 # Hard links unsupported (some network / FUSE file systems): fall back to exclusive create.
 _NO_LINK = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}

@@ -313,11 +313,29 @@ def rows_for(df: pd.DataFrame, evaluator: str, metric_cols: Iterable[str],
 # ---------------------------------------------------------------------------------------
 
 
-def comparison_table(df: pd.DataFrame, table: str = "perplexity") -> pd.DataFrame:
+def fp16_deltas(df: pd.DataFrame, cols: Sequence[str]) -> pd.DataFrame:
+    """Per row and metric: value - the model's fp16 value (NaN where the model has no single
+    measured fp16 row, e.g. fp16 at two settings, or the row did not measure it)."""
+    out = pd.DataFrame(index=df.index, columns=list(cols), dtype=float)
+    for _, idx in df.groupby("model", sort=False).groups.items():
+        rows = df.loc[idx]
+        base = rows[(rows["method"] == BASELINE_METHOD) & rows["status"].isin(MEASURED)]
+        if len(base) != 1:
+            continue
+        for c in cols:
+            out.loc[idx, c] = (pd.to_numeric(rows[c], errors="coerce")
+                               - pd.to_numeric(base[c], errors="coerce").iloc[0])
+    return out
+
+
+def comparison_table(df: pd.DataFrame, table: str = "perplexity",
+                     delta: bool = False) -> pd.DataFrame:
     """Rows model x method x bits; one column per metric of report `table` (by name);
-    failed/skipped shown as status."""
+    failed/skipped shown as status. delta: also a `Δ metric` column per metric, against
+    the model's fp16 row."""
     df = latest_per_config(df).sort_values("finished_at", kind="stable").iloc[::-1]
     cols = sorted(table_metrics(df, table))
+    deltas = fp16_deltas(df, cols) if delta else None
     df = df.assign(method=with_method_label(df)["method_label"])
     out = df[[*ID_COLS[:3], "status", *cols]].copy()
     out.insert(3, "setting", "")
@@ -332,6 +350,11 @@ def comparison_table(df: pd.DataFrame, table: str = "perplexity") -> pd.DataFram
         digits = metric_info(c).digits
         out[c] = [f"{v:.{digits}f}" if s == "ok" and pd.notna(v) else (s if s != "ok" else "n/a")
                   for v, s in zip(out[c], out["status"], strict=True)]
+    if deltas is not None:
+        for c in cols:
+            digits = metric_info(c).digits
+            out[f"Δ {c}"] = ["" if m == BASELINE_METHOD or pd.isna(d) else f"{d:+.{digits}f}"
+                             for d, m in zip(deltas[c], out["method"], strict=True)]
     order = out.assign(_base=out["method"] != BASELINE_METHOD).sort_values(
         ["model", "_base", "bits", "method"],
         key=lambda s: s.map(bits_key) if s.name == "bits" else s)

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from harness.run.jobs import job_list
 from harness.util.security import override_secrets, scrub_tree
 
 log = logging.getLogger("ptqbench.sweep")
@@ -121,8 +122,8 @@ def jobs_table(jobs: list[dict[str, Any]]) -> str:
 
 
 def sweep_size(config: DictConfig) -> int | None:
-    """Jobs the basic sweeper launches: the product of the choices swept in
-    hydra.sweeper.params and on the command line (the command line wins for a key);
+    """Jobs the sweeper launches: the product of the choices swept in hydra.sweeper.params
+    and on the command line (the command line wins for a key), times the `jobs:` entries;
     None when it cannot be counted (e.g. a glob sweep)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -134,7 +135,8 @@ def sweep_size(config: DictConfig) -> int | None:
         for ov in OverridesParser.create().parse_overrides(list(args.values())):
             if ov.is_sweep_override():
                 n *= len(list(ov.sweep_string_iterator()))
-        return n
+        return n * max(len(job_list(OmegaConf.to_container(config.jobs)
+                                    if config.get("jobs") is not None else None)), 1)
     except Exception:  # noqa: BLE001 - progress is informative; never fail a sweep over it
         return None
 

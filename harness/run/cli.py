@@ -36,6 +36,10 @@ def _output_dir() -> str | None:
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="run")
 def hydra_main(cfg: DictConfig) -> None:
+    if cfg.get("jobs") is not None and _sweep_label() is None:
+        log.error("this experiment lists %d jobs (`jobs:`); run them with -m "
+                  "(ptqbench -m experiment=...)", len(cfg.jobs))
+        raise SystemExit(2)
     if cfg.get("sweep") is None:
         with open_dict(cfg):
             cfg.sweep = _sweep_label()
