@@ -76,7 +76,7 @@ def test_code_agreement_prose_matches_the_committed_tables():
     readme = (REPO / "reports" / "alignment" / "README.md").read_text()
     assert f"{block1} equal codes" in " ".join(readme.split())
     assert f"{block28} by block 28" in " ".join(readme.split())
-    assert f"({block28} equal codes by block 28" in " ".join((REPO / "README.md").read_text().split())
+    assert f"({block28} equal codes by block 28" in " ".join((REPO / "reports" / "README.md").read_text().split())
 
 
 def test_tiny_check_table_is_the_committed_json():
