@@ -59,3 +59,31 @@ def data_dir():
 
 TINY_QUICK = ["model=tiny-llama", "calib=random-tokens", "eval=ppl-quick", "eval.max_windows=2",
               "eval.seqlen=128", "eval.datasets=[ptb]"]
+
+# Norm gains that inject activation outliers into the tiny llama (methods like SmoothQuant,
+# AWQ, QuaRot are only distinguishable from RTN when such channels exist).
+TINY_OUTLIERS = {"0.post_attention_layernorm": 50.0, "1.input_layernorm": 30.0}
+
+
+def tiny_outlier_setup(n_calib: int = 4, seq_len: int = 64, n_test: int = 2):
+    """(model, spec, calib, test): tiny llama with TINY_OUTLIERS, seeded token batches.
+
+    calib: n_calib tensors [1, seq_len]; test: [n_test, seq_len], drawn after calib.
+    """
+    from harness.inputs.models import tiny_llama
+    from methods.arch import ModelSpec
+
+    model = tiny_llama(outliers=TINY_OUTLIERS).eval()
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randint(0, 320, (1, seq_len), generator=gen) for _ in range(n_calib)]
+    test = torch.randint(0, 320, (n_test, seq_len), generator=gen)
+    return model, ModelSpec.from_model(model, "tiny"), calib, test
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: thread hand-offs dominate on a shared CPU; restore afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

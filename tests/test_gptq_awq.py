@@ -9,9 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from harness.inputs.models import tiny_llama
 from harness.run.pipeline import run_one
-from methods.arch import ModelSpec
 from methods.awq import AWQ, AWQConfig
 from methods.base import ConfigError
 from methods.blockwise import capture_block_inputs
@@ -21,27 +19,14 @@ from methods.layers import FakeQuantLinear
 from methods.primitives import compute_qparams
 from methods.rtn import RTNConfig
 from methods.smoothing import fold_into_norm
-from tests.conftest import TINY_QUICK
+from tests.conftest import TINY_QUICK, tiny_outlier_setup
 
-OUTLIERS = {"0.post_attention_layernorm": 50.0, "1.input_layernorm": 30.0}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: thread hand-offs dominate on a shared CPU; restore afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = tiny_llama(outliers=OUTLIERS).eval()
-    gen = torch.Generator().manual_seed(1)
-    calib = [torch.randint(0, 320, (1, 64), generator=gen) for _ in range(4)]
-    test = torch.randint(0, 320, (2, 64), generator=gen)
-    return model, ModelSpec.from_model(model, "tiny"), calib, test
+    return tiny_outlier_setup()
 
 
 def _logit_mse(tiny, config) -> tuple[float, dict]:

@@ -10,8 +10,6 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from harness.inputs.models import tiny_llama
-from methods.arch import ModelSpec
 from methods.awq import AWQConfig
 from methods.catalog import build
 from methods.fptq import FPTQConfig
@@ -24,6 +22,7 @@ from methods.quip import QuIPConfig
 from methods.rtn import RTNConfig
 from methods.size import model_size
 from methods.smoothquant import SmoothQuantConfig
+from tests.conftest import tiny_outlier_setup
 
 KEPT_FP = "model.layers.1.self_attn.q_proj"
 MIXED = {"group_size": 32, "keep_fp": (KEPT_FP,), "keep_w8": ("mlp.down_proj",)}
@@ -40,21 +39,12 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = tiny_llama(outliers={"0.post_attention_layernorm": 50.0,
-                                 "1.input_layernorm": 30.0}).eval()
-    gen = torch.Generator().manual_seed(1)
-    calib = [torch.randint(0, 320, (1, 32), generator=gen) for _ in range(2)]
-    return model, ModelSpec.from_model(model, "tiny"), calib
+    return tiny_outlier_setup(n_calib=2, seq_len=32)[:3]
 
 
 def _quantized(tiny, cfg):

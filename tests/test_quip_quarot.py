@@ -34,26 +34,14 @@ from methods.rotation import (
 from methods.rtn import RTNConfig
 from methods.runtime import runtime_form
 from methods.transformed import TransformedLinear
-from tests.conftest import TINY_QUICK
+from tests.conftest import TINY_OUTLIERS, TINY_QUICK, tiny_outlier_setup
 
-OUTLIERS = {"0.post_attention_layernorm": 50.0, "1.input_layernorm": 30.0}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = tiny_llama(outliers=OUTLIERS).eval()
-    gen = torch.Generator().manual_seed(1)
-    calib = [torch.randint(0, 320, (1, 64), generator=gen) for _ in range(4)]
-    test = torch.randint(0, 320, (2, 64), generator=gen)
-    return model, ModelSpec.from_model(model, "tiny"), calib, test
+    return tiny_outlier_setup()
 
 
 def _logit_mse(tiny, config) -> float:
@@ -220,7 +208,7 @@ def test_rotated_model_logits_equal_the_original(tiny, kw):
 
 
 def test_rotation_unties_a_tied_lm_head():
-    model = tiny_llama(outliers=OUTLIERS)
+    model = tiny_llama(outliers=TINY_OUTLIERS)
     model.lm_head.weight = model.model.embed_tokens.weight          # tie, as SmolLM2 does
     model.config.tie_word_embeddings = True
     spec = ModelSpec.from_model(model, "tied")
