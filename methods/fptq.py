@@ -28,7 +28,6 @@ bucket), policy=all_static / all_dynamic (one strategy everywhere, no equalizati
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -47,6 +46,7 @@ from methods.blockwise import (
     input_hooks,
     walk_blocks,
 )
+from methods.figures import save_figure
 from methods.gptq import GPTQSolver, GPTQSolverConfig
 from methods.layers import config_for, replace_linear, round_and_wrap
 from methods.smoothing import (
@@ -219,18 +219,7 @@ def policy_figure(rows: Sequence[dict[str, Any]], thresholds: Mapping[str, float
 def plot_policy(rows: list[dict[str, Any]], path: str | Path, v0: float, v1: float,
                 title: str = "FPTQ layer-wise activation policy") -> Path:
     """policy_figure written to `path` atomically (tmp file + rename)."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig = policy_figure(rows, {"v0": v0, "v1": v1}, title)
-    try:
-        tmp = path.with_name(path.name + ".partial")
-        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(policy_figure(rows, {"v0": v0, "v1": v1}, title), Path(path))
 
 
 # ------------------------------------------------------------------ the method

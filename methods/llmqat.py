@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from methods.arch import ModelSpec
 from methods.base import Calib, ConfigError, Method, QuantConfig, register
+from methods.figures import save_figure
 from methods.kvcache import attach_kv_cache_quant, calibrate_kv_cache, detach_kv_cache_quant
 from methods.layers import config_for, iter_block_linears, replace_linear, round_and_wrap
 from methods.primitives import fake_quantize_per_token_ste, fake_quantize_weight_ste
@@ -258,21 +259,14 @@ def plot_loss(losses: list[float], path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4))
-    try:
-        ax.plot(range(1, len(losses) + 1), losses, linewidth=1)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("KL(fp teacher || student), nats/token")
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-        fig.tight_layout()
-        tmp = path.with_name(path.name + ".partial")
-        fig.savefig(tmp, dpi=120, format="png")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-    return path
+    ax.plot(range(1, len(losses) + 1), losses, linewidth=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("KL(fp teacher || student), nats/token")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path)
 
 
 @register(LLMQATConfig)
