@@ -24,7 +24,7 @@ def job_label(job: dict) -> tuple[str, str, str]:
 def record_label(r: dict) -> tuple[str, str, str]:
     """(method, bits, the demo job's extra settings as recorded in the config)."""
     jobs = yaml.safe_load(CONF.read_text())["jobs"]
-    for job in jobs:
+    for job in sorted(jobs, key=len, reverse=True):      # the most specific entry first
         method, bits, _ = job_label(job)
         if (method, bits) != (r["method"], r["bits"]):
             continue
