@@ -53,7 +53,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read; the message says what to do."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """sha256 hex digest of a file, read in 4 MiB chunks (also the caches' checksum)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
@@ -92,7 +93,7 @@ def save_runtime_checkpoint(model: nn.Module, spec: ModelSpec, path: str | Path,
     try:
         # save_model drops duplicate names of shared tensors (tied embeddings / lm_head)
         save_model(model, str(tmp / TENSORS_FILE), metadata={"format": FORMAT})
-        config["sha256"] = _sha256(tmp / TENSORS_FILE)
+        config["sha256"] = sha256_file(tmp / TENSORS_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True))
         old = None
         if path.exists():
@@ -260,7 +261,7 @@ def load_runtime_checkpoint(path: str | Path, base: BaseModel = None, *,
     tensors = path / config["tensors"]
     if not tensors.is_file():
         raise CheckpointError(f"{tensors} not found: the checkpoint is incomplete")
-    if verify and _sha256(tensors) != config.get("sha256"):
+    if verify and sha256_file(tensors) != config.get("sha256"):
         raise CheckpointError(f"{tensors} does not match the sha256 in {CONFIG_FILE}: the "
                               "checkpoint is corrupt or was modified; save it again")
     model = _skeleton(config, base)

@@ -4,15 +4,8 @@ calibration batches)."""
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+from methods.checkpoint import sha256_file  # noqa: F401 - one file checksum for all
 
 
 def sha256_bytes(data: bytes) -> str:
