@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from harness.inputs.gguf import GGUFError, assemble_gguf, load_gguf_cached
-from harness.inputs.placement import DEFAULT_PLACEMENT, apply_placement, plan_placement
+from harness.inputs.placement import DEFAULT_PLACEMENT, plan_placement
 from methods.arch import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -360,10 +360,12 @@ def load_model(cfg: Any, cache_dir: Path | None = None,
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     spec = ModelSpec.from_model(model, name)
-    placement = plan_placement(model.to(dtype=dtype), spec,
+    model = model.to(dtype=dtype)
+    placement = plan_placement(model, spec,
                                str((placement or {}).get("mode") or DEFAULT_PLACEMENT), device,
                                (placement or {}).get("device_memory_gb"))
-    model = apply_placement(model, placement, dtype)
+    if placement.path == "device":   # offload: weights stay in host memory
+        model = model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     info.update(load_s=time.perf_counter() - t0, n_params=n_params, dtype=str(dtype),
                 device=str(device), family=spec.table.family, placement=placement.to_dict())

@@ -99,15 +99,6 @@ def plan_placement(model: nn.Module, spec: ModelSpec, mode: str, device: torch.d
     return Placement(mode, path, str(device), budget, total, largest, head)
 
 
-def apply_placement(model: nn.Module, placement: Placement, dtype: torch.dtype) -> nn.Module:
-    """Move the model: all of it to the compute device, or (offload) only its dtype, the
-    weights staying in host memory until the block-wise engine onloads them."""
-    if placement.path == "device":
-        return model.to(device=placement.compute_device, dtype=dtype)
-    return model.to(dtype=dtype)
-
-
-
 def gpu_device_map(model: nn.Module, spec: ModelSpec, n_gpus: int,
                    per_gpu_bytes: int) -> dict[str, Any]:
     """accelerate device map spreading whole decoder blocks over `n_gpus` GPUs of
