@@ -48,6 +48,9 @@ def test_plan_placement_auto_device_offload_and_errors():
                        budget_gb=small.largest_block_bytes * 0.5 / gib)
     with pytest.raises(PlacementError, match="use one of"):
         plan_placement(model, spec, "everywhere", CPU)
+    for bad in ("abc", 0, -1):
+        with pytest.raises(PlacementError, match="placement.device_memory_gb"):
+            plan_placement(model, spec, "auto", CPU, budget_gb=bad)
 
 
 def test_gpu_device_map_spreads_blocks_over_fake_gpus():

@@ -62,10 +62,15 @@ def device_budget(device: torch.device, budget_gb: float | None) -> int | None:
     """Bytes the model may occupy on `device`: the setting, else the device's free memory
     less headroom (CUDA), else unlimited (CPU computes in host memory)."""
     if budget_gb is not None:
-        if float(budget_gb) <= 0:
+        try:
+            budget_gb = float(budget_gb)
+        except (TypeError, ValueError):
+            raise PlacementError(f"placement.device_memory_gb={budget_gb!r}: a number of GiB "
+                                 "> 0, or null for the device's free memory") from None
+        if budget_gb <= 0:
             raise PlacementError(f"placement.device_memory_gb={budget_gb}: must be > 0 "
                                  "(or null for the device's free memory)")
-        return int(float(budget_gb) * 2**30)
+        return int(budget_gb * 2**30)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * (1 - DEVICE_HEADROOM))
