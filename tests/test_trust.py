@@ -332,3 +332,66 @@ if given is not None:
                 assert rc in (0, 1, 2)
             written = [p for p in root.rglob("*") if p.is_file() and runs not in p.parents]
             assert all(out in p.parents for p in written), written
+
+
+# ---------------------------------------------------------------- concurrent identical sweeps
+
+
+def _hydra_dirs(tmp_path):
+    """(hydra.run.dir, hydra.sweep.dir) of conf/run.yaml as the CLI resolves them."""
+    from conftest import CONF_DIR
+    from hydra import compose, initialize_config_dir
+
+    from harness.run.config_defaults import register_invocation_resolver, register_method_defaults
+    register_method_defaults()
+    register_invocation_resolver()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("run", overrides=[f"paths.results_dir={tmp_path}"],
+                      return_hydra_config=True)
+        return str(cfg.hydra.run.dir), str(cfg.hydra.sweep.dir)
+
+
+def test_identical_commands_in_the_same_second_get_their_own_hydra_folders(tmp_path,
+                                                                          monkeypatch):
+    import datetime as dt
+
+    import hydra.core.utils as hydra_utils
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 1, 2, 3, 4, 5)
+    monkeypatch.setattr(hydra_utils, "datetime", Frozen)
+    first, second = _hydra_dirs(tmp_path), _hydra_dirs(tmp_path)
+    for a, b in zip(first, second, strict=True):
+        assert "2026-01-02_03-04-05" in a and a != b
+        assert Path(a).parent == Path(b).parent
+
+
+def test_two_identical_sweeps_at_once_keep_their_hydra_outputs_apart(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    res = tmp_path / "res"
+    # eval.max_windows=0 fails in settings validation: each job writes a record, loads nothing
+    cmd = [sys.executable, "-m", "harness.run.cli", "-m", *TINY_QUICK, "method=fp16",
+           "bits=w16a16,w8a16", "eval.max_windows=0", f"paths.results_dir={res}",
+           f"paths.cache_dir={res}/cache", "+hf_token=hf_SECRETVALUE1"]
+    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    sweeps = sorted((res / "hydra" / "multirun").iterdir())
+    assert len(sweeps) == 2, sweeps
+    for sweep in sweeps:
+        assert sorted(d.name for d in sweep.iterdir() if d.is_dir()) == ["0", "1"]
+        summary = json.loads((sweep / "sweep_summary.json").read_text())
+        assert summary["counts"]["failed"] == 2
+        for job in ("0", "1"):
+            log = (sweep / job / "run.log").read_text()
+            assert log.count("] - record ") == 1, log      # one job's log, not two
+            overrides = (sweep / job / ".hydra" / "overrides.yaml").read_text()
+            assert "hf_SECRETVALUE1" not in overrides and "redacted" in overrides
+    labels = {json.loads(p.read_text())["sweep"] for p in (res / "runs").glob("*.json")}
+    assert labels == {s.name for s in sweeps}

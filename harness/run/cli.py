@@ -10,13 +10,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from harness.run.callbacks import require_launcher_plugin, write_job_status
-from harness.run.config_defaults import register_method_defaults
+from harness.run.config_defaults import register_invocation_resolver, register_method_defaults
 from harness.run.overrides import lift_swept_group_keys
 from harness.run.pipeline import RunsDirError, run_one
 from harness.util.security import install_log_redaction, override_secrets
 
 log = logging.getLogger("ptqbench")
 register_method_defaults()   # conf/method/*.yaml compose onto the dataclass defaults
+register_invocation_resolver()   # hydra.run.dir / hydra.sweep.dir: one folder per invocation
 
 
 def _sweep_label() -> str | None:

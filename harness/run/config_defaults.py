@@ -14,15 +14,22 @@ conf/method/*.yaml puts it first in its defaults list:
 So the YAML holds overrides only, every field is still a key of the composed config
 (`method.v0=10` on the command line needs no `+`) and records store every setting a job ran
 with. Call `register_method_defaults()` before composing (the CLI and tests do).
+
+Hydra's output directories (conf/run.yaml: hydra.run.dir, hydra.sweep.dir) end in
+`${ptqbench.invocation:}`, which `register_invocation_resolver()` provides: the time stamp
+alone would put two identical sweeps started in the same second into one folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import secrets
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from methods.base import registered_configs
 from methods.catalog import config_field_defaults, load_builtin
@@ -51,3 +58,20 @@ def register_method_defaults() -> dict[str, str]:
         names[cls.__name__] = path
         store.store(group=GROUP, name=cls.__name__, node=defaults_node(cls))
     return names
+
+
+INVOCATION_RESOLVER = "ptqbench.invocation"
+
+
+def invocation_id() -> str:
+    """`<pid>-<6 random hex>`: distinct for two processes on one host (pid) and, with
+    the random part, across hosts sharing a results directory."""
+    return f"{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def register_invocation_resolver() -> None:
+    """`${ptqbench.invocation:}`. Cached per config like Hydra's `${now:}`: Hydra copies the
+    cache into every job's config (also to launcher processes), so all jobs of one sweep
+    resolve the same directory and each invocation gets its own. Idempotent."""
+    if not OmegaConf.has_resolver(INVOCATION_RESOLVER):
+        OmegaConf.register_new_resolver(INVOCATION_RESOLVER, invocation_id, use_cache=True)
