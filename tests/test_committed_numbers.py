@@ -97,3 +97,46 @@ def test_every_test_named_in_the_failure_mode_table_exists():
     assert len(named) > 20
     for path, name in named:
         assert re.search(rf"^\s*def {name}\(", (REPO / path).read_text(), re.M), f"{path}::{name}"
+
+
+# reports/README.md perplexity table row -> (Method, Bits) of reports/smollm2-135m/tables/perplexity.csv
+PROSE_PPL_ROWS = {
+    "fp16": ("fp16", "w16a16"),
+    "rtn w8a8 (dynamic per-token)": ("rtn", "w8a8"),
+    "rtn w8a8 (static per-tensor)": ("rtn (act_mode=static_tensor)", "w8a8"),
+    "smoothquant w8a8 (static)": ("smoothquant", "w8a8"),
+    "rtn w4a16": ("rtn (act_mode=static_tensor)", "w4a16"),
+    "rtn w4a16, llm-compressor's grid max/7.5 (`method.w_grid=full`)": ("rtn (w_grid=full)", "w4a16"),
+    "gptq w4a16": ("gptq", "w4a16"),
+    "awq w4a16": ("awq", "w4a16"),
+    "rtn w4a8 (static per-tensor)": ("rtn (act_mode=static_tensor)", "w4a8"),
+    "rtn w4a8 (dynamic per-token)": ("rtn", "w4a8"),
+    "smoothquant w4a8 (static)": ("smoothquant", "w4a8"),
+    "gptq w4a8 (static)": ("gptq", "w4a8"),
+    "awq w4a8 (static)": ("awq", "w4a8"),
+    "**fptq w4a8** (190 static, 17 LAE + static, 3 dynamic)": ("fptq", "w4a8"),
+    "fptq w4a8, ablation: all static": ("fptq (policy=all_static)", "w4a8"),
+    "fptq w4a8, ablation: all dynamic": ("fptq (policy=all_dynamic)", "w4a8"),
+    "fptq w4a8, ablation: SmoothQuant in the middle bucket": ("fptq (middle=smoothquant)", "w4a8"),
+    "fptq w4a8, ablation: GPTQ weights (after LAE)": ("fptq (weight_method=gptq)", "w4a8"),
+    "fptq w4a8, thresholds v0=5, v1=150 (more LAE)": ("fptq (v0=5.0)", "w4a8"),
+    "fptq w4a8, thresholds v0=30, v1=150": ("fptq (v0=30.0)", "w4a8"),
+    "fptq w4a8, thresholds v0=15, v1=50 (more dynamic)": ("fptq (v1=50.0)", "w4a8"),
+    "fptq w4a8, thresholds v0=15, v1=500 (same policy as 150)": ("fptq (v1=500.0)", "w4a8"),
+}
+
+
+def test_results_readme_perplexity_table_is_the_committed_report():
+    import csv
+    with open(REPO / "reports" / "smollm2-135m" / "tables" / "perplexity.csv") as f:
+        table = {(r["Method"], r["Bits"]): r for r in csv.DictReader(f)
+                 if r["Calib"] in ("-", "c4-32x512")}
+    text = (REPO / "reports" / "README.md").read_text()
+    table_text = text[text.index("| SmolLM2-135M, ppl"):].split("\n\n", 1)[0]
+    rows = [ln for ln in table_text.splitlines() if ln.split("|")[1].strip() in PROSE_PPL_ROWS]
+    assert len(rows) == len(PROSE_PPL_ROWS)
+    for ln in rows:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        csv_row = table[PROSE_PPL_ROWS[cells[0]]]
+        want = [f"{float(csv_row[k]):.2f}" for k in ("WikiText-2", "C4", "PTB")]
+        assert cells[1:4] == want, (cells[0], want)
