@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from methods.act_range import AbsHistogram, RangeEstimator
-from methods.arch import ModelSpec, get_module
+from methods.arch import LinearGroup, ModelSpec, get_module
 from methods.base import LinearStats
 
 log = logging.getLogger(__name__)
@@ -361,18 +362,25 @@ class StatsAccumulator:
 @torch.no_grad()
 def collect_block_stats(block: nn.Module, inputs: BlockInputs, linear_names: Sequence[str],
                         percentiles: Sequence[float] = (),
-                        estimator: RangeEstimator | None = None) -> dict[str, LinearStats]:
-    """Run the block on every sample with input hooks on the named linears."""
+                        estimator: RangeEstimator | None = None,
+                        advance: bool = False) -> dict[str, LinearStats]:
+    """Run the block on every sample with input hooks on the named linears. advance: the
+    same forward's outputs become the next block's inputs (`BlockInputs.advance`), one
+    block forward instead of two."""
     acc = StatsAccumulator(percentiles, estimator)
     modules = {n: block.get_submodule(n) for n in linear_names}
+    index = inputs.block_index
     with input_hooks(modules, acc):
-        for x, kw in inputs.samples():
-            block(x, **kw)
+        if advance:
+            inputs.advance(block)
+        else:
+            for x, kw in inputs.samples():
+                block(x, **kw)
     stats = acc.result()
     for name, s in stats.items():
         if not torch.isfinite(s.channel_max).all():
             raise FloatingPointError(f"non-finite calibration statistics at {name} "
-                                     f"(block {inputs.block_index})")
+                                     f"(block {index})")
     return stats
 
 
@@ -419,11 +427,18 @@ def add_to_hessian(H: Tensor, n: int, X: Tensor) -> int:
 
 class HessianAccumulator:
     """`add_to_hessian` for each hooked linear's input, keyed by name; lifecycle: accumulate
-    (call as a hook) -> pop(name) hands H and n over and frees them."""
+    (call as a hook) -> pop(name) hands H and n over and frees them.
 
-    def __init__(self) -> None:
+    shared: {linear: the linear whose input it reads} (`shared_input_sources`): only the
+    source is hooked and its H is handed to each of them, one X^T X per distinct input
+    (q/k/v, gate/up) instead of one per linear. The H handed out is the same tensor, so
+    consumers must not modify it in place (GPTQSolver.solve works on a copy)."""
+
+    def __init__(self, shared: dict[str, str] | None = None) -> None:
         self.H: dict[str, Tensor] = {}
         self.n: dict[str, int] = {}
+        self.source = dict(shared or {})
+        self._extra_pops = Counter(self.source.values())   # pops before H is freed
 
     def __call__(self, name: str, x: Tensor) -> None:
         if name not in self.H:
@@ -432,7 +447,21 @@ class HessianAccumulator:
         self.n[name] = add_to_hessian(self.H[name], self.n.get(name, 0), x)
 
     def pop(self, name: str) -> tuple[Tensor, int]:
-        return self.H.pop(name), self.n.pop(name)
+        key = self.source.get(name, name)
+        if self._extra_pops[key]:          # another linear still needs this H
+            self._extra_pops[key] -= 1
+            return self.H[key], self.n[key]
+        return self.H.pop(key), self.n.pop(key)
+
+
+def shared_input_sources(groups: Sequence[LinearGroup], names: Sequence[str]) -> dict[str, str]:
+    """{linear: the first of `names` in its LinearGroup} for every other linear of `names`
+    whose group reads one input X (q/k/v, gate/up): their X^T X and max|X_j| are equal."""
+    sources = {}
+    for g in groups:
+        members = [n for n in g.linears if n in names]
+        sources.update({n: members[0] for n in members[1:]})
+    return sources
 
 
 def chain_hooks(*fns: Callable[[str, Tensor], None]) -> Callable[[str, Tensor], None]:

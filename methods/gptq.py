@@ -34,6 +34,7 @@ from methods.blockwise import (
     add_to_hessian,
     chain_hooks,
     run_block_hooked,
+    shared_input_sources,
     stats_table,
     walk_blocks,
 )
@@ -182,29 +183,37 @@ class GPTQSolver:
         U, damp_used, retries = self._inverse_cholesky(H, damp, max_retries)
         del H
 
-        Q = torch.zeros_like(W)
+        # The column loop runs on transposed copies ([columns, N]: each column contiguous);
+        # every element sees the same operations in the same order as on W [N, K].
+        group_of = ((perm if perm is not None else torch.arange(K, device=W.device)) // g
+                    ).tolist()                                   # column (permuted) -> group
+        scale_t = scale.t().contiguous()                         # [K/g, N]
+        zero_t = None if zero is None else zero.t().contiguous()
+        Q_t = torch.zeros(K, N, dtype=W.dtype, device=W.device)
         for i1 in range(0, K, block_size):
             i2 = min(i1 + block_size, K)
-            W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
-            E1 = torch.zeros_like(W1)
+            W1_t, U1 = W[:, i1:i2].t().contiguous(), U[i1:i2, i1:i2]   # [B, N], [B, B]
+            E1_t = torch.zeros_like(W1_t)
             for j in range(i2 - i1):
                 col = i1 + j
-                orig = int(perm[col]) if perm is not None else col
                 if dynamic_groups and col % g == 0:
-                    current = torch.cat([W1[:, j:], W[:, i2:]], 1)[:, :g]   # updated W
+                    current = torch.cat([W1_t[j:].t(), W[:, i2:]], 1)[:, :g]   # updated W
                     qp = compute_qparams(current, bits, symmetric, "per_channel", grid=grid)
-                    scale[:, col // g] = qp.scale[:, 0]
-                    if zero is not None:
-                        zero[:, col // g] = qp.zero[:, 0]
-                s = scale[:, orig // g]
-                z = zero[:, orig // g] if zero is not None else 0.0
-                w = W1[:, j]
-                q = (torch.clamp(torch.round(w / s) + z, lo, hi) - z) * s
-                Q[:, col] = q
-                e = (w - q) / U1[j, j]
-                W1[:, j:] -= e.unsqueeze(1) * U1[j, j:].unsqueeze(0)
-                E1[:, j] = e
-            W[:, i2:] -= E1 @ U[i1:i2, i2:]
+                    scale_t[col // g] = qp.scale[:, 0]
+                    if zero_t is not None:
+                        zero_t[col // g] = qp.zero[:, 0]
+                s = scale_t[group_of[col]]
+                z = zero_t[group_of[col]] if zero_t is not None else 0.0
+                w = W1_t[j]
+                q = torch.round(w / s).add_(z).clamp_(lo, hi).sub_(z).mul_(s)
+                Q_t[col] = q
+                e = (w - q).div_(U1[j, j])
+                W1_t[j:] -= U1[j, j:].unsqueeze(1) * e.unsqueeze(0)
+                E1_t[j] = e
+            W[:, i2:] -= E1_t.t().contiguous() @ U[i1:i2, i2:]
+        Q = Q_t.t().contiguous()
+        scale = scale_t.t().contiguous()
+        zero = None if zero_t is None else zero_t.t().contiguous()
 
         if perm is not None:
             Q = Q[:, torch.argsort(perm)]
@@ -246,12 +255,19 @@ class GPTQ(Method[GPTQConfig]):
             for step in gptq_sequence(spec, c.true_sequential):
                 todo = {n: lin_cfg for n in step
                         if (lin_cfg := config_for(c, f"{prefix}.{i}.{n}")) is not None}
-                hess, stats = HessianAccumulator(), StatsAccumulator(estimator=c.range_estimator)
-                hook = chain_hooks(hess, stats)
-                run_block_hooked(block, inputs, {n: (hook if n in todo else stats)
-                                                 for n in step})
-                for rel, st in stats.result().items():
-                    all_stats[f"{prefix}.{i}.{rel}"] = st
+                # linears reading one input (q/k/v, gate/up) share its X^T X and max|X_j|
+                stats_src = shared_input_sources(spec.table.groups, step)
+                hess_src = shared_input_sources(spec.table.groups, list(todo))
+                hess = HessianAccumulator(shared=hess_src)
+                stats = StatsAccumulator(estimator=c.range_estimator)
+                hooks = {n: chain_hooks(*fns) for n in step if (fns := [
+                    *([hess] if n in todo and n not in hess_src else []),
+                    *([stats] if n not in stats_src else [])])}
+                run_block_hooked(block, inputs, hooks)
+                found = stats.result()
+                for rel in step:
+                    if (src := stats_src.get(rel, rel)) in found:
+                        all_stats[f"{prefix}.{i}.{rel}"] = found[src]
                 for rel, lin_cfg in todo.items():
                     H, n = hess.pop(rel)
                     new, info = self.quantize_linear(block.get_submodule(rel), H, n,

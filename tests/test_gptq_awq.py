@@ -327,3 +327,69 @@ def test_one_hessian_update_for_solver_and_block_hooks():
     assert_close(H, solver.H, rtol=0, atol=0)
     X = torch.cat([b.reshape(-1, 32) for b in batches])
     assert_close(H, 2 / 74 * X.T @ X, rtol=1e-5, atol=1e-6)
+
+
+def test_linears_reading_one_input_share_one_hessian(tiny):
+    """q/k/v (and gate/up) read one X: one X^T X per input, handed to each of them, and
+    freed after the last pop; GPTQ's codes equal those of one accumulator per linear."""
+    from methods.blockwise import HessianAccumulator, run_block_hooked, shared_input_sources
+
+    model, spec, calib, _ = tiny
+    names = spec.table.linear_names()
+    src = shared_input_sources(spec.table.groups, names)
+    assert src == {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
+                   "mlp.up_proj": "mlp.gate_proj"}
+    inputs = capture_block_inputs(model, spec, calib)
+    block = spec.blocks(model)[0]
+    shared, per_linear = HessianAccumulator(shared=src), HessianAccumulator()
+    calls = []
+    run_block_hooked(block, inputs, {n: shared for n in names if n not in src})
+    run_block_hooked(block, inputs, {n: (lambda n, x: calls.append(n) or per_linear(n, x))
+                                     for n in names})
+    for n in ("self_attn.v_proj", "self_attn.q_proj", "self_attn.k_proj"):
+        assert "self_attn.q_proj" in shared.H          # kept until its last linear pops it
+        H, count = shared.pop(n)
+        assert_close(H, per_linear.pop(n)[0], rtol=0, atol=0)
+    assert "self_attn.q_proj" not in shared.H
+    assert len(calls) == len(names) * len(calib)
+
+
+def test_awq_gram_shortlist_picks_what_the_full_search_picks(tiny, monkeypatch):
+    """down_proj (one linear scored on its own output): the Gram-matrix shortlist scores two
+    candidates by forward instead of n_grid, with the same scales, losses and weights as
+    the full search (GRAM_RTOL = inf: every candidate is on the shortlist)."""
+    import methods.awq as awq
+
+    model, spec, calib, _ = tiny
+    cfg = AWQConfig(w_bits=3, group_size=32, symmetric=False, clip=False)
+    fast = AWQ(cfg)
+    q_fast = fast.quantize(copy.deepcopy(model), spec, calib)
+    monkeypatch.setattr(awq, "GRAM_RTOL", float("inf"))
+    full = AWQ(cfg)
+    q_full = full.quantize(copy.deepcopy(model), spec, calib)
+    evals = {r["group"]: r.pop("forward_evals") for r in fast.artifacts["awq_scales"]}
+    assert evals["down"] < cfg.n_grid and evals["gate_up"] == cfg.n_grid
+    for r in full.artifacts["awq_scales"]:
+        r.pop("forward_evals")
+    assert fast.artifacts["awq_scales"] == full.artifacts["awq_scales"]
+    for (name, a), (_, b) in zip(q_fast.state_dict().items(), q_full.state_dict().items(),
+                                 strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_stats_pass_can_advance_the_block_inputs(tiny):
+    """collect_block_stats(advance=True): the statistics and next-block inputs of one block
+    forward equal those of a stats pass followed by inputs.advance."""
+    from methods.blockwise import collect_block_stats
+
+    model, spec, calib, _ = tiny
+    block, names = spec.blocks(model)[0], spec.table.linear_names()
+    one, two = (capture_block_inputs(model, spec, calib) for _ in range(2))
+    merged = collect_block_stats(block, one, names, advance=True)
+    separate = collect_block_stats(block, two, names)
+    two.advance(block)
+    assert one.block_index == two.block_index == 1
+    for a, b in zip(one.hidden, two.hidden, strict=True):
+        assert torch.equal(a, b)
+    for n in names:
+        assert torch.equal(merged[n].channel_max, separate[n].channel_max)
