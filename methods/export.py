@@ -11,11 +11,20 @@ Schemes (one config group per distinct weight / activation setting):
           (static, our calibrated scale as input_scale)                int-quantized
   W4A8    int4 group weights, int8 per-token dynamic activations       pack-quantized
 Smoothing scales (SmoothQuant / FPTQ s) are already folded into the norms and feeder
-linears of the simulated model, so they travel as ordinary weights. Stated deviations (in
+linears of the simulated model, so they travel as ordinary weights. QuIP's grid lives in a
+rotated basis (TransformedLinear: y = R_out^T W_hat R_in (x * smooth_inv)): W_hat is packed
+as above and the transforms become compressed-tensors online transforms (`transform_config`,
+type random-matrix, one config group per linear since every linear has its own U, V):
+  input   x -> x M_in,   M_in  = diag(smooth_inv) R_in^T   [K, K]
+  output  y -> y M_out,  M_out = R_out                     [N, N]
+stored dense as `<linear>.<group>_<location>.weight` (what vLLM and
+`apply_transform_config` load; nothing is fused into the packed weight). Stated deviations (in
 the export report, never silent): static per-tensor activations of a 4-bit-weight layer
 are exported dynamic per-token (serving engines have no W4A8 static kernel); a simulated
 KV-cache setting is not exported. Refused with the reason: a linear that still carries an
-unfolded pre-scale (smooth_inv), weights of 2 / 3 bits, 4-bit activations.
+unfolded pre-scale (smooth_inv) outside a QuIP transform, a rotated linear with quantized
+activations or fp weights (QuaRot's online rotations), weights of 2 / 3 bits, 4-bit
+activations.
 
 Asymmetric codes: ours q in [0, 2^b - 1] with zero point z; compressed-tensors stores signed
 codes q - 2^(b-1) with zero point z - 2^(b-1): (q - z) * s is unchanged.
@@ -36,6 +45,7 @@ from torch import Tensor, nn
 from methods.arch import ModelSpec
 from methods.kvcache import detach_kv_cache_quant
 from methods.layers import FakeQuantLinear, iter_block_linears, replace_linear
+from methods.transformed import TransformedLinear
 
 FORMATS = ("compressed_tensors", "gptq")
 SUPPORTED = "W4A16 (int4 group/channel), W8A16, W8A8 (dynamic per-token or static per-tensor), W4A8"
@@ -68,7 +78,9 @@ class Scheme:
 
 def scheme_of(name: str, fq: FakeQuantLinear) -> tuple[Scheme, str | None]:
     """(scheme, deviation or None) of one simulated linear; ExportError when impossible."""
-    if fq.smooth_inv is not None:
+    if isinstance(fq, TransformedLinear):
+        _check_transformed(name, fq)
+    elif fq.smooth_inv is not None:
         raise ExportError(f"{name} keeps an unfolded smoothing pre-scale (X / s at runtime), "
                           "which compressed-tensors cannot store; use a setting that folds s "
                           "(e.g. fold_linear_feeders) or another method")
@@ -86,6 +98,70 @@ def scheme_of(name: str, fq: FakeQuantLinear) -> tuple[Scheme, str | None]:
             deviation = ("static per-tensor int8 activations exported as dynamic per-token "
                          "(no W4A8 static kernel in serving engines)")
     return Scheme(fq.w_bits, fq.group_size, fq.w_symmetric, fq.a_bits, act), deviation
+
+
+def _check_transformed(name: str, fq: TransformedLinear) -> None:
+    """A weight-only rotated linear (QuIP) exports; rotations around quantized activations
+    or an fp weight (QuaRot) do not."""
+    if fq.a_bits < 16 or fq.w_bits >= 16:
+        raise ExportError(f"{name} rotates its input online around w{fq.w_bits}a{fq.a_bits} "
+                          "(QuaRot): only weight-only rotated linears (QuIP w4a16 / w8a16) "
+                          f"export; supported schemes: {SUPPORTED}")
+    if fq.bias is not None and fq.r_out is not None:
+        raise ExportError(f"{name} has a bias added after its output rotation, which a "
+                          "compressed-tensors output transform would rotate too; QuIP "
+                          "export covers bias-free linears (llama, qwen2 MLP / o_proj ...)")
+
+
+def transform_matrices(fq: TransformedLinear) -> dict[str, Tensor]:
+    """{"input": M_in [K, K], "output": M_out [N, N]} (fp32) with x M_in = R_in (x * smooth_inv)
+    and y M_out = R_out^T y row-wise: compressed-tensors' online transform is value @ weight."""
+    out = {}
+    if fq.r_in is not None or fq.smooth_inv is not None:
+        eye = torch.eye(fq.in_features, dtype=torch.float64)
+        M = eye if fq.r_in is None else fq.r_in.apply(eye)               # R_in^T
+        if fq.smooth_inv is not None:
+            M = fq.smooth_inv.detach().double()[:, None] * M
+        out["input"] = M.float()
+    if fq.r_out is not None:
+        eye = torch.eye(fq.out_features, dtype=torch.float64)
+        out["output"] = fq.r_out.apply(eye).T.float()                    # R_out
+    return out
+
+
+def _transform_config(found: dict[str, tuple[FakeQuantLinear, Scheme]]):
+    """(TransformConfig or None, {group: (linear name, location, matrix)}): one random-matrix
+    group per rotated linear and location."""
+    from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
+    groups, mats = {}, {}
+    for i, (full, (fq, _)) in enumerate(found.items()):
+        if not isinstance(fq, TransformedLinear):
+            continue
+        for loc, M in transform_matrices(fq).items():
+            g = f"quip{i}_{'v' if loc == 'input' else 'u'}"
+            groups[g] = TransformScheme(type="random-matrix", precision=torch.float32,
+                                        apply=[TransformArgs(targets=[full], location=loc)])
+            mats[g] = (full, loc, M)
+    return (TransformConfig(config_groups=groups) if groups else None), mats
+
+
+def _apply_transforms(model: nn.Module, config) -> None:
+    """compressed-tensors' `apply_transform_config` without a progress bar per group (one
+    group per linear here): each group's factory attaches its transforms, and the config
+    rides on the model for `ModelCompressor`. No weights are shared across groups."""
+    from compressed_tensors import TRANSFORM_CONFIG_NAME
+    from compressed_tensors.transform import TransformFactory
+    for name, scheme in config.config_groups.items():
+        TransformFactory.from_scheme(scheme, name=name).apply_to_model(model, use_tqdm=False)
+    setattr(model, TRANSFORM_CONFIG_NAME, config)
+
+
+def _set_transforms(ex: nn.Module, mats: dict[str, tuple[str, str, Tensor]]) -> None:
+    """Our matrices into the transform modules `apply_transform_config` attached."""
+    with torch.no_grad():
+        for g, (full, loc, M) in mats.items():
+            t = ex.get_submodule(f"{full}.{g}_{loc}")
+            t.weight.data = M.to(t.weight.dtype).contiguous()
 
 
 def _quant_args(s: Scheme):
@@ -123,12 +199,15 @@ def _set_qparams(mod: nn.Module, fq: FakeQuantLinear, s: Scheme) -> None:
                                   .to(mod.input_scale.dtype))
 
 
-def _expected_bytes(model: nn.Module, linears: dict[str, Scheme]) -> int:
+def _expected_bytes(model: nn.Module, linears: dict[str, Scheme],
+                    transforms: dict[str, tuple[str, str, Tensor]]) -> int:
     """Tensor bytes the checkpoint should hold, from the bit widths: int4 codes packed eight
     to an int32 (pack-quantized) or int8 codes, one scale per row and group at the weight's
     dtype, packed int4 zero points when asymmetric, a static input scale, the [2] int64
-    weight_shape of packed layers; every other tensor at its own dtype (ties stored once)."""
-    total, seen = 0, set()
+    weight_shape of packed layers, the fp32 transform matrices; every other tensor at its
+    own dtype (ties stored once)."""
+    total = sum(M.numel() * 4 for *_, M in transforms.values())
+    seen: set[int] = set()
     for name, t in model.state_dict().items():
         mod_name, _, leaf = name.rpartition(".")
         s = linears.get(mod_name)
@@ -140,7 +219,7 @@ def _expected_bytes(model: nn.Module, linears: dict[str, Scheme]) -> int:
         if leaf == "bias":
             total += t.numel() * t.element_size()
         if leaf != "weight":
-            continue                     # our w_scale / w_zero / act_scale: counted below
+            continue           # w_scale / w_zero / act_scale / smooth_inv: counted below
         n, k = t.shape
         groups = k // s.group_size if s.group_size else 1
         packed = s.format == "pack-quantized"
@@ -174,8 +253,9 @@ def export_compressed_tensors(model: nn.Module, spec: ModelSpec, out_dir: str | 
     kept_fp: list[str] = []
     deviations: dict[str, list[str]] = {}
     for _, _, full, mod in iter_block_linears(model, spec):
-        if isinstance(mod, FakeQuantLinear) and (mod.w_bits < 16 or mod.a_bits < 16):
-            if mod.w_bits == 16:
+        if isinstance(mod, TransformedLinear) or (
+                isinstance(mod, FakeQuantLinear) and (mod.w_bits < 16 or mod.a_bits < 16)):
+            if mod.w_bits == 16 and not isinstance(mod, TransformedLinear):
                 raise ExportError(f"{full}: activation-only quantization (w16a{mod.a_bits}) "
                                   f"has no compressed-tensors scheme here; supported: {SUPPORTED}")
             scheme, dev = scheme_of(full, mod)
@@ -212,10 +292,14 @@ def export_compressed_tensors(model: nn.Module, spec: ModelSpec, out_dir: str | 
     apply_quantization_config(ex, qconfig, show_progress=False)
     for full, (fq, s) in found.items():
         _set_qparams(ex.get_submodule(full), fq, s)
+    tconfig, mats = _transform_config(found)
+    if tconfig is not None:
+        _apply_transforms(ex, tconfig)
+        _set_transforms(ex, mats)
     fmt = schemes[0].format if len({s.format for s in schemes}) == 1 else "mixed-precision"
     compressor = ModelCompressor.from_pretrained_model(ex, quantization_format=fmt)
     compressor.compress_model(ex)
-    expected = _expected_bytes(model, {n: s for n, (_, s) in found.items()})
+    expected = _expected_bytes(model, {n: s for n, (_, s) in found.items()}, mats)
 
     tmp = out_dir.with_name(out_dir.name + ".partial")
     if tmp.exists():
@@ -234,6 +318,8 @@ def export_compressed_tensors(model: nn.Module, spec: ModelSpec, out_dir: str | 
         "compressed_tensors_version": _version(),
         "schemes": {s.label: sorted(n for n, (_, sc) in found.items() if sc == s)
                     for s in schemes},
+        "transforms": {g: f"{full} {loc} [{M.shape[0]}x{M.shape[1]}]"
+                       for g, (full, loc, M) in mats.items()},
         "ignored_fp": ignore, "deviations": deviations,
         "size_bytes": size, "tensor_bytes": size - header, "expected_tensor_bytes": expected,
         "quantized_weights": n_weights, "meta": meta or {},
@@ -255,8 +341,38 @@ def load_compressed_tensors(path: str | Path) -> nn.Module:
     """The exported checkpoint loaded back through transformers, decompressed (fp weights
     W_hat; activations fake-quantized by compressed-tensors' forward)."""
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         str(path), quantization_config=CompressedTensorsConfig(run_compressed=False)).eval()
+    _attach_transforms(model, Path(path))
+    return model
+
+
+def _attach_transforms(model: nn.Module, path: Path) -> None:
+    """transformers (5.x) does not apply a checkpoint's `transform_config`: attach its online
+    transforms with compressed-tensors' factories and load their matrices from
+    model.safetensors (what vLLM's loader does)."""
+    from compressed_tensors.transform import TransformConfig
+    from safetensors import safe_open
+    qcfg = json.loads((path / "config.json").read_text()).get("quantization_config", {})
+    tcfg = qcfg.get("transform_config") or {}
+    if not tcfg.get("config_groups"):
+        return
+    config = TransformConfig.model_validate(tcfg)
+    if any(not a.is_online() for sc in config.config_groups.values() for a in sc.apply):
+        raise ExportError(f"{path}: weight-side transforms are fused into the stored weights "
+                          "by the writer; this loader applies online ones only")
+    from compressed_tensors.utils import match_named_modules
+    names = {f"{m}.{g}_{a.location}.weight" for g, sc in config.config_groups.items()
+             for a in sc.apply for m, _ in match_named_modules(model, a.targets, a.ignore)}
+    _apply_transforms(model, config)
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        missing = names - set(f.keys())
+        if missing:
+            raise ExportError(f"{path}: transform matrices missing from model.safetensors: "
+                              f"{sorted(missing)[:3]}")
+        with torch.no_grad():
+            for key in names:
+                model.get_parameter(key).data = f.get_tensor(key)
 
 
 # ------------------------------------------------------------------ GPTQ format
@@ -309,6 +425,10 @@ def export_gptq(model: nn.Module, spec: ModelSpec, out_dir: str | Path, tokenize
     out_dir = Path(out_dir)
     found: dict[str, FakeQuantLinear] = {}
     for _, _, full, mod in iter_block_linears(model, spec):
+        if isinstance(mod, TransformedLinear):
+            raise ExportError(f"{full} computes in a rotated basis (QuIP / QuaRot transforms), "
+                              "which the GPTQ format cannot hold; use export=compressed_tensors "
+                              "(online transforms in its transform_config)")
         if isinstance(mod, FakeQuantLinear) and mod.w_bits < 16:
             if mod.w_bits not in GPTQ_BITS or mod.a_bits < 16 or mod.smooth_inv is not None:
                 raise ExportError(f"{full} is w{mod.w_bits}a{mod.a_bits}: the GPTQ format "

@@ -85,9 +85,18 @@ def _fptq(**kw):
     return FPTQConfig(**kw)
 
 
+def _quip(**kw):
+    from methods.quip import QuIPConfig
+    return QuIPConfig(**kw)
+
+
 CASES = {   # name: (config, exact logits?)
     "rtn-w4a16-asym": (lambda: RTNConfig(w_bits=4, group_size=G, symmetric=False), True),
     "gptq-w4a16": (lambda: _gptq(w_bits=4, group_size=G), True),
+    # the paper's Kronecker U, V with the rescale s; QuIP#'s randomized Hadamard without s
+    "quip-w4a16-kronecker": (lambda: _quip(w_bits=4, group_size=G), True),
+    "quip-w4a16-hadamard": (lambda: _quip(w_bits=4, group_size=G, incoherence="hadamard",
+                                          rescale=False), True),
     "rtn-w8a8-static": (lambda: RTNConfig(w_bits=8, a_bits=8, act_mode="static_tensor"), True),
     "smoothquant-w8a8-static": (lambda: _smoothquant(w_bits=8, a_bits=8), True),
     "rtn-w8a8-dynamic": (lambda: RTNConfig(w_bits=8, a_bits=8, act_mode="dynamic_token"), False),
@@ -116,6 +125,50 @@ def test_round_trip_reproduces_simulated_logits(tiny, tmp_path, name):
     assert report["tensor_bytes"] == report["expected_tensor_bytes"]
     cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == report["ct_format"]
+
+
+def test_quip_transforms_are_online_random_matrix_groups(tiny, tmp_path):
+    """One compressed-tensors transform group per linear and side, its matrix the simulated
+    rotation: x M_in = R_in (x / s), y M_out = R_out^T y."""
+    from safetensors.torch import load_file
+
+    from methods.transformed import TransformedLinear
+    _, spec, _, _ = tiny
+    m = _quantized(tiny, _quip(w_bits=4, group_size=G))
+    from methods.export import export_compressed_tensors
+    report = export_compressed_tensors(m, spec, tmp_path / "ct")
+    tcfg = json.loads((tmp_path / "ct" / "config.json").read_text())[
+        "quantization_config"]["transform_config"]["config_groups"]
+    linears = [(full, fq) for *_, full, fq in iter_block_linears(m, spec)]
+    assert len(tcfg) == 2 * len(linears) == len(report["transforms"])
+    assert {sc["type"] for sc in tcfg.values()} == {"random-matrix"}
+    tensors = load_file(str(tmp_path / "ct" / "model.safetensors"))
+    x = torch.randn(3, linears[0][1].in_features, generator=torch.Generator().manual_seed(1))
+    for g, sc in tcfg.items():
+        (args,) = sc["apply"]
+        full, loc = args["targets"][0], args["location"]
+        fq = m.get_submodule(full)
+        assert isinstance(fq, TransformedLinear) and not args["inverse"]
+        M = tensors[f"{full}.{g}_{loc}.weight"]
+        if loc == "input" and fq.in_features == x.shape[1]:
+            torch.testing.assert_close(x @ M, fq.r_in.apply(x * fq.smooth_inv))
+        if loc == "output":
+            torch.testing.assert_close(M @ M.T, torch.eye(M.shape[0]), atol=1e-5, rtol=0)
+
+
+def test_rotations_that_cannot_export_are_refused(tiny, tmp_path):
+    """QuaRot's online rotation sits before an activation quantizer (compressed-tensors'
+    input transform runs there too, but a16 only is round-trip tested); the GPTQ format
+    has no transforms at all."""
+    from methods.export import ExportError, export_compressed_tensors, export_model
+    from methods.quarot import QuaRotConfig
+    _, spec, _, _ = tiny
+    m = _quantized(tiny, QuaRotConfig(w_bits=4, a_bits=8, weight_solver="rtn"))
+    with pytest.raises(ExportError, match="QuIP w4a16"):
+        export_compressed_tensors(m, spec, tmp_path / "x")
+    q = _quantized(tiny, _quip(w_bits=4, group_size=G, incoherence="hadamard", rescale=False))
+    with pytest.raises(ExportError, match="export=compressed_tensors"):
+        export_model(q, spec, "gptq", tmp_path / "g")
 
 
 def test_file_size_follows_bits_per_weight(tiny, tmp_path):
