@@ -318,8 +318,9 @@ def export_compressed_tensors(model: nn.Module, spec: ModelSpec, out_dir: str | 
         "compressed_tensors_version": _version(),
         "schemes": {s.label: sorted(n for n, (_, sc) in found.items() if sc == s)
                     for s in schemes},
-        "transforms": {g: f"{full} {loc} [{M.shape[0]}x{M.shape[1]}]"
-                       for g, (full, loc, M) in mats.items()},
+        "transforms": {"groups": len(mats), "type": "random-matrix", "online": True,
+                       "tensor_bytes": sum(M.numel() * 4 for *_, M in mats.values())
+                       } if mats else {},
         "ignored_fp": ignore, "deviations": deviations,
         "size_bytes": size, "tensor_bytes": size - header, "expected_tensor_bytes": expected,
         "quantized_weights": n_weights, "meta": meta or {},

@@ -140,7 +140,7 @@ def test_quip_transforms_are_online_random_matrix_groups(tiny, tmp_path):
     tcfg = json.loads((tmp_path / "ct" / "config.json").read_text())[
         "quantization_config"]["transform_config"]["config_groups"]
     linears = [(full, fq) for *_, full, fq in iter_block_linears(m, spec)]
-    assert len(tcfg) == 2 * len(linears) == len(report["transforms"])
+    assert len(tcfg) == 2 * len(linears) == report["transforms"]["groups"]
     assert {sc["type"] for sc in tcfg.values()} == {"random-matrix"}
     tensors = load_file(str(tmp_path / "ct" / "model.safetensors"))
     x = torch.randn(3, linears[0][1].in_features, generator=torch.Generator().manual_seed(1))
@@ -239,13 +239,19 @@ def test_run_option_writes_export_beside_the_record(compose_cfg):
     assert ex["path"].endswith("export-compressed_tensors") and not ex["deviations"]
     bad = run_one(compose_cfg(*TINY_QUICK, "method=rtn", "bits=w3a16", "export=compressed_tensors"))
     assert bad.status == "ok" and "W4A16" in bad.artifacts["export"]["error"]
+    quip = run_one(compose_cfg(*TINY_QUICK, "method=quip", "bits=w4a16",
+                               "export=compressed_tensors"))
+    assert quip.status == "ok", quip.error
     from harness.results.paper_tables import exports_table
     from harness.results.records import records_frame
     from harness.results.store import ResultStore
     table = exports_table(records_frame(ResultStore(rec.config["paths"]["runs_dir"])))
-    cells = {r[2].text: [c.text for c in r] for r in table.rows}
-    assert cells["w4a16"][3] == "compressed_tensors/pack-quantized"
-    assert cells["w4a16"][6] == ex["path"] and "W4A16" in cells["w3a16"][6]
+    cells = {(r[1].text.split()[0], r[2].text): [c.text for c in r] for r in table.rows}
+    assert cells["rtn", "w4a16"][3] == "compressed_tensors/pack-quantized"
+    assert cells["rtn", "w4a16"][6] == ex["path"] and "W4A16" in cells["rtn", "w3a16"][6]
+    n = quip.artifacts["export"]["transforms"]["groups"]
+    assert n > 0 and cells["quip", "w4a16"][3] == (
+        f"compressed_tensors/pack-quantized + {n} online transforms")
 
 
 # ------------------------------------------------------------------ GPTQ format

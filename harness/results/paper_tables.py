@@ -295,6 +295,8 @@ def exports_table(df: pd.DataFrame) -> Table:
         e = r["export"]
         size = e.get("size_bytes")
         fmt_name = "/".join(filter(None, [str(e.get("format")), e.get("ct_format")]))
+        if (e.get("transforms") or {}).get("groups"):
+            fmt_name += f" + {e['transforms']['groups']} online transforms"
         devs = "; ".join(f"{d} ({len(v)} linears)" if v else d
                          for d, v in (e.get("deviations") or {}).items())
         rows.append([Cell(str(r["model"])), Cell(str(r["method_label"])), Cell(str(r["bits"])),
