@@ -76,7 +76,7 @@ class FPTQConfig(QuantConfig):
     w_bits: int = 4
     a_bits: int = 8
     group_size: int | None = 128
-    v0: float = 15.0                    # static / middle threshold on v = max|X|
+    v0: float = 15.0                    # static / middle threshold on v = max|X| (0: no plain static)
     v1: float = 150.0                   # middle / dynamic threshold
     weight_method: str = "rtn"          # rtn | gptq (GPTQ runs after LAE)
     middle: str = "lae"                 # lae | smoothquant (ablation)
@@ -106,9 +106,10 @@ class FPTQConfig(QuantConfig):
                                   f"{[f.name for f in fields(GPTQSolverConfig)]}") from None
         if self.weight_method == "gptq":
             self.gptq.check_groups(self.group_size)
-        if not (self.v0 > 0 and self.v1 > 0 and self.v0 < self.v1):
-            raise ConfigError(f"FPTQ thresholds need 0 < v0 < v1, got v0={self.v0}, "
-                              f"v1={self.v1} (the paper uses v0=15, v1=150)")
+        if not (self.v0 >= 0 and self.v1 > 0 and self.v0 < self.v1):
+            raise ConfigError(f"FPTQ thresholds need 0 <= v0 < v1, got v0={self.v0}, "
+                              f"v1={self.v1} (the paper uses v0=15, v1=150; v0=0 "
+                              "equalizes every group below v1)")
         for field_name, value, allowed in (("weight_method", self.weight_method, WEIGHT_METHODS),
                                            ("middle", self.middle, MIDDLES),
                                            ("policy", self.policy, POLICIES)):

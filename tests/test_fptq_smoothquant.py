@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -176,6 +177,24 @@ def test_policy_buckets_on_known_outliers(fptq_run):
     assert down.act_mode == "dynamic_token" and down.smooth_inv is None
 
 
+def test_v0_zero_equalizes_every_group_below_v1(outlier_model, calib, held_out):
+    """v0=0: no plain-static bucket; every group with v <= v1 gets LAE before its static
+    scale, the groups above v1 stay dynamic, and the fp function is kept until rounding."""
+    model, spec = outlier_model
+    m = copy.deepcopy(model)
+    method = build(FPTQConfig(group_size=G, v0=0.0))
+    method.quantize(m, spec, calib)
+    rows = method.artifacts["fptq_policy"]["rows"]
+    assert {r["bucket"] for r in rows} == {"lae", "dynamic"}
+    for r in rows:
+        assert r["bucket"] == ("dynamic" if r["v"] > 150.0 else "lae")
+        if r["bucket"] == "lae":
+            # X_j / s_j = log2(2 + max|X_j|): the equalized range is at most log2(2 + v)
+            assert r["strategy"] == "lae+static"
+            assert r["range_after"] <= math.log2(2.0 + r["v"]) * (1 + 1e-5)
+    assert method.artifacts["fptq_policy"]["counts"]["bucket"] == {"lae": 13, "dynamic": 1}
+
+
 def test_fallback_recorded_when_no_fold_asymmetric_weights(outlier_model, calib):
     model, spec = outlier_model
     m = copy.deepcopy(model)
@@ -256,9 +275,9 @@ def test_fptq_gptq_weights(outlier_model, calib, held_out, fptq_run):
 # ------------------------------------------------------------------ errors
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"v0": 150.0, "v1": 15.0}, "0 < v0 < v1"),
-    ({"v0": 15.0, "v1": 15.0}, "0 < v0 < v1"),
-    ({"v0": -1.0}, "0 < v0 < v1"),
+    ({"v0": 150.0, "v1": 15.0}, "0 <= v0 < v1"),
+    ({"v0": 15.0, "v1": 15.0}, "0 <= v0 < v1"),
+    ({"v0": -1.0}, "0 <= v0 < v1"),
     ({"policy": "sometimes"}, "policy="),
     ({"middle": "awq"}, "middle="),
     ({"weight_method": "hqq"}, "weight_method="),
