@@ -33,20 +33,44 @@ BASE_CALIB = {"dataset": "c4", "n_samples": 32, "seqlen": 512, "seed": 0}
 TARGET = 0.05
 
 
-def load_records(runs: Path) -> list[dict[str, Any]]:
-    """Latest ok record per config hash, base budget only."""
+def is_base_calib(r: dict[str, Any]) -> bool:
+    calib = r["config"].get("calib") or {}
+    return r.get("method") == "fp16" or all(calib.get(k) == v for k, v in BASE_CALIB.items())
+
+
+def load_records(runs: Path, base_only: bool = True) -> list[dict[str, Any]]:
+    """Latest ok record per config hash (base budget only unless base_only=False)."""
     latest: dict[str, dict[str, Any]] = {}
     for path in sorted(runs.glob("*.json")):
         r = json.loads(path.read_text())
         cfg = r.get("config") or {}
         if r.get("status") != "ok" or (cfg.get("eval") or {}).get("name") != "ppl-capped":
             continue
-        calib = cfg.get("calib") or {}
-        if r.get("method") != "fp16" and any(calib.get(k) != v for k, v in BASE_CALIB.items()):
+        if base_only and not is_base_calib(r):
             continue
         r["_file"] = path.name
         latest[r["config_hash"]] = r
     return list(latest.values())
+
+
+def calibration_section(v: ModelView, all_records: list[dict[str, Any]]) -> list[str]:
+    """FPTQ records on another calibration budget beside the same settings on the base one."""
+    other = [r for r in all_records if r.get("model") == v.model
+             and r["method"] in ("fptq", "fptq_paper") and not is_base_calib(r)]
+    if not other:
+        return ["(no FPTQ record on a calibration budget other than C4 32 x 512)"]
+    cols = " | ".join(lbl for _, lbl in v.datasets)
+    out = [f"| Setting | Calibration | {cols} | Same setting on C4 32 x 512 | Record |",
+           "|:--|:--|" + "--:|" * len(v.datasets) + ":--|:--|"]
+    for r in other:
+        label = fptq_label(r, v.group)
+        c = r["config"]["calib"]
+        base = [b for b in v.fptq if fptq_label(b, v.group) == label]
+        ref = " / ".join(num(ppl(base[-1], k)) for k, _ in v.datasets) if base else "–"
+        vals = " | ".join(num(ppl(r, k)) for k, _ in v.datasets)
+        out.append(f"| {label} | {c.get('dataset')} {c.get('n_samples')} x {c.get('seqlen')} | "
+                   f"{vals} | {ref} | `{r['_file'][:34]}` |")
+    return out
 
 
 def setting(r: dict[str, Any], key: str, defaults: dict[str, Any]) -> Any:
@@ -56,6 +80,10 @@ def setting(r: dict[str, Any], key: str, defaults: dict[str, Any]) -> Any:
 
 def ppl(r: dict[str, Any], ds: str) -> float | None:
     return (r.get("metrics") or {}).get(f"ppl_{ds}")
+
+
+def n_measured(r: dict[str, Any]) -> int:
+    return sum(ppl(r, k) is not None for k, _ in DATASETS)
 
 
 def group_size(r: dict[str, Any]) -> int | None:
@@ -90,7 +118,11 @@ class ModelView:
         fptq = [r for r in self.recs if r["method"] in ("fptq", "fptq_paper")]
         groups = Counter(group_size(r) for r in fptq)
         self.group = groups.most_common(1)[0][0] if groups else None
-        self.fptq = sorted(fptq, key=lambda r: ppl(r, "wikitext2") or 1e9)
+        # one row per setting: the record with the most datasets measured, then the newest
+        best: dict[str, dict[str, Any]] = {}
+        for r in sorted(fptq, key=lambda r: (n_measured(r), r["_file"])):
+            best[fptq_label(r, self.group)] = r
+        self.fptq = sorted(best.values(), key=lambda r: ppl(r, "wikitext2") or 1e9)
 
     def find(self, method: str, bits: str, **want: Any) -> dict[str, Any] | None:
         hits = [r for r in self.recs if r["method"] == method and r["bits"] == bits
@@ -157,7 +189,8 @@ def bucket_section(v: ModelView) -> list[str]:
     """static only (v1 just above v0: the LAE bucket goes dynamic) against all dynamic and
     the full policy: the cost each static bucket adds, per estimator."""
     out = ["| act_range | all dynamic | + static bucket (v <= 15) | + LAE bucket (= paper policy) "
-           "| cost of static bucket | cost of LAE bucket |", "|:--|--:|--:|--:|--:|--:|"]
+           "| every group below v1 equalized (v0 = 0) | cost of static bucket | cost of LAE bucket "
+           "| equalizing the static bucket |", "|:--|--:|--:|--:|--:|--:|--:|--:|"]
     ds = "wikitext2"
     found = False
     for est in ("minmax", "mse", "percentile"):
@@ -171,11 +204,14 @@ def bucket_section(v: ModelView) -> list[str]:
         dyn = v.all_dynamic({"config": {"method": {"group_size": v.group}}})
         static_only = pick(policy="layerwise", v0=15.0, v1=15.001)
         full = pick(policy="layerwise", v0=15.0, v1=150.0, middle="lae")
+        lae_all = pick(policy="layerwise", v0=0.0, v1=150.0, middle="lae")
         if not (dyn and static_only and full):
             continue
         found = True
         a, b, c = ppl(dyn, ds), ppl(static_only, ds), ppl(full, ds)
-        out.append(f"| {est} | {num(a)} | {num(b)} | {num(c)} | {pct(b, a)} | {pct(c, b)} |")
+        d = ppl(lae_all, ds) if lae_all else None
+        out.append(f"| {est} | {num(a)} | {num(b)} | {num(c)} | {num(d)} | {pct(b, a)} | "
+                   f"{pct(c, b)} | {pct(d, c)} |")
     if not found:
         return ["(the bucket-isolation runs, v1 = 15.001, are not in the records)"]
     out.append("")
@@ -253,7 +289,8 @@ CAUSES = (
     ("grid: full (max/7.5) against narrow (max/7)", lambda r: setting(r, "w_grid", PAPER) == "full"),
     ("cost per bucket (v1 just above v0)", lambda r: setting(r, "v1", PAPER) == 15.001),
     ("thresholds (v0, v1 around 15 / 150)", lambda r: (setting(r, "v0", PAPER), setting(r, "v1", PAPER))
-     not in ((15.0, 150.0), (15.0, 15.001))),
+     not in ((15.0, 150.0), (15.0, 15.001), (0.0, 150.0))),
+    ("LAE on every static group (v0 = 0)", lambda r: setting(r, "v0", PAPER) == 0.0),
     ("GPTQ weights after LAE", lambda r: setting(r, "weight_method", PAPER) == "gptq"),
     ("group size other than the model's", None),
 )
@@ -268,7 +305,6 @@ def coverage_section(v: ModelView, model: str) -> list[str]:
     probe = (REPO / "results" / "fptq" / f"static_ranges_{model}.json").exists()
     out.append(f"| massive activations at position 0 (static-range probe) | "
                f"{'measured' if probe else 'not measured'} |")
-    out.append("| calibration size 128 x 2048 | not measured (outside the base budget) |")
     return out
 
 
@@ -281,12 +317,14 @@ def main() -> None:
     args = ap.parse_args()
     default = json.loads(args.default) or shipped_default()
     records = load_records(Path(args.runs))
+    all_records = load_records(Path(args.runs), base_only=False)
     lines = ["# FPTQ static activations (issue 16)", "",
              "Generated by `scripts/fptq_report.py` from the committed records in "
              "`results/runs` (latest ok record per config; C4 32 x 512 calibration, first 4 "
              "windows of each set, `eval=ppl-capped`) and the probes in `results/fptq/`. "
-             "Runs: `scripts/fptq_evidence.sh`. Gemma-3-270M is loaded from its GGUF with the "
-             "GGUF's own tokenizer (the converted-copy cache is bypassed, issue 15 item 17).", "",
+             "Runs: `scripts/fptq_evidence.sh`. Gemma-3-270M is tokenized as llama.cpp does "
+             "(converted copy v2, issue 15 item 17) and evaluated on WikiText-2 and C4 only. "
+             "Runs of this session used one thread per job (`OMP_NUM_THREADS=1`).", "",
              f"FPTQ's shipped configuration (`conf/method/fptq.yaml`) differs from the paper's "
              f"in: {', '.join(f'{k}={v}' for k, v in default.items()) or 'nothing'}; the "
              "paper's stays available as `method=fptq_paper`.", ""]
@@ -302,7 +340,9 @@ def main() -> None:
                   "### Layer-wise policy at the paper's thresholds (linears per bucket)", "",
                   *policy_section(v), "", "### Cost per static bucket", "",
                   *bucket_section(v), "", "### Where the static ranges come from", "",
-                  *ranges_section(model), "", "### Which candidate causes have records", "",
+                  *ranges_section(model), "", "### Calibration budget", "",
+                  *calibration_section(v, all_records), "",
+                  "### Which candidate causes have records", "",
                   *coverage_section(v, model), ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
