@@ -10,8 +10,11 @@ linear group from its calibration range v = max|X| (Sec. 3.2, the layer-wise pol
                      per-tensor int8 with the scale of the equalized range max_j(max|X_j| / s_j)
     v > v1           dynamic per-token int8 (outliers too large to equalize)
 
-v0 = 15, v1 = 150 as in the paper. Linears reading one input (q/k/v; gate/up) share one
-decision. A middle-bucket group whose s cannot be folded (no producer in the family
+The paper sets v0 = 15, v1 = 150 (method=fptq_paper). ptqbench ships v0 = 0: every group
+up to v1 is equalized before its static scale (LAE folds into the producer, so it costs
+nothing at runtime), because the plain static bucket is where the paper's policy loses
+accuracy on SmolLM2-135M and Gemma-3-270M (reports/fptq). Linears reading one input
+(q/k/v; gate/up) share one decision. A middle-bucket group whose s cannot be folded (no producer in the family
 table, or fold_linear_feeders=false for o/down) falls back to dynamic per-token and the
 report says why: an unfolded s would cost a per-channel multiply at runtime.
 
@@ -76,7 +79,7 @@ class FPTQConfig(QuantConfig):
     w_bits: int = 4
     a_bits: int = 8
     group_size: int | None = 128
-    v0: float = 15.0                    # static / middle threshold on v = max|X| (0: no plain static)
+    v0: float = 0.0                     # static / LAE threshold on v = max|X| (paper: 15)
     v1: float = 150.0                   # middle / dynamic threshold
     weight_method: str = "rtn"          # rtn | gptq (GPTQ runs after LAE)
     middle: str = "lae"                 # lae | smoothquant (ablation)

@@ -85,7 +85,7 @@ def _rel_err(model: nn.Module, ref: torch.Tensor, ids: torch.Tensor) -> float:
 def fptq_run(outlier_model, calib):
     model, spec = outlier_model
     m = copy.deepcopy(model)
-    method = build(FPTQConfig(group_size=G))
+    method = build(FPTQConfig(group_size=G, v0=15.0))   # the paper's buckets
     method.quantize(m, spec, calib)
     return m, method
 
@@ -198,7 +198,8 @@ def test_v0_zero_equalizes_every_group_below_v1(outlier_model, calib, held_out):
 def test_fallback_recorded_when_no_fold_asymmetric_weights(outlier_model, calib):
     model, spec = outlier_model
     m = copy.deepcopy(model)
-    method = build(FPTQConfig(group_size=G, fold_linear_feeders=False, symmetric=False))
+    method = build(FPTQConfig(group_size=G, v0=15.0, fold_linear_feeders=False,
+                                 symmetric=False))
     method.quantize(m, spec, calib)
     q = m.model.layers[0].self_attn.q_proj
     assert not q.w_symmetric and q.w_zero.shape == q.w_scale.shape

@@ -5,6 +5,7 @@ calibration, method variants, FPTQ policy rows)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from collections.abc import Sequence
@@ -255,19 +256,40 @@ def with_defaults(cfg: dict) -> dict:
     return {**{k: v for k, v in fields.items() if v is not dataclasses.MISSING}, **cfg}
 
 
-def _default_of(target: Any, key: str) -> str | None:
-    """json text of the dataclass default of `key` for the config class `target`."""
-    default = (_config_fields(target) or {}).get(key, dataclasses.MISSING)
+@functools.cache
+def _yaml_overrides(method: str) -> dict[str, Any]:
+    """The plain values conf/method/<method>.yaml sets over its config class's defaults
+    (interpolations such as ${bits.w_bits} are left out: the bits group fills those)."""
+    from omegaconf import OmegaConf
+
+    from harness.run.overrides import CONF_DIR
+    path = CONF_DIR / "method" / f"{method}.yaml"
+    if not re.fullmatch(r"[A-Za-z0-9_]+", str(method)) or not path.is_file():
+        return {}
+    node = OmegaConf.load(path)
+    plain = OmegaConf.to_container(node)
+    return {k: plain[k] for k in plain if k not in ("defaults", "_target_", "name")
+            and not OmegaConf.is_interpolation(node, k)}
+
+
+def _default_of(method: Any, target: Any, key: str) -> str | None:
+    """json text of the value `method=<method>` ships for `key`: its YAML's override, else
+    the config class's default."""
+    shipped = _yaml_overrides(str(method))
+    default = shipped[key] if key in shipped else (_config_fields(target) or {}).get(
+        key, dataclasses.MISSING)
     return (None if default is dataclasses.MISSING
             else json.dumps(numeric(default), sort_keys=True, default=str))
 
 
 def method_variants(df: pd.DataFrame) -> list[str]:
-    """Per row, the method hyper-parameters that differ from the most common value among the
-    records of the same method (e.g. "act_mode=dynamic_token"), so ablation runs of one
-    method get distinct labels; "" for the common setting. A record without the key (made
-    before the option existed) counts with the config class's default, or, when that class
-    no longer imports, is not labelled by it."""
+    """Per row, the method hyper-parameters that differ from the method's shipped setting
+    (what `method=<name>` runs: its YAML over its config class's defaults) when some record
+    has it, else from the most common value among the records of the same method (e.g.
+    "act_mode=dynamic_token"), so ablation runs of one method get distinct labels and the
+    bare method name is what the method ships. A record without the key (made before the
+    option existed) counts with the config class's default, or, when that class no longer
+    imports, is not labelled by it."""
     out = [""] * len(df)
     cfgs = [with_defaults(c) if isinstance(c, dict) else {} for c in df["method_cfg"]]
     for method in set(df["method"]):
@@ -279,9 +301,8 @@ def method_variants(df: pd.DataFrame) -> list[str]:
                     for i in have]
             if len(set(vals)) < 2:
                 continue
-            default = _default_of(cfgs[have[0]].get("_target_"), k)
-            # most common value; on a tie the config class's default stays unlabelled
-            common = max(sorted(set(vals)), key=lambda v: (vals.count(v), v == default))
+            default = _default_of(method, cfgs[have[0]].get("_target_"), k)
+            common = default if default in vals else max(sorted(set(vals)), key=vals.count)
             for i, v in zip(have, vals, strict=True):
                 if v != common:
                     out[i] = ", ".join(filter(None, [out[i], f"{k}={json.loads(v)}"]))
