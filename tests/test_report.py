@@ -431,6 +431,27 @@ def test_ablation_runs_get_variant_labels_and_policy_dicts_are_read(tmp_path):
     assert all(isinstance(p, list) and len(p) == len(POLICY) for p in df["fptq_policy"])
 
 
+def test_bare_method_label_is_the_shipped_setting_even_in_the_minority(tmp_path):
+    """Three paper-threshold ablations (v0=15) and one run at what method=fptq ships (the
+    FPTQConfig default v0=0): the shipped one is the bare "fptq", the others say v0=15.0;
+    rtn's act_mode is read from conf/method/rtn.yaml (dynamic_token), not its dataclass."""
+    store = ResultStore(tmp_path)
+    fptq, rtn = {"_target_": "methods.fptq.FPTQConfig"}, {"_target_": "methods.rtn.RTNConfig"}
+    settings = [("fptq", {**fptq, "v0": 15.0, "policy": p})
+                for p in ("layerwise", "all_static", "all_dynamic")]
+    settings += [("fptq", {**fptq, "v0": 0.0, "policy": "layerwise"}),
+                 *[("rtn", {**rtn, "act_mode": m})
+                   for m in ("static_tensor", "static_tensor", "dynamic_token")]]
+    for i, (method, cfg) in enumerate(settings):
+        rec = _rec(i, "m", method, "w4a8", cfg_hash=f"h{i}", metrics={"ppl_ptb": 10.0 + i})
+        rec.config["method"].update(cfg)
+        store.write(rec)
+    df = records_frame(store).sort_values("run_id")
+    assert list(df["variant"]) == ["v0=15.0", "policy=all_static, v0=15.0",
+                                   "policy=all_dynamic, v0=15.0", "", "act_mode=static_tensor",
+                                   "act_mode=static_tensor", ""]
+
+
 def test_method_filter_selects_variants(tmp_path):
     store = ResultStore(tmp_path)
     for i, policy in enumerate(("layerwise", "layerwise", "all_static")):
