@@ -325,7 +325,7 @@ def main() -> None:
              "Runs: `scripts/fptq_evidence.sh`. Gemma-3-270M is tokenized as llama.cpp does "
              "(converted copy v2, issue 15 item 17) and evaluated on WikiText-2 and C4 only. "
              "Runs of this session used one thread per job (`OMP_NUM_THREADS=1`).", "",
-             f"FPTQ's shipped configuration (`conf/method/fptq.yaml`) differs from the paper's "
+             f"FPTQ's shipped configuration (`method=fptq`) differs from the paper's "
              f"in: {', '.join(f'{k}={v}' for k, v in default.items()) or 'nothing'}; the "
              "paper's stays available as `method=fptq_paper`.", ""]
     for model in MODELS:
@@ -351,10 +351,12 @@ def main() -> None:
 
 
 def shipped_default() -> dict[str, Any]:
-    """Settings conf/method/fptq.yaml sets away from the paper's (act_range, w_grid, ...)."""
-    from omegaconf import OmegaConf
-    node = OmegaConf.load(REPO / "conf" / "method" / "fptq.yaml")
-    return {k: node[k] for k in PAPER if k in node and node[k] != PAPER[k]}
+    """Settings `method=fptq` ships away from the paper's (FPTQConfig's defaults under
+    conf/method/fptq.yaml), e.g. {"v0": 0.0}."""
+    from harness.results.records import numeric, shipped_settings
+    shipped = shipped_settings("fptq", "methods.fptq.FPTQConfig")
+    return {k: numeric(shipped[k]) for k in PAPER
+            if k in shipped and numeric(shipped[k]) != PAPER[k]}
 
 
 if __name__ == "__main__":

@@ -114,15 +114,30 @@ PROSE_PPL_ROWS = {
     "smoothquant w4a8 (static)": ("smoothquant", "w4a8"),
     "gptq w4a8 (static)": ("gptq", "w4a8"),
     "awq w4a8 (static)": ("awq", "w4a8"),
-    "**fptq w4a8** (190 static, 17 LAE + static, 3 dynamic)": ("fptq", "w4a8"),
-    "fptq w4a8, ablation: all static": ("fptq (policy=all_static)", "w4a8"),
-    "fptq w4a8, ablation: all dynamic": ("fptq (policy=all_dynamic)", "w4a8"),
-    "fptq w4a8, ablation: SmoothQuant in the middle bucket": ("fptq (middle=smoothquant)", "w4a8"),
-    "fptq w4a8, ablation: GPTQ weights (after LAE)": ("fptq (weight_method=gptq)", "w4a8"),
+    "**fptq w4a8** (shipped, v0 = 0: 207 LAE + static, 3 dynamic)": ("fptq", "w4a8"),
+    "fptq w4a8, paper thresholds v0=15, v1=150 (`method=fptq_paper`: 190 static, 17 LAE + "
+    "static, 3 dynamic)": ("fptq (v0=15.0)", "w4a8"),
+    "fptq w4a8, paper thresholds, static bucket only (v1=15.001: the LAE bucket dynamic)":
+        ("fptq (v0=15.0, v1=15.001)", "w4a8"),
+    "fptq w4a8, paper thresholds, ablation: all static": ("fptq (policy=all_static, v0=15.0)",
+                                                          "w4a8"),
+    "fptq w4a8, paper thresholds, ablation: all dynamic": ("fptq (policy=all_dynamic, v0=15.0)",
+                                                           "w4a8"),
+    "fptq w4a8, paper thresholds, ablation: SmoothQuant in the middle bucket":
+        ("fptq (middle=smoothquant, v0=15.0)", "w4a8"),
+    "fptq w4a8, paper thresholds, ablation: GPTQ weights (after LAE)":
+        ("fptq (v0=15.0, weight_method=gptq)", "w4a8"),
+    "fptq w4a8, paper thresholds, MSE-clipped static ranges (`act_range=mse`)":
+        ("fptq (act_range=mse, v0=15.0)", "w4a8"),
     "fptq w4a8, thresholds v0=5, v1=150 (more LAE)": ("fptq (v0=5.0)", "w4a8"),
     "fptq w4a8, thresholds v0=30, v1=150": ("fptq (v0=30.0)", "w4a8"),
-    "fptq w4a8, thresholds v0=15, v1=50 (more dynamic)": ("fptq (v1=50.0)", "w4a8"),
-    "fptq w4a8, thresholds v0=15, v1=500 (same policy as 150)": ("fptq (v1=500.0)", "w4a8"),
+    "fptq w4a8, thresholds v0=15, v1=50 (more dynamic)": ("fptq (v0=15.0, v1=50.0)", "w4a8"),
+    "fptq w4a8, thresholds v0=15, v1=500 (same policy as 150)": ("fptq (v0=15.0, v1=500.0)",
+                                                                  "w4a8"),
+    "fptq w4a8, shipped + MSE-clipped static ranges (`act_range=mse`)":
+        ("fptq (act_range=mse)", "w4a8"),
+    "fptq w4a8, shipped + llm-compressor's grid (`w_grid=full`)": ("fptq (w_grid=full)", "w4a8"),
+    "quarot w4a8 (Hadamard rotations, GPTQ weights, per-token activations)": ("quarot", "w4a8"),
 }
 
 

@@ -272,14 +272,19 @@ def _yaml_overrides(method: str) -> dict[str, Any]:
             and not OmegaConf.is_interpolation(node, k)}
 
 
+def shipped_settings(method: Any, target: Any) -> dict[str, Any]:
+    """What `method=<method>` runs: its config class's defaults under its YAML's overrides
+    (the bits group's interpolated fields left out)."""
+    fields = {k: v for k, v in (_config_fields(target) or {}).items()
+              if v is not dataclasses.MISSING}
+    return {**fields, **_yaml_overrides(str(method))}
+
+
 def _default_of(method: Any, target: Any, key: str) -> str | None:
-    """json text of the value `method=<method>` ships for `key`: its YAML's override, else
-    the config class's default."""
-    shipped = _yaml_overrides(str(method))
-    default = shipped[key] if key in shipped else (_config_fields(target) or {}).get(
-        key, dataclasses.MISSING)
-    return (None if default is dataclasses.MISSING
-            else json.dumps(numeric(default), sort_keys=True, default=str))
+    """json text of the value `method=<method>` ships for `key` (None: unknown)."""
+    shipped = shipped_settings(method, target)
+    return (json.dumps(numeric(shipped[key]), sort_keys=True, default=str)
+            if key in shipped else None)
 
 
 def method_variants(df: pd.DataFrame) -> list[str]:
