@@ -20,7 +20,16 @@ def pair_key(rec: dict) -> str:
     run and its group-scale partner differ in nothing else."""
     ident = identity_config(rec["config"])
     ident["method"] = {k: v for k, v in ident["method"].items() if k != "w_scales"}
-    return json.dumps(ident, sort_keys=True, default=str)
+    return json.dumps(_floats(ident), sort_keys=True, default=str)
+
+
+def _floats(obj):
+    """0 and 0.0 are one setting (CLI overrides give ints, dataclass defaults floats)."""
+    if isinstance(obj, dict):
+        return {k: _floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_floats(v) for v in obj]
+    return float(obj) if isinstance(obj, int) and not isinstance(obj, bool) else obj
 
 
 def load(runs: Path) -> dict[tuple[str, str, str], dict]:
