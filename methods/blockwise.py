@@ -315,6 +315,35 @@ def input_hooks(modules: dict[str, nn.Module], fn: Callable[[str, Tensor], None]
             h.remove()
 
 
+class _InputsSeen(Exception):
+    """Raised once every hooked module of the block has seen its input for this sample."""
+
+
+@torch.no_grad()
+def run_block_inputs_only(block: nn.Module, inputs: BlockInputs,
+                          hooks: dict[str, Callable[[str, Tensor], None]]) -> None:
+    """hooks[name](name, X) with the input X of each named submodule for every sample, the
+    forward of each sample stopped once all of them have been called: what runs after the
+    last hooked linear (the MLP's down_proj GEMM, the residual add) is not needed when the
+    block's output is not. The same inputs reach the hooks as in a full forward."""
+    seen: set[str] = set()
+
+    def call(name: str, x: Tensor) -> None:
+        hooks[name](name, x)
+        seen.add(name)
+        if len(seen) == len(hooks):
+            raise _InputsSeen
+
+    modules = {n: block.get_submodule(n) for n in hooks}
+    with input_hooks(modules, call):
+        for x, kw in inputs.samples():
+            seen.clear()
+            try:
+                block(x, **kw)
+            except _InputsSeen:
+                pass
+
+
 class StatsAccumulator:
     """Per-linear input statistics: per-channel max|X_j|, v = max|X|, optional percentiles
     of |X| (mean over samples of each sample's percentile; a cheap, stable estimate) and,
@@ -370,12 +399,11 @@ def collect_block_stats(block: nn.Module, inputs: BlockInputs, linear_names: Seq
     acc = StatsAccumulator(percentiles, estimator)
     modules = {n: block.get_submodule(n) for n in linear_names}
     index = inputs.block_index
-    with input_hooks(modules, acc):
-        if advance:
+    if advance:
+        with input_hooks(modules, acc):
             inputs.advance(block)
-        else:
-            for x, kw in inputs.samples():
-                block(x, **kw)
+    else:
+        run_block_inputs_only(block, inputs, dict.fromkeys(modules, acc))
     stats = acc.result()
     for name, s in stats.items():
         if not torch.isfinite(s.channel_max).all():
@@ -403,13 +431,14 @@ def run_block_hooked(block: nn.Module, inputs: BlockInputs,
                      keep_outputs: bool = False) -> list[Tensor]:
     """Run the block on every sample, calling hooks[name](name, X) with the input X of each
     named submodule; the block outputs are returned (on the store device) if asked."""
+    if not keep_outputs:
+        run_block_inputs_only(block, inputs, hooks)
+        return []
     outs = []
     modules = {n: block.get_submodule(n) for n in hooks}
     with input_hooks(modules, lambda n, x: hooks[n](n, x)):
         for x, kw in inputs.samples():
-            y = _block_output(block(x, **kw))
-            if keep_outputs:
-                outs.append(y.to(inputs.store_device))
+            outs.append(_block_output(block(x, **kw)).to(inputs.store_device))
     return outs
 
 

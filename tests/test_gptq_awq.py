@@ -393,3 +393,31 @@ def test_stats_pass_can_advance_the_block_inputs(tiny):
         assert torch.equal(a, b)
     for n in names:
         assert torch.equal(merged[n].channel_max, separate[n].channel_max)
+
+
+def test_inputs_only_pass_stops_after_the_last_hooked_linear(tiny):
+    """run_block_inputs_only: each hook gets the input a full forward gives it, and the
+    sample's forward stops there (down_proj itself never runs)."""
+    from methods.blockwise import input_hooks, run_block_inputs_only
+
+    model, spec, calib, _ = tiny
+    block, names = spec.blocks(model)[0], spec.table.linear_names()
+    inputs = capture_block_inputs(model, spec, calib)
+    full, early = {}, {}
+    ran = []
+    handle = block.get_submodule("mlp.down_proj").register_forward_hook(
+        lambda m, a, out: ran.append(1))
+    inputs_full = capture_block_inputs(model, spec, calib)
+    with input_hooks({n: block.get_submodule(n) for n in names},
+                     lambda n, x: full.setdefault(n, []).append(x.clone())):
+        for x, kw in inputs_full.samples():
+            block(x, **kw)
+    assert len(ran) == len(calib)
+    run_block_inputs_only(block, inputs, {n: lambda n, x: early.setdefault(n, []).append(x)
+                                          for n in names})
+    handle.remove()
+    assert len(ran) == len(calib)          # no further down_proj forward
+    for n in names:
+        assert len(early[n]) == len(calib)
+        for a, b in zip(early[n], full[n], strict=True):
+            assert torch.equal(a, b), n
