@@ -325,17 +325,24 @@ def test_gptq_format_loads_through_gptqmodel(tiny, tmp_path):
 @pytest.mark.parametrize("cfg", [
     RTNConfig(w_bits=4, group_size=64, symmetric=False),
     RTNConfig(w_bits=8, a_bits=8, act_mode="dynamic_token"),
-    RTNConfig(w_bits=4, a_bits=8, group_size=64, act_mode="dynamic_token")],
-    ids=["w4a16", "w8a8-dynamic", "w4a8-dynamic"])
+    RTNConfig(w_bits=4, a_bits=8, group_size=64, act_mode="dynamic_token"),
+    _quip(w_bits=4, group_size=64, keep_fp=("model.layers.[1-9]*",))],   # block 0: CPU time
+    ids=["w4a16", "w8a8-dynamic", "w4a8-dynamic", "quip-w4a16"])
 def test_smollm2_round_trip(compose_cfg, tmp_path, cfg):
     """SmolLM2-135M (tied embeddings): bit-exact weights and the logits of the simulated
-    model (dynamic schemes: on compressed-tensors' token grid)."""
+    model (dynamic schemes: on compressed-tensors' token grid; QuIP: through its online
+    transforms, block 0's seven linears, every shape, calibrated on two random 64-token
+    sequences; the other blocks stay fp and are listed in `ignore`)."""
     from harness.inputs.models import load_model
     from methods.export import export_compressed_tensors, load_compressed_tensors
+    from methods.quip import QuIPConfig
 
     c = compose_cfg("model=smollm2-135m", "model.device=cpu")
     lm = load_model(c.model, c.paths.cache_dir)
-    build(cfg).quantize(lm.model, lm.spec, None)
+    gen = torch.Generator().manual_seed(1)
+    calib = ([torch.randint(0, 1000, (1, 64), generator=gen) for _ in range(2)]
+             if isinstance(cfg, QuIPConfig) else None)
+    build(cfg).quantize(lm.model, lm.spec, calib)
     report = export_compressed_tensors(lm.model, lm.spec, tmp_path / "ct", tokenizer=lm.tokenizer)
     back = load_compressed_tensors(tmp_path / "ct")
     ids = torch.randint(0, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
