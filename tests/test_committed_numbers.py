@@ -22,6 +22,7 @@ REPORTS = {
                      "--eval", "mmlu"],
     "alignment": ["--sweep", "alignment-c4-32x512", "--sweep", "alignment-calib-seeds",
                   "--sweep", "alignment-16windows"],
+    "gemma3-270m": ["--model", "gemma3-270m", "--eval", "ppl-capped"],
 }
 
 
