@@ -15,19 +15,30 @@ RUNS = ROOT / "results" / "runs"
 OUT = ROOT / "reports" / "qat" / "README.md"
 MODEL = "smollm2-135m"
 # (method, bits label, extra test on the method config) rows, in table order
+SHIPPED_KEYS = ("v0", "v1", "policy", "middle", "weight_method", "act_range", "w_grid",
+                "a_grid", "w_scales", "group_size")
+
+
 def fptq_default(c: dict) -> bool:
-    """FPTQ at the paper's settings (v0 15, v1 150, layer-wise, LAE, RTN weights, max|X|)."""
-    return (float(c.get("v0", 0)) == 15.0 and float(c.get("v1", 0)) == 150.0
-            and c.get("policy") == "layerwise" and c.get("middle") == "lae"
-            and c.get("weight_method") == "rtn" and c.get("act_range") in (None, "minmax"))
+    """FPTQ as `method=fptq` ships it (FPTQConfig under conf/method/fptq.yaml; SmolLM2's
+    group size 64)."""
+    from harness.results.records import numeric, shipped_settings
+    want = {**shipped_settings("fptq", "methods.fptq.FPTQConfig"), "group_size": 64}
+    return all(numeric(c.get(k, want[k])) == numeric(want[k]) for k in SHIPPED_KEYS)
+
+
+def rtn_dynamic(c: dict) -> bool:
+    """RTN with per-token dynamic activations on the default grid and group scales."""
+    return (c.get("act_mode") == "dynamic_token" and c.get("w_scales", "group") == "group"
+            and c.get("w_grid", "narrow") == "narrow")
 
 
 ROWS = [
     ("fp16", "w16a16", lambda c: True),
-    ("rtn", "w4a8", lambda c: c.get("act_mode") == "dynamic_token"),
+    ("rtn", "w4a8", lambda c: rtn_dynamic(c)),
     ("fptq", "w4a8", fptq_default),
     ("llmqat", "w4a8", lambda c: True),
-    ("rtn", "w4a8kv4", lambda c: c.get("act_mode") == "dynamic_token"),
+    ("rtn", "w4a8kv4", lambda c: rtn_dynamic(c)),
     ("fptq", "w4a8kv4", fptq_default),
     ("llmqat", "w4a8kv4", lambda c: True),
 ]
