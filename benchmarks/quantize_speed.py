@@ -283,6 +283,41 @@ def main() -> None:
     runs: dict[str, dict[str, Any]] = {}
     codes: dict[str, dict[str, Any]] = {}
     native_logits = None
+
+    def write() -> dict[str, dict[str, Any]]:
+        """The JSON so far (rewritten after every variant: a stopped run keeps its rows)."""
+        ratios: dict[str, dict[str, Any]] = {}
+        for pair in pairs:
+            nat = PAIRS[pair][1][0][0]
+            for variant, _, _ in PAIRS[pair][1][1:]:
+                a, b = runs.get(nat, {}), runs.get(variant, {})
+                if a.get("status") == "ok" and b.get("status") == "ok":
+                    ratios[f"{nat}/{variant}"] = {
+                        "cpu_time": round(a["cpu_s"] / b["cpu_s"], 3),
+                        "wall_time": round(a["quantize_s"] / b["quantize_s"], 3),
+                        "rel_logit_err": [a["rel_logit_err"], b["rel_logit_err"]],
+                        "rel_logit_diff": b["rel_logit_diff_to_native"],
+                        **({"ppl_rel_diff": round(a["ppl_heldout"] / b["ppl_heldout"] - 1, 5)}
+                           if "ppl_heldout" in a else {}),
+                        **(agreement(codes[nat], codes[variant]) or {})}
+        result = {"benchmark": "quantize_speed",
+                  "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                  "model": args.model, "blocks": len(spec.blocks(model)),
+                  "calibration": f"c4 {args.n_samples}x{args.seqlen} seed 0",
+                  "calibration_info": calib_info,
+                  "heldout": f"wikitext2 first {len(windows)} windows of {args.seqlen}",
+                  "fp": fp, "threads": torch.get_num_threads(),
+                  "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                  "model_load_s": round(load_s, 1), "runs": runs, "ratios": ratios,
+                  "host": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                           "loadavg_at_end": os.getloadavg(), "torch": torch.__version__},
+                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=str))
+        tmp.replace(args.out)
+        return ratios
+
     for variant, (pair, cfg) in cfgs.items():
         native = variant == PAIRS[pair][1][0][0]
         method = build_method(cfg.method)
@@ -322,37 +357,9 @@ def main() -> None:
         del q
         print(f"{variant:18s} {seconds:8.1f} s (cpu {cpu:7.1f} s)  " + "  ".join(
             f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        write()
 
-    ratios: dict[str, dict[str, Any]] = {}
-    for pair in pairs:
-        nat = PAIRS[pair][1][0][0]
-        for variant, _, _ in PAIRS[pair][1][1:]:
-            a, b = runs.get(nat, {}), runs.get(variant, {})
-            if a.get("status") == "ok" and b.get("status") == "ok":
-                ratios[f"{nat}/{variant}"] = {
-                    "cpu_time": round(a["cpu_s"] / b["cpu_s"], 3),
-                    "wall_time": round(a["quantize_s"] / b["quantize_s"], 3),
-                    "rel_logit_err": [a["rel_logit_err"], b["rel_logit_err"]],
-                    "rel_logit_diff": b["rel_logit_diff_to_native"],
-                    **({"ppl_rel_diff": round(a["ppl_heldout"] / b["ppl_heldout"] - 1, 5)}
-                       if "ppl_heldout" in a else {}),
-                    **(agreement(codes[nat], codes[variant]) or {})}
-    result = {"benchmark": "quantize_speed",
-              "command": " ".join([Path(sys.executable).name, *sys.argv]),
-              "model": args.model, "blocks": len(spec.blocks(model)),
-              "calibration": f"c4 {args.n_samples}x{args.seqlen} seed 0",
-              "calibration_info": calib_info,
-              "heldout": f"wikitext2 first {len(windows)} windows of {args.seqlen}",
-              "fp": fp, "threads": torch.get_num_threads(),
-              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-              "model_load_s": round(load_s, 1), "runs": runs, "ratios": ratios,
-              "host": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                       "loadavg_at_end": os.getloadavg(), "torch": torch.__version__},
-              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=str))
-    tmp.replace(args.out)
+    ratios = write()
     for k, r in ratios.items():
         print(f"{k:32s} cpu x{r['cpu_time']:.3f}  wall x{r['wall_time']:.3f}  "
               f"logit err native/lib {r['rel_logit_err']}  diff {r['rel_logit_diff']:.4f}  "
