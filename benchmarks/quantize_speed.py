@@ -221,6 +221,31 @@ def evaluate(model, windows, fp_logits, ref_logits=None, keep: bool = False, ppl
     return out, (kept if keep else None)
 
 
+def markdown_table(result: dict[str, Any]) -> str:
+    """The docs' table of a written JSON: per pair CPU seconds, ratio and agreement."""
+    lines = ["| native / library | native CPU s | library CPU s | native / library CPU time | "
+             "rel. logit error native / library | native vs library logits | equal codes |",
+             "|:--|--:|--:|--:|--:|--:|--:|"]
+    runs = result["runs"]
+    for key, r in result["ratios"].items():
+        nat, lib = key.split("/")
+        lines.append(f"| {nat} / {lib} | {runs[nat]['cpu_s']:.1f} | {runs[lib]['cpu_s']:.1f} | "
+                     f"**{r['cpu_time']:.2f}** | {r['rel_logit_err'][0]:.4f} / "
+                     f"{r['rel_logit_err'][1]:.4f} | {r['rel_logit_diff']:.4f} | "
+                     f"{100 * r['equal_codes']:.1f}% |")
+    return "\n".join(lines)
+
+
+def profile_table(result: dict[str, Any], variant: str, top: int = 6) -> str:
+    """One native run's stages by CPU share (the `top` largest and the rest)."""
+    prof = result["runs"][variant]["profile"]
+    rows = [(k, v) for k, v in prof.items() if k != "other"][:top]
+    rest = sum(v["cpu_s"] for k, v in prof.items() if (k, v) not in rows)
+    cpu = result["runs"][variant]["cpu_s"]
+    cells = [f"{k} {v['cpu_s']:.1f} s ({100 * v['cpu_share']:.0f}%)" for k, v in rows]
+    return "; ".join(cells + [f"rest {rest:.1f} s ({100 * rest / cpu:.0f}%)"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m", help="a conf/model name")
@@ -235,7 +260,15 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true", help="time native methods unpatched")
     ap.add_argument("--out", type=Path,
                     default=REPO / "results/bench/quantize_speed_smollm2_cpu.json")
+    ap.add_argument("--table", type=Path, help="print the docs' tables of a written JSON")
     args = ap.parse_args()
+    if args.table:
+        result = json.loads(args.table.read_text())
+        print(markdown_table(result))
+        for variant, run in result["runs"].items():
+            if run.get("profile"):
+                print(f"\n{variant}: {profile_table(result, variant)}")
+        return
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch

@@ -156,3 +156,17 @@ def test_results_readme_perplexity_table_is_the_committed_report():
         csv_row = table[PROSE_PPL_ROWS[cells[0]]]
         want = [f"{float(csv_row[k]):.2f}" for k in ("WikiText-2", "C4", "PTB")]
         assert cells[1:4] == want, (cells[0], want)
+
+
+def test_quantize_speed_table_is_the_committed_json():
+    """docs/methods_gptq_awq.md shows `benchmarks/quantize_speed.py --table` of the committed
+    JSON, row for row."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("quantize_speed",
+                                                  REPO / "benchmarks" / "quantize_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = json.loads((REPO / "results" / "bench" / "quantize_speed_smollm2_cpu.json").read_text())
+    doc = (REPO / "docs" / "methods_gptq_awq.md").read_text()
+    for line in bench.markdown_table(result).splitlines():
+        assert line in doc, line
