@@ -78,8 +78,8 @@ class QuantConfig:
                               "size: use a positive multiple of 8, or -1 for per-channel")
         if self.group_size == -1:
             object.__setattr__(self, "group_size", None)
-        object.__setattr__(self, "keep_fp", tuple(self.keep_fp or ()))
-        object.__setattr__(self, "keep_w8", tuple(self.keep_w8 or ()))
+        for key in ("keep_fp", "keep_w8"):
+            object.__setattr__(self, key, name_patterns(key, getattr(self, key)))
         if self.w_bits not in (2, 3, 4, 8, 16):
             raise ConfigError(f"w_bits={self.w_bits} is not supported; use 2, 3, 4, 8 or 16")
         if self.a_bits not in (4, 8, 16):
@@ -160,6 +160,22 @@ class QuantConfig:
         return matches_any(full_name, self.keep_w8) and not self.keeps(full_name)
 
 
+def name_patterns(key: str, value: Any) -> tuple[str, ...]:
+    """A list of linear-name patterns (one string is one pattern, never its characters)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) and p for p in value):
+        raise ConfigError(f"method.{key}={value!r} must be a list of linear name patterns, "
+                          f"e.g. method.{key}=[mlp.down_proj] or '[model.layers.0.*]'")
+    return tuple(value)
+
+
+def unmatched_patterns(patterns: Sequence[str], names: Sequence[str]) -> list[str]:
+    return [p for p in patterns if not any(matches_any(n, (p,)) for n in names)]
+
+
 def matches_any(full_name: str, patterns: Sequence[str]) -> bool:
     """A pattern matches a linear's full name by fnmatch (`model.layers.1[0-5].*`,
     `*.down_proj`; `*` also crosses dots) or as a dotted suffix (`mlp.down_proj` matches
@@ -209,6 +225,13 @@ class Method(ABC, Generic[C]):
             if bad:
                 return (f"group_size {c.group_size} does not divide input size(s) {bad} of "
                         f"{spec.name}; use a divisor (e.g. bits.group_size=64) or -1")
+        names = block_linear_names(spec)
+        for key in ("keep_fp", "keep_w8"):
+            missed = unmatched_patterns(getattr(c, key), names)
+            if missed:
+                return (f"method.{key} pattern(s) {missed} match no block linear of {spec.name} "
+                        f"(full names look like {names[-1]}; a pattern matches by fnmatch or "
+                        "as a dotted suffix): fix the pattern")
         if c.quantizes_kv_cache and not spec.table.kv_linears:
             return (f"kv_bits={c.kv_bits}: the {spec.table.family} family table names no K / V "
                     "projections (fused query_key_value), so the KV cache cannot be quantized")

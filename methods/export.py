@@ -301,10 +301,7 @@ def export_compressed_tensors(model: nn.Module, spec: ModelSpec, out_dir: str | 
     compressor.compress_model(ex)
     expected = _expected_bytes(model, {n: s for n, (_, s) in found.items()}, mats)
 
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    if tmp.exists():
-        import shutil
-        shutil.rmtree(tmp)
+    tmp = _staging_dir(out_dir)
     ex.save_pretrained(tmp)
     compressor.update_config(str(tmp))
     if tokenizer is not None:
@@ -326,10 +323,7 @@ def export_compressed_tensors(model: nn.Module, spec: ModelSpec, out_dir: str | 
         "quantized_weights": n_weights, "meta": meta or {},
     }
     (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
-    if out_dir.exists():
-        import shutil
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    _publish(tmp, out_dir)
     return report
 
 
@@ -459,10 +453,7 @@ def export_gptq(model: nn.Module, spec: ModelSpec, out_dir: str | Path, tokenize
     qcfg = {"bits": bits, "group_size": group_size or -1, "desc_act": False, "sym": sym,
             "true_sequential": True, "static_groups": False, "checkpoint_format": "gptq",
             "quant_method": "gptq", "modules_in_block_to_quantize": None}
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    if tmp.exists():
-        import shutil
-        shutil.rmtree(tmp)
+    tmp = _staging_dir(out_dir)
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
               metadata={"format": "pt"})
@@ -486,17 +477,52 @@ def export_gptq(model: nn.Module, spec: ModelSpec, out_dir: str | Path, tokenize
               "quantized_weights": sum(m.weight.numel() for m in found.values()),
               "meta": meta or {}}
     (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+    _publish(tmp, out_dir)
+    return report
+
+
+def check_export_target(out_dir: str | Path, source: str | Path | None = None) -> Path:
+    """The resolved output directory, refused (ExportError) unless it is new, empty or a
+    previous export (holds REPORT_FILE), and neither is nor contains `source`: an existing
+    directory is replaced whole, so a typo (`.`, $HOME, the checkpoint) must never reach it."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"export output {out} is a file: give a directory path")
+    if source is not None:
+        src = Path(source).expanduser().resolve()
+        if out == src or out in src.parents:
+            raise ExportError(f"export output {out} is or contains the checkpoint {src} it "
+                              "reads: give a separate directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / REPORT_FILE).is_file():
+        raise ExportError(f"export output {out} exists and is not a previous export (no "
+                          f"{REPORT_FILE}); it would be replaced: give a new or empty directory")
+    return out
+
+
+def _staging_dir(out_dir: Path) -> Path:
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    if tmp.exists():
+        import shutil
+        shutil.rmtree(tmp)
+    return tmp
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Replace out_dir (new, empty or a previous export: check_export_target) by tmp."""
+    check_export_target(out_dir)
     if out_dir.exists():
         import shutil
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
-    return report
 
 
 def export_model(model: nn.Module, spec: ModelSpec, fmt: str, out_dir: str | Path,
-                 **kwargs: Any) -> dict[str, Any]:
+                 source: str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Write `model` as a `fmt` serving checkpoint in out_dir; `source`: the checkpoint it was
+    read from (the output may not be or contain it)."""
     if fmt not in FORMATS:
         raise ExportError(f"export={fmt!r}; supported formats: {FORMATS}")
+    out_dir = check_export_target(out_dir, source)
     if fmt == "gptq":
         return export_gptq(model, spec, out_dir, **kwargs)
     return export_compressed_tensors(model, spec, out_dir, **kwargs)

@@ -180,6 +180,9 @@ def test_quantized_cache_save_failure_is_harmless(compose_cfg, monkeypatch):
 def test_ptqbench_cache_list_verify_clear(tmp_path, capsys):
     from harness.run.cache import WEIGHTS, QuantizedModelCache
     from harness.run.cache_cli import main
+    with pytest.raises(SystemExit) as e:    # a mistyped --dir read as "0 entries"
+        main(["--dir", str(tmp_path / "typo"), "list"])
+    assert e.value.code == 2 and "--dir" in capsys.readouterr().err
     qmodel, spec, method = _quantized("rtn")
     qc = QuantizedModelCache(tmp_path / "quantized")
     qc.save("good", {"model": {"name": "tiny"}, "method": {"name": "rtn", "w_bits": 4,

@@ -231,6 +231,27 @@ def test_cli_exports_a_saved_checkpoint(tiny, tmp_path, capsys):
     assert main([str(tmp_path / "nothing"), str(tmp_path / "o2")]) == 2
 
 
+def test_cli_never_replaces_a_directory_that_is_not_an_export(tiny, tmp_path, capsys):
+    # the output directory is replaced whole: `.`, a user directory or the checkpoint's own
+    # directory given as the output were deleted
+    from harness.run.export_cli import main
+    _, spec, _, _ = tiny
+    ckpt = save_runtime_checkpoint(_quantized(tiny, RTNConfig(w_bits=4, group_size=G)), spec,
+                                   tmp_path / "run" / "ckpt", {"model": "tiny"})
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for out in (mine, ckpt, ckpt.parent, mine / "notes.txt"):
+        assert main([str(ckpt), str(out)]) == 2
+    assert main([str(ckpt), str(tmp_path / "o"), "--tokenizer", str(tmp_path / "none")]) == 2
+    assert (mine / "notes.txt").read_text() == "keep me" and (ckpt / "ptq_runtime.json").is_file()
+    err = capsys.readouterr().err
+    assert "is not a previous export" in err and "contains the checkpoint" in err
+    for fmt in ("gptq", "gptq"):      # a previous export is replaced; gptq printed a KeyError
+        assert main([str(ckpt), str(tmp_path / "g"), "--format", fmt]) == 0
+        assert json.loads(capsys.readouterr().out)["format"] == "gptq"
+
+
 def test_run_option_writes_export_beside_the_record(compose_cfg):
     rec = run_one(compose_cfg(*TINY_QUICK, "method=rtn", "bits=w4a16", "export=compressed_tensors"))
     assert rec.status == "ok", rec.error

@@ -343,6 +343,7 @@ def test_report_regenerates_byte_identical(store, tmp_path):
     from harness.results.report_cli import main
 
     outs = []
+    (tmp_path / "nobench").mkdir()      # no kernel JSON: no kernel plots
     for k in range(2):
         root = tmp_path / f"out{k}"
         assert main(["--runs", str(store.root), "--name", "syn", "--out-root", str(root),

@@ -212,6 +212,13 @@ def test_lengths_beyond_the_model_context_are_refused(compose_cfg, overrides, ke
     (["tracking.kind=bogus"], "failed", "tracking.kind='bogus'"),
     (["model=local"], "failed", "needs model.source.path"),
     (["paths.data_dir=/nope"], "failed", "paths.data_dir='/nope'"),
+    # switches given as text were truthy (rerun_failed=no reran failed jobs)
+    (["rerun_failed=no"], "failed", "rerun_failed='no' is not valid: allowed true or false"),
+    (["method=rtn", "bits=w4a8", "save_checkpoint=sure"], "failed", "save_checkpoint='sure'"),
+    (["model.trust_remote_code=nope"], "failed", "model.trust_remote_code='nope'"),
+    # an unknown export format failed only after quantizing, in an `ok` record
+    (["method=rtn", "bits=w4a8", "export=onnx"], "failed", "export='onnx'"),
+    (["method=rtn", "bits=w4a8", "method.keep_w8=5"], "skipped", "method.keep_w8=5"),
 ])
 def test_bad_settings_give_a_record_naming_key_and_value(compose_cfg, overrides, status, says):
     cfg = compose_cfg(*TINY_QUICK, *overrides)
@@ -219,6 +226,18 @@ def test_bad_settings_give_a_record_naming_key_and_value(compose_cfg, overrides,
     assert rec.status == status and says in rec.error, rec.error
     assert not rec.metrics and "load" not in rec.timings       # nothing ran
     assert [r["run_id"] for r in ResultStore(cfg.paths.runs_dir).records()] == [rec.run_id]
+
+
+@pytest.mark.parametrize("pattern", ["notalist", "[mlp.dwn_proj]"])
+def test_keep_patterns_that_match_no_linear_are_refused(compose_cfg, pattern):
+    # a bare string was split into its characters; a typo kept nothing, silently
+    rec = run_one(compose_cfg(*TINY_QUICK, "method=rtn", "bits=w4a8",
+                              f"method.keep_fp={pattern}"))
+    assert rec.status == "skipped" and "method.keep_fp" in rec.error, rec.error
+    assert pattern.strip("[]") in rec.error and "model.layers.1.mlp.down_proj" in rec.error
+    ok = run_one(compose_cfg(*TINY_QUICK, "method=rtn", "bits=w4a8",
+                             "method.keep_fp=mlp.down_proj"))
+    assert ok.status == "ok" and ok.config["method"]["keep_fp"] == "mlp.down_proj"
 
 
 def test_unwritable_runs_dir_fails_before_the_work(compose_cfg, tmp_path, monkeypatch):
@@ -265,6 +284,26 @@ def test_record_with_wrong_field_types_is_named_and_skipped(tmp_path, capsys):
                             "--name", "r", "--no-plots"]) == 0
     text = (tmp_path / "out" / "r" / "report.md").read_text()
     assert "bad-types.json" in text and "config_hash" in text
+
+
+def test_report_command_line_paths_are_checked_before_anything_is_written(tmp_path, capsys):
+    # a wrong --references / --bench silently dropped a table, an unwritable --out-root was
+    # a traceback, --export to a directory failed after the work
+    runs = tmp_path / "runs"
+    ResultStore(runs).write(_ppl_record(1, "fp16", 2048, 10.0))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    base = ["--runs", str(runs), "--no-plots", "--out-root", str(tmp_path / "out")]
+    for bad, says in ((["--runs", str(tmp_path / "nope")], "--runs"),
+                      (["--references", str(tmp_path / "nope")], "--references"),
+                      (["--bench", str(tmp_path / "nope")], "--bench"),
+                      (["--export", str(runs)], "--export"),
+                      (["--export", str(tmp_path / "x.json")], "--export"),
+                      (["--out-root", str(blocker / "sub")], "--out-root")):
+        assert report_cli.main([*base, *bad]) == 2, bad
+        assert says in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "x.json").exists()
+    assert report_cli.main(base) == 0
 
 
 def test_report_paths_from_record_fields_stay_inside_the_output_root(tmp_path):

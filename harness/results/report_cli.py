@@ -179,9 +179,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def input_errors(args: argparse.Namespace) -> list[str]:
+    """Paths given on the command line that cannot be what they are meant to be: a wrong
+    --references or --bench would silently drop a table, a directory for --export would
+    fail after the work."""
+    errors = []
+    if not Path(args.runs).is_dir():
+        errors.append(f"--runs {args.runs} is not a directory (give the results/runs "
+                      "directory ptqbench writes)")
+    for flag, given, default in (("--references", args.references, str(DEFAULT_REFERENCES)),
+                                 ("--bench", args.bench, "results/bench")):
+        if given != default and not Path(given).is_dir():
+            errors.append(f"{flag} {given} is not a directory")
+    if args.export and (Path(args.export).suffix != ".parquet" or Path(args.export).is_dir()):
+        errors.append(f"--export {args.export}: give a file name ending in .parquet")
+    return errors
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    errors = input_errors(args)
+    for e in errors:
+        print(f"ptqbench-report: {e}", file=sys.stderr)
+    if errors:
+        return 2
     store = ResultStore(args.runs)
     if args.export:
         try:
@@ -226,8 +248,13 @@ def main(argv: list[str] | None = None) -> int:
         name = (safe_name(args.name, "--name") if args.name
                 else slug("-".join(sorted(map(str, df["model"].unique())))[:120]))
         out_dir = inside(Path(args.out_root), name)
+        out_dir.mkdir(parents=True, exist_ok=True)
     except UnsafePathError as e:
         print(f"ptqbench-report: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:           # before any table is built
+        print(f"ptqbench-report: cannot write the report under --out-root {args.out_root}: "
+              f"{e.strerror or e}; give a writable directory", file=sys.stderr)
         return 2
     refs = load_references(args.references)
     tables = build_tables(df, refs, shown)

@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("names", nargs="*", help="entry names as `list` shows them")
     c.add_argument("--all", action="store_true", help="remove every entry")
     args = ap.parse_args(argv)
+    if not args.dir.is_dir():     # a typo must not read as "the cache is empty"
+        ap.error(f"--dir {args.dir} is not a directory (the cache directory: paths.cache_dir, "
+                 "PTQBENCH_CACHE, default .cache)")
     found = list(entries(args.dir))
 
     if args.cmd == "list":

@@ -534,9 +534,9 @@ def _export(cfg: DictConfig, method: Method, model: torch.nn.Module, lm: LoadedM
     try:
         return export_model(model, lm.spec, fmt, run_dir / f"export-{fmt}",
                             tokenizer=lm.tokenizer, meta=meta, kv_bits=method.config.kv_bits)
-    except ExportError as e:
+    except (ExportError, OSError) as e:    # OSError: an unwritable or full artifacts disk
         log.error("export %s failed: %s", fmt, e)
-        return {"format": fmt, "error": str(e)}
+        return {"format": fmt, "error": f"{type(e).__name__}: {e}"}
 
 
 def _load(cfg: DictConfig, cache_dir: Path) -> LoadedModel:

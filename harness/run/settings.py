@@ -66,6 +66,13 @@ def as_choice(key: str, value: Any, choices: Iterable[str]) -> str:
     return value
 
 
+def as_bool(key: str, value: Any) -> bool:
+    """A YAML boolean only: `yes`, `1`, `maybe` given for a switch are errors, not truthy."""
+    if not isinstance(value, bool):
+        raise bad(key, value, "true or false", f"e.g. {key}=true")
+    return value
+
+
 def as_choices(key: str, value: Any, choices: Iterable[str]) -> tuple[str, ...]:
     choices = tuple(choices)
     if isinstance(value, str):
@@ -184,10 +191,31 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"{e.full_key or '?'}: {e.msg if hasattr(e, 'msg') else e}") from None
 
 
+# on/off switches a job reads: (group, key) -> default when the key is absent
+SWITCHES: dict[tuple[str | None, str], bool] = {
+    (None, "force"): False, (None, "rerun_failed"): True, (None, "runtime"): False,
+    (None, "save_checkpoint"): False, (None, "calib_allow_hub"): False,
+    (None, "runtime_fuse"): False, ("model", "trust_remote_code"): False,
+    ("eval", "allow_hub"): False, ("cache", "enabled"): True, ("cache", "verify"): True,
+}
+
+
+def check_switches(full: Mapping[str, Any]) -> None:
+    """Every switch is a boolean and `export` names a format: a switch given as text
+    (`rerun_failed=no`) would be truthy, an unknown export would only fail after the work."""
+    from methods.export import FORMATS
+    for (group, key), default in SWITCHES.items():
+        node = full if group is None else (full.get(group) or {})
+        as_bool(key if group is None else f"{group}.{key}", node.get(key, default))
+    if full.get("export") is not None:
+        as_choice("export", full["export"], FORMATS)
+
+
 def settings_from(cfg: DictConfig) -> RunSettings:
     """Validate every non-method setting a job reads (ConfigError on the first bad one)."""
     full = resolved_config(cfg)
     seed = as_int("seed", full.get("seed"), 0)
+    check_switches(full)
     tracking = full.get("tracking") or {}
     kind = as_choice("tracking.kind", tracking.get("kind", "none"), TRACKING_KINDS)
     paths = full.get("paths") or {}
