@@ -39,6 +39,9 @@ class ConfigError(ValueError):
     """An invalid method configuration; the message says how to fix it."""
 
 
+BIT_KEYS = ("w_bits", "a_bits", "group_size", "kv_bits")   # also settable as bits.<key>
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """Settings every method shares. group_size None or -1: per output channel."""
@@ -67,7 +70,7 @@ class QuantConfig:
     w_scales: WScales = "group"
 
     def __post_init__(self) -> None:
-        for key in ("w_bits", "a_bits", "group_size", "kv_bits"):
+        for key in BIT_KEYS:
             v = getattr(self, key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
                 raise ConfigError(f"{key}={v!r} (bits.{key} / method.{key}) must be an integer"
@@ -419,10 +422,56 @@ def make_config(node: dict[str, Any]) -> QuantConfig:
     if unknown:
         raise ConfigError(f"method.{unknown[0]} is not a setting of {cls.__name__}; its "
                           f"settings: {', '.join(sorted(fields))}")
+    values = {k: v for k, v in node.items() if k != "_target_"}
+    check_field_types(cls, values)
     try:
-        return cls(**{k: v for k, v in node.items() if k != "_target_"})
+        return cls(**values)
     except TypeError as e:
         raise ConfigError(f"{cls.__name__}: {e}") from e
+
+
+def _type_ok(value: Any, hint: Any) -> tuple[bool, str]:
+    """(value fits the annotation, what the annotation allows); unknown kinds pass."""
+    import types
+    import typing
+    if hint is bool:
+        return isinstance(value, bool), "true or false"
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), "an integer"
+    if hint is float:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)), "a number"
+    if hint is str:
+        return isinstance(value, str), "a string"
+    if typing.get_origin(hint) is typing.Literal:
+        args = typing.get_args(hint)
+        return value in args, "one of " + ", ".join(map(str, args))
+    if isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint):
+        if value is None:
+            return True, ""
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        ok, what = _type_ok(value, inner[0]) if len(inner) == 1 else (True, "")
+        return ok, f"{what} or null"
+    return True, ""
+
+
+def check_field_types(cls: type, values: dict[str, Any]) -> None:
+    """ConfigError naming `method.<key>` for a value of the wrong type (`method.damp=abc`
+    raised a bare TypeError from a comparison in __post_init__, without the key)."""
+    import typing
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key in BIT_KEYS:          # __post_init__ names both keys (bits.* / method.*)
+            continue
+        ok, what = _type_ok(value, hints.get(key))
+        if not ok:
+            raise ConfigError(f"method.{key}={value!r} ({cls.__name__}) must be {what}; "
+                              f"e.g. method.{key}={_example(cls, key)}")
+
+
+def _example(cls: type, key: str) -> Any:
+    default = next((f.default for f in dataclasses.fields(cls) if f.name == key), None)
+    return "null" if default is None else str(default).lower() if isinstance(default, bool) \
+        else default
 
 
 def _reject_nested_targets(value: Any, where: str) -> None:

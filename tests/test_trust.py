@@ -219,6 +219,11 @@ def test_lengths_beyond_the_model_context_are_refused(compose_cfg, overrides, ke
     # an unknown export format failed only after quantizing, in an `ok` record
     (["method=rtn", "bits=w4a8", "export=onnx"], "failed", "export='onnx'"),
     (["method=rtn", "bits=w4a8", "method.keep_w8=5"], "skipped", "method.keep_w8=5"),
+    # method fields of the wrong type: a bare TypeError without the key, or truthy text
+    (["method=gptq", "bits=w4a16", "method.damp=abc"], "skipped", "method.damp='abc'"),
+    (["method=gptq", "bits=w4a16", "method.act_order=maybe"], "skipped",
+     "method.act_order='maybe' (GPTQConfig) must be true or false"),
+    (["method=rtn", "bits=w4a8", "method.act_mode=dynamic"], "skipped", "method.act_mode="),
 ])
 def test_bad_settings_give_a_record_naming_key_and_value(compose_cfg, overrides, status, says):
     cfg = compose_cfg(*TINY_QUICK, *overrides)
@@ -238,6 +243,18 @@ def test_keep_patterns_that_match_no_linear_are_refused(compose_cfg, pattern):
     ok = run_one(compose_cfg(*TINY_QUICK, "method=rtn", "bits=w4a8",
                              "method.keep_fp=mlp.down_proj"))
     assert ok.status == "ok" and ok.config["method"]["keep_fp"] == "mlp.down_proj"
+
+
+def test_bad_model_source_values_are_named(compose_cfg, tmp_path):
+    # were `IndexError: index 0 is out of range` and a tokenizer-backend error
+    (tmp_path / "not_a_model").mkdir()
+    for overrides, says in ((["model.source.kwargs.num_layers=0"],
+                             "model.source.kwargs.num_layers=0"),
+                            (["model=local", f"model.source.path={tmp_path}/not_a_model"],
+                             "holds no config.json")):
+        rec = run_one(compose_cfg(*TINY_QUICK[1:], *overrides) if "model=local" in overrides
+                      else compose_cfg(*TINY_QUICK, *overrides))
+        assert rec.status == "failed" and says in rec.error, rec.error
 
 
 def test_unwritable_runs_dir_fails_before_the_work(compose_cfg, tmp_path, monkeypatch):

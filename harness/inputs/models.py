@@ -189,6 +189,7 @@ def _load_pretrained(ref: str, dtype: torch.dtype, trust_remote_code: bool, revi
 
 
 KINDS = ("tiny", "gguf", "gguf_package", "gguf_assemble", "hub", "local")
+TINY_SIZES = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
 
 
 def source_path(src: Any) -> Path | None:
@@ -333,7 +334,12 @@ def load_model(cfg: Any, cache_dir: Path | None = None,
             if family not in TINY_BUILDERS:
                 raise ModelLoadError(f"model.source.family={family!r}: tiny models exist for "
                                      f"{sorted(TINY_BUILDERS)}")
-            model = TINY_BUILDERS[family](**dict(src.get("kwargs") or {}))
+            kwargs = dict(src.get("kwargs") or {})
+            for k, v in kwargs.items():
+                if k in TINY_SIZES and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                    raise ModelLoadError(f"model.source.kwargs.{k}={v!r}: give a positive "
+                                         "integer")
+            model = TINY_BUILDERS[family](**kwargs)
             tok = tiny_tokenizer()
         elif kind.startswith("gguf"):
             path = _gguf_file(src, cache_dir)
@@ -347,6 +353,10 @@ def load_model(cfg: Any, cache_dir: Path | None = None,
                 raise ModelLoadError(f"model directory {path} does not exist; set "
                                      "model.source.path to a saved Hugging Face checkpoint "
                                      "(or model.source.kind=gguf for a .gguf file)")
+            if not (path / "config.json").is_file():
+                raise ModelLoadError(f"model.source.path={path} holds no config.json, so it is "
+                                     "not a saved Hugging Face checkpoint (save_pretrained); a "
+                                     ".gguf file needs model.source.kind=gguf")
             model, tok = _load_pretrained(str(path), dtype, trust, None)
     except ModelLoadError:
         raise
