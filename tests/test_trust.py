@@ -224,6 +224,9 @@ def test_lengths_beyond_the_model_context_are_refused(compose_cfg, overrides, ke
     (["method=gptq", "bits=w4a16", "method.act_order=maybe"], "skipped",
      "method.act_order='maybe' (GPTQConfig) must be true or false"),
     (["method=rtn", "bits=w4a8", "method.act_mode=dynamic"], "skipped", "method.act_mode="),
+    # an unwritable artifacts dir failed after quantizing, without the key
+    (["save_checkpoint=true", "paths.artifacts_dir=/proc/ptqbench-nope"], "failed",
+     "paths.artifacts_dir='/proc/ptqbench-nope' cannot take the run's artifacts"),
 ])
 def test_bad_settings_give_a_record_naming_key_and_value(compose_cfg, overrides, status, says):
     cfg = compose_cfg(*TINY_QUICK, *overrides)

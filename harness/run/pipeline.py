@@ -189,20 +189,37 @@ class RunsDirError(RuntimeError):
     """The runs directory cannot take a record: raised before any work is done."""
 
 
-def writable_store(runs_dir: str | Path) -> ResultStore:
-    """The record store, after checking a record can be written there (fail before the
-    work, never lose a finished job's result at the last step)."""
-    root = Path(runs_dir)
+def write_probe(directory: str | Path) -> OSError | None:
+    """None when a file can be created in `directory` (made if missing), else the error."""
+    root = Path(directory)
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
+        return e
+    return None
+
+
+def writable_store(runs_dir: str | Path) -> ResultStore:
+    """The record store, after checking a record can be written there (fail before the
+    work, never lose a finished job's result at the last step)."""
+    e = write_probe(runs_dir)
+    if e is not None:
         raise RunsDirError(f"paths.runs_dir={str(runs_dir)!r} cannot take run records "
                            f"({type(e).__name__}: {e}); point paths.runs_dir (or "
                            "paths.results_dir) at a writable directory") from e
-    return ResultStore(root)
+    return ResultStore(Path(runs_dir))
+
+
+def check_artifacts_dir(artifacts_dir: str | Path) -> None:
+    """Plots, tables, checkpoints and exports go there after the work: fail before it."""
+    e = write_probe(artifacts_dir)
+    if e is not None:
+        raise ConfigError(f"paths.artifacts_dir={str(artifacts_dir)!r} cannot take the run's "
+                          f"artifacts ({type(e).__name__}: {e}); point paths.artifacts_dir (or "
+                          "paths.results_dir) at a writable directory")
 
 
 class JobInterrupted(KeyboardInterrupt):
@@ -327,6 +344,7 @@ def _run_and_record(cfg: DictConfig, record: RunRecord, store: ResultStore,
         with sigterm_interrupts():
             if config_error is not None:
                 raise config_error
+            check_artifacts_dir(cfg.paths.artifacts_dir)
             tracker = make_tracker(cfg.get("tracking"), record)
             with job_gpu(_wants_gpu(cfg)) as gpu:   # one GPU per concurrent job of a sweep
                 if gpu is not None:
