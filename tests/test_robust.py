@@ -302,6 +302,7 @@ def test_trust_remote_code_defaults_off_and_is_passed_through(monkeypatch, tmp_p
                         lambda ref, dtype, trust, rev: seen.append(trust) or (_ for _ in ()).throw(
                             OSError("stop")))
     (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")   # looks like a checkpoint
     for trust in (None, True):
         node = {"name": "local", "dtype": "float32", "device": "cpu",
                 "source": {"kind": "local", "path": str(tmp_path / "ckpt")}}
