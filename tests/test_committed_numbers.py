@@ -139,6 +139,9 @@ PROSE_PPL_ROWS = {
         ("fptq (act_range=mse)", "w4a8"),
     "fptq w4a8, shipped + llm-compressor's grid (`w_grid=full`)": ("fptq (w_grid=full)", "w4a8"),
     "quarot w4a8 (Hadamard rotations, GPTQ weights, per-token activations)": ("quarot", "w4a8"),
+    "llmqat w4a8 (LLM-QAT, CPU budget: 64 x 256 generated tokens, 100 steps)": ("llmqat", "w4a8"),
+    "quip w4a16 (incoherence processing + LDLQ)": ("quip", "w4a16"),
+    "quip w2a16": ("quip", "w2a16"),
 }
 
 
