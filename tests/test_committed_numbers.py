@@ -142,6 +142,8 @@ PROSE_PPL_ROWS = {
     "llmqat w4a8 (LLM-QAT, CPU budget: 64 x 256 generated tokens, 100 steps)": ("llmqat", "w4a8"),
     "quip w4a16 (incoherence processing + LDLQ)": ("quip", "w4a16"),
     "quip w3a16": ("quip", "w3a16"),
+    "gptq w3a16": ("gptq", "w3a16"),
+    "rtn w3a16": ("rtn", "w3a16"),
     "quip w2a16": ("quip", "w2a16"),
     "gptq w2a16": ("gptq", "w2a16"),
     "rtn w2a16": ("rtn", "w2a16"),
