@@ -144,6 +144,7 @@ PROSE_PPL_ROWS = {
     "quip w3a16": ("quip", "w3a16"),
     "gptq w3a16": ("gptq", "w3a16"),
     "rtn w3a16": ("rtn", "w3a16"),
+    "awq w3a16": ("awq", "w3a16"),
     "quip w2a16": ("quip", "w2a16"),
     "gptq w2a16": ("gptq", "w2a16"),
     "rtn w2a16": ("rtn", "w2a16"),
