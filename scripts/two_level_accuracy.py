@@ -10,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from harness.results.records import numeric
 from harness.results.store import identity_config
 
 DATASETS = ("wikitext2", "c4", "ptb")
@@ -29,7 +30,7 @@ def _floats(obj):
         return {k: _floats(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_floats(v) for v in obj]
-    return float(obj) if isinstance(obj, int) and not isinstance(obj, bool) else obj
+    return numeric(obj)
 
 
 def load(runs: Path) -> dict[tuple[str, str, str], dict]:
