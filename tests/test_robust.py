@@ -255,7 +255,7 @@ def test_missing_and_malformed_data_are_categorized(compose_cfg, monkeypatch, tm
 
 def test_secrets_are_scrubbed_from_records(compose_cfg):
     cfg = compose_cfg(*TINY_QUICK, "method=fp16", "+tracking.api_key=sk-live-123",
-                      "+model.hf_token=hf_abc", "+experiment_notes.dbPassword=hunter2")
+                      "+model.hf_token=hf_abc", "+tracking.notes.dbPassword=hunter2")
     rec = run_one(cfg)
     assert rec.status == "ok", rec.error
     text = ResultStore(cfg.paths.runs_dir).paths()[0].read_text()

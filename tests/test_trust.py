@@ -227,6 +227,12 @@ def test_lengths_beyond_the_model_context_are_refused(compose_cfg, overrides, ke
     # an unwritable artifacts dir failed after quantizing, without the key
     (["save_checkpoint=true", "paths.artifacts_dir=/proc/ptqbench-nope"], "failed",
      "paths.artifacts_dir='/proc/ptqbench-nope' cannot take the run's artifacts"),
+    # a misspelt key added with `+` was accepted and silently ignored
+    (["+eval.max_window=1"], "failed", "did you mean max_windows?"),
+    (["+calib.nsamples=2"], "failed", "calib.nsamples is not a setting"),
+    (["+cache.verfy=false"], "failed", "did you mean verify?"),
+    (["+placement.moed=disk"], "failed", "did you mean mode?"),
+    (["+rerun_faild=false"], "failed", "did you mean rerun_failed?"),
 ])
 def test_bad_settings_give_a_record_naming_key_and_value(compose_cfg, overrides, status, says):
     cfg = compose_cfg(*TINY_QUICK, *overrides)

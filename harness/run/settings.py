@@ -10,6 +10,8 @@ default one").
 
 from __future__ import annotations
 
+import difflib
+import functools
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from harness.evals import EVALUATORS
 from harness.inputs.data import CALIB_SOURCES, EVAL_TEXT_SOURCES, resolve_data_dir
+from harness.run.overrides import CONF_DIR
 from methods.base import ConfigError
 
 TRACKING_KINDS = ("none", "wandb")
@@ -211,9 +214,54 @@ def check_switches(full: Mapping[str, Any]) -> None:
         as_choice("export", full["export"], FORMATS)
 
 
+# keys a job reads that no shipped config file sets (documented where they are read)
+EXTRA_KEYS: dict[str | None, frozenset[str]] = {
+    None: frozenset({"runtime_fuse"}),
+    "eval": frozenset({*EVAL_INTS, *EVAL_INT_LISTS, "decode_mode"}),
+}
+CHECKED_GROUPS = ("eval", "calib", "cache", "placement")
+
+
+@functools.cache
+def known_keys(group: str | None) -> frozenset[str]:
+    """The keys `group` may hold: those any conf/<group>/*.yaml sets, plus EXTRA_KEYS
+    (group None: the top level of conf/run.yaml and its config groups)."""
+    if group is None or group == "placement":
+        run = OmegaConf.load(CONF_DIR / "run.yaml")
+        if group == "placement":
+            return frozenset(run.placement.keys())
+        groups = {next(iter(d)) for d in run.defaults if isinstance(d, Mapping)}
+        keys = set(run.keys()) - {"defaults", "hydra"} | groups
+    else:
+        keys = {k for f in (CONF_DIR / group).glob("*.yaml")
+                for k in (OmegaConf.load(f) or {}).keys() if k != "defaults"}
+    return frozenset(keys | EXTRA_KEYS.get(group, frozenset()))
+
+
+def check_known_keys(full: Mapping[str, Any]) -> None:
+    """A key no config defines (a typo such as `+eval.max_window=2`) is an error: it would
+    be accepted by Hydra's `+` and then silently ignored. Secret-looking keys (`+hf_token=`)
+    pass: they are credentials for libraries, redacted everywhere."""
+    from harness.util.security import is_secret_key
+    nodes = {None: full, **{g: full.get(g) for g in CHECKED_GROUPS}}
+    for group, node in nodes.items():
+        if not isinstance(node, Mapping):
+            continue
+        known = known_keys(group)
+        for key in node:
+            if key not in known and not is_secret_key(str(key)):
+                name = key if group is None else f"{group}.{key}"
+                close = difflib.get_close_matches(str(key), sorted(known), n=1)
+                hint = f"did you mean {close[0]}? " if close else ""
+                raise ConfigError(f"{name} is not a setting ptqbench reads (known: "
+                                  f"{', '.join(sorted(known))}); {hint}a misspelt key would "
+                                  "be silently ignored, so it is refused.")
+
+
 def settings_from(cfg: DictConfig) -> RunSettings:
     """Validate every non-method setting a job reads (ConfigError on the first bad one)."""
     full = resolved_config(cfg)
+    check_known_keys(full)
     seed = as_int("seed", full.get("seed"), 0)
     check_switches(full)
     tracking = full.get("tracking") or {}
