@@ -258,6 +258,33 @@ def ranges_section(model: str) -> list[str]:
                    f"{median(r['max'] / max(r['p99.99'], 1e-12) for r in sel):.2f} | "
                    f"{median(r['max'] / max(r['mse_int8'], 1e-12) for r in sel):.2f} | "
                    f"{errs} |")
+    return out + lae_weight_table(rows, keys)
+
+
+LAE_ERRORS = (("w4", "W4 before LAE"), ("w4_lae", "W4 after LAE"),
+              ("w4a8_static", "W4A8 static before LAE"),
+              ("w4a8_lae_static", "W4A8 static after LAE"))
+
+
+def lae_weight_table(rows: list[dict[str, Any]], keys: list[tuple[str, str]]) -> list[str]:
+    """Does LAE's column scaling W diag(s) hurt the int4 rounding? Mean relative output error
+    per (role, bucket) of int4 group-wise RTN weights before and after LAE, alone and with
+    static int8 activations (probe rows that carry these keys)."""
+    if not all(k in r["rel_output_error"] for r in rows for k, _ in LAE_ERRORS):
+        return ["", "(the probe predates the LAE weight-error columns)"]
+    out = ["", "LAE and the int4 weights: mean over the groups of ||XW^T - Y||^2 / ||XW^T||^2 "
+           "with Y = X Q(W)^T (before LAE) or (X / s) Q(W diag(s))^T (after LAE, s from the "
+           "same calibration tokens), int4 group-wise RTN at the model's group size, with fp "
+           "activations or with static per-tensor int8 activations (minmax). The probe applies "
+           "LAE to every group, so the static rows show what equalizing them (v0 = 0) does.", "",
+           "| Role | Paper bucket | Groups | " + " | ".join(lbl for _, lbl in LAE_ERRORS) + " |",
+           "|:--|:--|--:|" + "--:|" * len(LAE_ERRORS)]
+    for role, bucket in [*keys, ("all", "all")]:
+        sel = [r for r in rows if role == "all" or (r["role"] == role
+                                                     and r["bucket_paper"] == bucket)]
+        errs = " | ".join(f"{sum(r['rel_output_error'][k] for r in sel) / len(sel):.2e}"
+                          for k, _ in LAE_ERRORS)
+        out.append(f"| {role} | {bucket} | {len(sel)} | {errs} |")
     return out
 
 
@@ -307,6 +334,11 @@ def coverage_section(v: ModelView, model: str) -> list[str]:
     probe = (REPO / "results" / "fptq" / f"static_ranges_{model}.json").exists()
     out.append(f"| massive activations at position 0 (static-range probe) | "
                f"{'measured' if probe else 'not measured'} |")
+    lae = probe and "w4_lae" in json.loads((REPO / "results" / "fptq" /
+                                            f"static_ranges_{model}.json").read_text()
+                                 )["rows"][0]["rel_output_error"]
+    out.append(f"| int4 weight error before / after LAE (static-range probe) | "
+               f"{'measured' if lae else 'not measured'} |")
     return out
 
 

@@ -7,7 +7,11 @@ per linear, on the fp model and its calibration set. For the first linear of eve
   clip (methods/act_range.py), the group's FPTQ bucket at the paper's thresholds, and
   the relative output error ||X W^T - Q(X) W^T||^2 / ||X W^T||^2 (fp weights, so only the
   int8 activation quantizer differs) for static per-tensor scales from each estimator
-  (narrow grid) and for dynamic per-token scales.
+  (narrow grid) and for dynamic per-token scales;
+  and whether LAE's enlarged weight columns hurt the int4 rounding: the same relative error
+  for int4 group-wise RTN weights alone, before LAE (X Q(W)^T) and after it
+  ((X / s) Q(W diag(s))^T, s = lae_scale(max|X_j|)), and for the W4A8 static path both ways
+  (Q8(X) Q(W)^T against Q8(X / s) Q(W diag(s))^T, minmax ranges).
 
 One JSON per model under results/fptq/ (two passes over the calibration samples per block,
 then the fp block output feeds the next block).
@@ -27,9 +31,9 @@ from harness.inputs.calib import CalibSpec, load_calibration
 from harness.inputs.models import load_model
 from methods.act_range import AbsHistogram, RangeEstimator
 from methods.blockwise import run_block_hooked, walk_blocks
-from methods.fptq import assign_bucket
+from methods.fptq import assign_bucket, lae_scale
 from methods.layers import FakeQuantLinear
-from methods.primitives import fake_quantize_activation
+from methods.primitives import fake_quantize_activation, fake_quantize_weight
 
 ESTIMATORS = {"minmax": RangeEstimator("minmax"), "p99.99": RangeEstimator("percentile", 99.99),
               "mse_int8": RangeEstimator("mse", bits=8)}
@@ -49,26 +53,38 @@ def compose(overrides: list[str]):
 
 
 class RangeProbe:
-    """Per linear: |X| histogram, max|X|, and max|X| over positions >= 1."""
+    """Per linear: |X| histogram, max|X|, max|X| over positions >= 1, max|X_j| [K]."""
 
     def __init__(self) -> None:
         self.hist: dict[str, AbsHistogram] = {}
         self.rest_max: dict[str, float] = {}
+        self.channel_max: dict[str, torch.Tensor] = {}
 
     def __call__(self, name: str, x: torch.Tensor) -> None:
         x = x.detach().float()                                   # [1, T, K]
         self.hist.setdefault(name, AbsHistogram()).add(x)
+        cm = x.abs().amax(dim=(0, 1))
+        self.channel_max[name] = torch.maximum(self.channel_max.get(name, cm), cm)
         rest = float(x[:, 1:].abs().max()) if x.shape[1] > 1 else 0.0
         self.rest_max[name] = max(self.rest_max.get(name, 0.0), rest)
 
 
 class OutputError:
-    """Accumulates ||X W^T - Q(X) W^T||^2 and ||X W^T||^2 per (linear, quantizer)."""
+    """Accumulates ||X W^T - Y_hat||^2 and ||X W^T||^2 per (linear, quantizer): int8
+    activations with fp weights, and int4 weights before / after LAE (see module doc)."""
 
-    def __init__(self, block, ranges: dict[str, dict[str, float]]):
+    def __init__(self, block, ranges: dict[str, dict[str, float]],
+                 channel_max: dict[str, torch.Tensor], group_size: int):
         self.block, self.ranges = block, ranges
         self.err: dict[tuple[str, str], float] = {}
         self.ref: dict[str, float] = {}
+        self.s = {n: lae_scale(cm) for n, cm in channel_max.items()}           # [K]
+        self.lae_max = {n: float((cm / self.s[n]).max()) for n, cm in channel_max.items()}
+        self.W_hat: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for n, s in self.s.items():
+            W = block.get_submodule(n).weight.float()                         # [N, K]
+            self.W_hat[n] = (fake_quantize_weight(W, 4, group_size),
+                             fake_quantize_weight(W * s, 4, group_size))
 
     def __call__(self, name: str, x: torch.Tensor) -> None:
         W = self.block.get_submodule(name).weight.float()
@@ -78,8 +94,20 @@ class OutputError:
         quantizers = {f"static_{k}": ("static_tensor", torch.tensor(
             FakeQuantLinear.static_scale_from_max(v, 8))) for k, v in self.ranges[name].items()}
         quantizers["dynamic_token"] = ("dynamic_token", None)
-        for key, (mode, s) in quantizers.items():
-            e = fake_quantize_activation(x, 8, mode, s) @ W.T - y
+        outputs = {key: fake_quantize_activation(x, 8, mode, s) @ W.T
+                   for key, (mode, s) in quantizers.items()}
+        W_plain, W_lae = self.W_hat[name]
+        x_lae = x / self.s[name]
+        static = {v: torch.tensor(FakeQuantLinear.static_scale_from_max(v, 8))
+                  for v in (self.ranges[name]["minmax"], self.lae_max[name])}
+        outputs["w4"] = x @ W_plain.T
+        outputs["w4_lae"] = x_lae @ W_lae.T
+        outputs["w4a8_static"] = fake_quantize_activation(
+            x, 8, "static_tensor", static[self.ranges[name]["minmax"]]) @ W_plain.T
+        outputs["w4a8_lae_static"] = fake_quantize_activation(
+            x_lae, 8, "static_tensor", static[self.lae_max[name]]) @ W_lae.T
+        for key, y_hat in outputs.items():
+            e = y_hat - y
             self.err[(name, key)] = self.err.get((name, key), 0.0) + float(e.pow(2).sum())
 
     def relative(self, name: str) -> dict[str, float]:
@@ -103,7 +131,7 @@ def main(overrides: list[str]) -> None:
         run_block_hooked(block, inputs, {n: probe for n in names})
         ranges = {n: {k: est.estimate(probe.hist[n]) for k, est in ESTIMATORS.items()}
                   for n in names}
-        errors = OutputError(block, ranges)
+        errors = OutputError(block, ranges, probe.channel_max, int(cfg.model.group_size))
         run_block_hooked(block, inputs, {n: errors for n in names})
         for g, n in zip(spec.table.groups, names, strict=True):
             h = probe.hist[n]
