@@ -123,13 +123,18 @@ class GPTQSolver:
                           ) -> tuple[Tensor, float, int]:
         """Upper Cholesky factor of (H + lambda I)^-1; lambda grows x10 on failure."""
         mean_diag = float(torch.diag(H).mean())
-        eye = torch.eye(self.K, dtype=H.dtype, device=H.device)
         for retry in range(max_retries + 1):
             rel = damp * 10 ** retry
             try:
-                L = torch.linalg.cholesky(H + rel * mean_diag * eye)
+                # one K x K temporary at a time besides H and U (each freed once used)
+                H_damped = H.clone()
+                H_damped.diagonal().add_(rel * mean_diag)
+                L = torch.linalg.cholesky(H_damped)
+                del H_damped
                 Hinv = torch.cholesky_inverse(L)
+                del L
                 U = torch.linalg.cholesky(Hinv, upper=True)
+                del Hinv
                 if torch.isfinite(U).all():
                     if retry:
                         log.warning("gptq: H not positive definite at damp %.3g; succeeded "
@@ -162,11 +167,14 @@ class GPTQSolver:
             raise ValueError("act_order with groups needs static_groups")
         N, K = self.W.shape
         W = self.W.float().clone()
-        H = self.H.clone()
+        # K x K copies are the solver's memory (127 MB each at K = 5632): self.H stays the
+        # undamped H for tr(dW H dW^T); H is a working copy only where it must differ.
+        H = self.H
         dead = torch.diag(H) == 0                     # columns never active: set to 0
-        H[dead, dead] = 1.0
-        W[:, dead] = 0.0
-        H_err = H.clone()                             # for tr(dW H dW^T) (undamped)
+        if dead.any():
+            H = H.clone()
+            H[dead, dead] = 1.0
+            W[:, dead] = 0.0
 
         lo, hi = qrange(bits, symmetric)
         g = group_size or K
@@ -218,7 +226,8 @@ class GPTQSolver:
         if perm is not None:
             Q = Q[:, torch.argsort(perm)]
         dW = self.W.float() - Q
-        err = float(torch.einsum("nk,kl,nl->", dW, H_err, dW))
+        # tr(dW H' dW^T) with H' = H + 1 on the dead diagonal (rows / columns of H are zero there)
+        err = float(torch.einsum("nk,kl,nl->", dW, self.H, dW) + dW[:, dead].pow(2).sum())
         info = {"damp": damp_used, "retries": retries, "n_tokens": self.n,
                 "err_trace": err, "dead_columns": int(dead.sum())}
         if not group_size:                            # per channel: [N, 1]

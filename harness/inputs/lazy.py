@@ -14,6 +14,9 @@ structure is kept and only storage comes and goes.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 import logging
 import shutil
@@ -85,6 +88,25 @@ def assign_tensors(module: nn.Module, tensors: dict[str, Tensor], device: torch.
             owner._buffers[leaf] = t
 
 
+@functools.cache
+def _libc_malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+
+
+def return_freed_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc `malloc_trim`; a no-op elsewhere).
+    A block's weights and a solver's temporaries (e.g. GPTQ's K x K Hessian factors) are
+    freed after each block, but glibc keeps freed mid-size chunks mapped, so without this the
+    resident memory of a disk-placed model grows towards the sum of the blocks' peaks."""
+    trim = _libc_malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 class DiskBlocks(BlockStore):
     """Blocks live in files: the original checkpoint until a block is rewritten, then the
     work directory (deleted with the store)."""
@@ -121,6 +143,7 @@ class DiskBlocks(BlockStore):
             tmp.replace(self._file(index))
             self.writes += 1
         block.to("meta")
+        return_freed_memory()
 
     def close(self) -> None:
         self._cleanup()
