@@ -353,6 +353,26 @@ def test_report_regenerates_byte_identical(store, tmp_path):
     assert [p for p in outs[0] if outs[0][p] != outs[1][p]] == []
 
 
+def test_rewriting_a_report_removes_tables_and_plots_it_no_longer_has(store, tmp_path):
+    """A table or plot an earlier run wrote (superseded.csv once nothing is superseded) must
+    not linger beside the current ones: it would be read as current."""
+    from harness.results.report_cli import main
+
+    (tmp_path / "nobench").mkdir()
+    args = ["--runs", str(store.root), "--name", "syn", "--bench", str(tmp_path / "nobench")]
+    assert main([*args, "--out-root", str(tmp_path / "fresh")]) == 0
+    rep = tmp_path / "again" / "syn"
+    for stale in ("tables/superseded.csv", "tables/superseded.tex", "plots/old_policy.svg"):
+        (rep / stale).parent.mkdir(parents=True, exist_ok=True)
+        (rep / stale).write_text("stale")
+    (rep / "notes.txt").write_text("not ours: kept")
+    assert main([*args, "--out-root", str(tmp_path / "again")]) == 0
+    files = {p.relative_to(rep) for p in rep.rglob("*") if p.is_file()}
+    fresh = {p.relative_to(tmp_path / "fresh" / "syn")
+             for p in (tmp_path / "fresh" / "syn").rglob("*") if p.is_file()}
+    assert files == fresh | {Path("notes.txt")}
+
+
 def test_wide_markdown_is_split_into_blocks_of_at_most_12_columns(df):
     t = perplexity_wide_table(df)
     assert len(t.columns) > 12

@@ -63,6 +63,16 @@ def inside(root: Path, *parts: str) -> Path:
     return within_root(root, Path(root).joinpath(*parts), "report output")
 
 
+def remove_stale(folder: Path, written: set[str]) -> None:
+    """Delete the tables / plots a previous run of this report wrote and this one did not
+    (e.g. `superseded.csv` once no record is superseded): a stale file would be read as
+    current."""
+    if folder.is_dir():
+        for f in folder.iterdir():
+            if f.is_file() and f.suffix in (".csv", ".tex", ".png", ".svg") and f.name not in written:
+                f.unlink()
+
+
 def write_atomic(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
@@ -263,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
             write_atomic(inside(out_dir, "tables", f"{t.name}.csv"), to_csv(t))
             write_atomic(inside(out_dir, "tables", f"{t.name}.tex"), to_latex(t))
     plots = {} if args.no_plots else build_plots(shown, out_dir / "plots", Path(args.bench))
+    remove_stale(out_dir / "tables", {f"{t.name}.{ext}" for t in tables if not t.empty
+                                      for ext in ("csv", "tex")})
+    if not args.no_plots:
+        remove_stale(out_dir / "plots", {p.name for ps in plots.values() for p in ps})
     newest = pd.Timestamp(df["finished_at"].max()).isoformat(timespec="seconds")
     write_atomic(inside(out_dir, "report.md"),
                  render_report(name, tables, plots, out_dir, args, len(df), store.corrupt,
