@@ -167,6 +167,41 @@ def test_results_readme_perplexity_table_is_the_committed_report():
         assert cells[1:4] == want, (cells[0], want)
 
 
+# reports/README.md accuracy rows (200 docs per task) -> (Method, Bits) in the SmolLM2 report
+PROSE_ACC_ROWS = {
+    "fp16": ("fp16", "w16a16"),
+    "rtn w4a8 (dynamic per-token)": ("rtn", "w4a8"),
+    "smoothquant w4a8 (static)": ("smoothquant", "w4a8"),
+    "gptq w4a8 (static)": ("gptq", "w4a8"),
+    "awq w4a8 (static)": ("awq", "w4a8"),
+    "fptq w4a8 at the paper's thresholds (v0 = 15)": ("fptq (v0=15.0)", "w4a8"),
+    "**quarot w4a8** (GPTQ weights, per-token activations)": ("quarot", "w4a8"),
+    "rtn w8a8 (dynamic per-token)": ("rtn", "w8a8"),
+    "smoothquant w8a8 (static)": ("smoothquant", "w8a8"),
+    "rtn w4a16": ("rtn", "w4a16"),
+    "gptq w4a16": ("gptq", "w4a16"),
+    "awq w4a16": ("awq", "w4a16"),
+}
+ACC_COLUMNS = ("arc_challenge", "arc_easy", "boolq", "commonsense_qa", "hellaswag",
+               "lambada_openai", "piqa", "winogrande")
+
+
+def test_results_readme_accuracy_table_is_the_committed_report():
+    import csv
+    with open(REPO / "reports" / "smollm2-135m" / "tables" / "accuracy.csv") as f:
+        table = {(r["Method"], r["Bits"]): r for r in csv.DictReader(f)
+                 if r["Docs/task"] == "200"}
+    text = (REPO / "reports" / "README.md").read_text()
+    table_text = text[text.index("| SmolLM2-135M, acc %"):].split("\n\n", 1)[0]
+    rows = {c[0]: c[1:] for ln in table_text.splitlines()[2:]
+            if (c := [x.strip() for x in ln.strip("|").split("|")])}
+    assert set(rows) == set(PROSE_ACC_ROWS)
+    for label, cells in rows.items():
+        csv_row = table[PROSE_ACC_ROWS[label]]
+        want = [f"{float(csv_row[k]):.1f}" for k in ACC_COLUMNS] + [f"{float(csv_row['Avg.']):.2f}"]
+        assert [c.strip("*") for c in cells] == want, (label, want)
+
+
 def test_quantize_speed_table_is_the_committed_json():
     """docs/methods_gptq_awq.md shows `benchmarks/quantize_speed.py --table` of the committed
     JSON, row for row."""
