@@ -179,6 +179,7 @@ PROSE_ACC_ROWS = {
     "llmqat w4a8 (CPU budget: 100 steps of 256 tokens)": ("llmqat", "w4a8"),
     "fptq w4a8kv4 as shipped (4-bit KV cache)": ("fptq (kv_bits=4.0)", "w4a8kv4"),
     "llmqat w4a8kv4 (CPU budget, 4-bit KV cache)": ("llmqat (kv_bits=4.0)", "w4a8kv4"),
+    "rtn w4a8kv4 (dynamic per-token, 4-bit KV cache)": ("rtn (kv_bits=4.0)", "w4a8kv4"),
     "**quarot w4a8** (GPTQ weights, per-token activations)": ("quarot", "w4a8"),
     "rtn w8a8 (dynamic per-token)": ("rtn", "w8a8"),
     "smoothquant w8a8 (static)": ("smoothquant", "w8a8"),
