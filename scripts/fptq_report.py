@@ -226,11 +226,20 @@ QUANTIZERS = (("static_minmax", "static max\\|X\\|"), ("static_p99.99", "static 
               ("static_mse_int8", "static MSE clip"), ("dynamic_token", "dynamic per-token"))
 
 
-def ranges_section(model: str) -> list[str]:
-    path = REPO / "results" / "fptq" / f"static_ranges_{model}.json"
-    if not path.exists():
+def probe_path(model: str) -> Path:
+    return REPO / "results" / "fptq" / f"static_ranges_{model}.json"
+
+
+def load_probe(model: str) -> dict[str, Any] | None:
+    """scripts/fptq_static_ranges.py's JSON for `model`, None when not committed."""
+    path = probe_path(model)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def ranges_section(model: str, data: dict[str, Any] | None) -> list[str]:
+    path = probe_path(model)
+    if data is None:
         return ["(no static-range probe committed for this model)"]
-    data = json.loads(path.read_text())
     rows = data["rows"]
     cal = data["calibration"]
     out = [f"From `{path.relative_to(REPO)}` (`scripts/fptq_static_ranges.py`: fp model, "
@@ -325,18 +334,15 @@ CAUSES = (
 )
 
 
-def coverage_section(v: ModelView, model: str) -> list[str]:
+def coverage_section(v: ModelView, probe: dict[str, Any] | None) -> list[str]:
     out = ["| Candidate cause | FPTQ records on this model |", "|:--|:--|"]
     for name, pred in CAUSES:
         hits = ([r for r in v.fptq if group_size(r) != v.group] if pred is None
                 else [r for r in v.fptq if pred(r)])
         out.append(f"| {name} | {len(hits) or 'not measured'} |")
-    probe = (REPO / "results" / "fptq" / f"static_ranges_{model}.json").exists()
     out.append(f"| massive activations at position 0 (static-range probe) | "
                f"{'measured' if probe else 'not measured'} |")
-    lae = probe and "w4_lae" in json.loads((REPO / "results" / "fptq" /
-                                            f"static_ranges_{model}.json").read_text()
-                                 )["rows"][0]["rel_output_error"]
+    lae = probe is not None and "w4_lae" in probe["rows"][0]["rel_output_error"]
     out.append(f"| int4 weight error before / after LAE (static-range probe) | "
                f"{'measured' if lae else 'not measured'} |")
     return out
@@ -380,20 +386,21 @@ def main() -> None:
              ""]
     for model in MODELS:
         v = ModelView(model, records)
+        probe = load_probe(model)
         if not v.recs:
             lines += [f"## {model}", "", "No perplexity record on the base budget yet "
                       "(`scripts/fptq_evidence.sh gemma`).", "",
-                      "### Where the static ranges come from", "", *ranges_section(model), ""]
+                      "### Where the static ranges come from", "", *ranges_section(model, probe), ""]
             continue
         lines += [f"## {model}", "", "### Target (shipped configuration)", "",
                   *verdict(v, default), "", "### Perplexity", "", *perplexity_section(v), "",
                   "### Layer-wise policy at the paper's thresholds (linears per bucket)", "",
                   *policy_section(v), "", "### Cost per static bucket", "",
                   *bucket_section(v), "", "### Where the static ranges come from", "",
-                  *ranges_section(model), "", "### Calibration budget", "",
+                  *ranges_section(model, probe), "", "### Calibration budget", "",
                   *calibration_section(v, all_records), "",
                   "### Which candidate causes have records", "",
-                  *coverage_section(v, model), ""]
+                  *coverage_section(v, probe), ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))

@@ -69,6 +69,11 @@ class RangeProbe:
         self.rest_max[name] = max(self.rest_max.get(name, 0.0), rest)
 
 
+def static_scale(v: float) -> torch.Tensor:
+    """The int8 per-tensor scale of range v (narrow grid), as FakeQuantLinear computes it."""
+    return torch.tensor(FakeQuantLinear.static_scale_from_max(v, 8))
+
+
 class OutputError:
     """Accumulates ||X W^T - Y_hat||^2 and ||X W^T||^2 per (linear, quantizer): int8
     activations with fp weights, and int4 weights before / after LAE (see module doc)."""
@@ -79,7 +84,10 @@ class OutputError:
         self.err: dict[tuple[str, str], float] = {}
         self.ref: dict[str, float] = {}
         self.s = {n: lae_scale(cm) for n, cm in channel_max.items()}           # [K]
-        self.lae_max = {n: float((cm / self.s[n]).max()) for n, cm in channel_max.items()}
+        # static int8 scales from the minmax range of X and of X / s
+        self.a_scale = {n: (static_scale(ranges[n]["minmax"]),
+                            static_scale(float((cm / self.s[n]).max())))
+                        for n, cm in channel_max.items()}
         self.W_hat: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for n, s in self.s.items():
             W = block.get_submodule(n).weight.float()                         # [N, K]
@@ -91,21 +99,20 @@ class OutputError:
         x = x.detach().float()
         y = x @ W.T
         self.ref[name] = self.ref.get(name, 0.0) + float(y.pow(2).sum())
-        quantizers = {f"static_{k}": ("static_tensor", torch.tensor(
-            FakeQuantLinear.static_scale_from_max(v, 8))) for k, v in self.ranges[name].items()}
+        quantizers = {f"static_{k}": ("static_tensor", static_scale(v))
+                      for k, v in self.ranges[name].items()}
         quantizers["dynamic_token"] = ("dynamic_token", None)
         outputs = {key: fake_quantize_activation(x, 8, mode, s) @ W.T
                    for key, (mode, s) in quantizers.items()}
         W_plain, W_lae = self.W_hat[name]
+        s_plain, s_lae = self.a_scale[name]
         x_lae = x / self.s[name]
-        static = {v: torch.tensor(FakeQuantLinear.static_scale_from_max(v, 8))
-                  for v in (self.ranges[name]["minmax"], self.lae_max[name])}
         outputs["w4"] = x @ W_plain.T
         outputs["w4_lae"] = x_lae @ W_lae.T
-        outputs["w4a8_static"] = fake_quantize_activation(
-            x, 8, "static_tensor", static[self.ranges[name]["minmax"]]) @ W_plain.T
-        outputs["w4a8_lae_static"] = fake_quantize_activation(
-            x_lae, 8, "static_tensor", static[self.lae_max[name]]) @ W_lae.T
+        outputs["w4a8_static"] = (
+            fake_quantize_activation(x, 8, "static_tensor", s_plain) @ W_plain.T)
+        outputs["w4a8_lae_static"] = (
+            fake_quantize_activation(x_lae, 8, "static_tensor", s_lae) @ W_lae.T)
         for key, y_hat in outputs.items():
             e = y_hat - y
             self.err[(name, key)] = self.err.get((name, key), 0.0) + float(e.pow(2).sum())

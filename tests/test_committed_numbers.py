@@ -151,17 +151,25 @@ PROSE_PPL_ROWS = {
 }
 
 
-def test_results_readme_perplexity_table_is_the_committed_report():
+def smollm2_table(name: str, keep) -> dict[tuple[str, str], dict[str, str]]:
+    """(Method, Bits) -> row of reports/smollm2-135m/tables/<name>.csv, rows where keep(row)."""
     import csv
-    with open(REPO / "reports" / "smollm2-135m" / "tables" / "perplexity.csv") as f:
-        table = {(r["Method"], r["Bits"]): r for r in csv.DictReader(f)
-                 if r["Calib"] in ("-", "c4-32x512")}
+    with open(REPO / "reports" / "smollm2-135m" / "tables" / f"{name}.csv") as f:
+        return {(r["Method"], r["Bits"]): r for r in csv.DictReader(f) if keep(r)}
+
+
+def readme_rows(header: str) -> list[list[str]]:
+    """Cells of each data row of the reports/README.md table whose header starts `header`."""
     text = (REPO / "reports" / "README.md").read_text()
-    table_text = text[text.index("| SmolLM2-135M, ppl"):].split("\n\n", 1)[0]
-    rows = [ln for ln in table_text.splitlines() if ln.split("|")[1].strip() in PROSE_PPL_ROWS]
+    lines = text[text.index(header):].split("\n\n", 1)[0].splitlines()[2:]
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines if ln.strip()]
+
+
+def test_results_readme_perplexity_table_is_the_committed_report():
+    table = smollm2_table("perplexity", lambda r: r["Calib"] in ("-", "c4-32x512"))
+    rows = [c for c in readme_rows("| SmolLM2-135M, ppl") if c[0] in PROSE_PPL_ROWS]
     assert len(rows) == len(PROSE_PPL_ROWS)
-    for ln in rows:
-        cells = [c.strip() for c in ln.strip("|").split("|")]
+    for cells in rows:
         csv_row = table[PROSE_PPL_ROWS[cells[0]]]
         want = [f"{float(csv_row[k]):.2f}" for k in ("WikiText-2", "C4", "PTB")]
         assert cells[1:4] == want, (cells[0], want)
@@ -192,14 +200,8 @@ ACC_COLUMNS = ("arc_challenge", "arc_easy", "boolq", "commonsense_qa", "hellaswa
 
 
 def test_results_readme_accuracy_table_is_the_committed_report():
-    import csv
-    with open(REPO / "reports" / "smollm2-135m" / "tables" / "accuracy.csv") as f:
-        table = {(r["Method"], r["Bits"]): r for r in csv.DictReader(f)
-                 if r["Docs/task"] == "200"}
-    text = (REPO / "reports" / "README.md").read_text()
-    table_text = text[text.index("| SmolLM2-135M, acc %"):].split("\n\n", 1)[0]
-    rows = {c[0]: c[1:] for ln in table_text.splitlines()[2:]
-            if (c := [x.strip() for x in ln.strip("|").split("|")])}
+    table = smollm2_table("accuracy", lambda r: r["Docs/task"] == "200")
+    rows = {c[0]: c[1:] for c in readme_rows("| SmolLM2-135M, acc %")}
     assert set(rows) == set(PROSE_ACC_ROWS)
     for label, cells in rows.items():
         csv_row = table[PROSE_ACC_ROWS[label]]

@@ -268,13 +268,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     refs = load_references(args.references)
     tables = build_tables(df, refs, shown)
-    for t in tables:
-        if not t.empty:
-            write_atomic(inside(out_dir, "tables", f"{t.name}.csv"), to_csv(t))
-            write_atomic(inside(out_dir, "tables", f"{t.name}.tex"), to_latex(t))
+    written = {write_atomic(inside(out_dir, "tables", f"{t.name}.{ext}"), render(t)).name
+               for t in tables if not t.empty
+               for ext, render in (("csv", to_csv), ("tex", to_latex))}
     plots = {} if args.no_plots else build_plots(shown, out_dir / "plots", Path(args.bench))
-    remove_stale(out_dir / "tables", {f"{t.name}.{ext}" for t in tables if not t.empty
-                                      for ext in ("csv", "tex")})
+    remove_stale(out_dir / "tables", written)
     if not args.no_plots:
         remove_stale(out_dir / "plots", {p.name for ps in plots.values() for p in ps})
     newest = pd.Timestamp(df["finished_at"].max()).isoformat(timespec="seconds")

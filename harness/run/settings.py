@@ -24,6 +24,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 from harness.evals import EVALUATORS
 from harness.inputs.data import CALIB_SOURCES, EVAL_TEXT_SOURCES, resolve_data_dir
 from harness.run.overrides import CONF_DIR
+from harness.util.security import is_secret_key
 from methods.base import ConfigError
 
 TRACKING_KINDS = ("none", "wandb")
@@ -226,13 +227,13 @@ CHECKED_GROUPS = ("eval", "calib", "cache", "placement")
 def known_keys(group: str | None) -> frozenset[str]:
     """The keys `group` may hold: those any conf/<group>/*.yaml sets, plus EXTRA_KEYS
     (group None: the top level of conf/run.yaml and its config groups)."""
-    if group is None or group == "placement":
-        run = OmegaConf.load(CONF_DIR / "run.yaml")
-        if group == "placement":
-            return frozenset(run.placement.keys())
+    run = OmegaConf.load(CONF_DIR / "run.yaml")
+    if group is None:
         groups = {next(iter(d)) for d in run.defaults if isinstance(d, Mapping)}
         keys = set(run.keys()) - {"defaults", "hydra"} | groups
-    else:
+    elif group in run:                      # a node of run.yaml itself (placement)
+        keys = set(run[group].keys())
+    else:                                   # a config group: conf/<group>/*.yaml
         keys = {k for f in (CONF_DIR / group).glob("*.yaml")
                 for k in (OmegaConf.load(f) or {}).keys() if k != "defaults"}
     return frozenset(keys | EXTRA_KEYS.get(group, frozenset()))
@@ -242,7 +243,6 @@ def check_known_keys(full: Mapping[str, Any]) -> None:
     """A key no config defines (a typo such as `+eval.max_window=2`) is an error: it would
     be accepted by Hydra's `+` and then silently ignored. Secret-looking keys (`+hf_token=`)
     pass: they are credentials for libraries, redacted everywhere."""
-    from harness.util.security import is_secret_key
     nodes = {None: full, **{g: full.get(g) for g in CHECKED_GROUPS}}
     for group, node in nodes.items():
         if not isinstance(node, Mapping):
